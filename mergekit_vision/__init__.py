@@ -1,0 +1,23 @@
+"""mergekit_vision: merge independently trained vision models (timm, torchvision).
+
+trace -> match -> interpolate -> REPAIR -> export.
+"""
+from .errors import MergeVisionError
+from .permute import permute, permute_state_dict, random_perms
+from .spec import Member, PermutationGroup, PermutationSpec, Tap
+from .trace import trace_permutation_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MergeVisionError",
+    "Member",
+    "PermutationGroup",
+    "PermutationSpec",
+    "Tap",
+    "permute",
+    "permute_state_dict",
+    "random_perms",
+    "trace_permutation_spec",
+    "__version__",
+]

@@ -1,0 +1,99 @@
+"""Apply group permutations to a state dict (pure) or a model (returns a new model).
+
+Convention: ``new[i] = old[perm[i]]`` on every member axis of the group.
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+from .spec import Member, PermutationSpec
+
+
+def check_perm(name: str, perm: torch.Tensor, size: int, blocks: int = 1) -> torch.Tensor:
+    """A LongTensor permutation of range(size) that keeps each of ``blocks`` blocks in place."""
+    perm = torch.as_tensor(perm, dtype=torch.long).cpu()
+    if perm.shape != (size,) or not torch.equal(torch.sort(perm).values, torch.arange(size)):
+        raise SpecError(f"permutation for group {name!r} must be a permutation of range({size}), got shape "
+                        f"{tuple(perm.shape)}")
+    if blocks > 1:
+        bs = size // blocks
+        if not torch.equal(perm // bs, torch.arange(size) // bs):
+            raise SpecError(f"permutation for group {name!r} moves channels across its {blocks} blocks of {bs}; "
+                            "permute only within blocks")
+    return perm
+
+
+def _position_perm(length: int, members) -> torch.Tensor:
+    """Position permutation of one tensor axis from every (member, group perm) that touches it."""
+    pp = torch.arange(length)
+    for m, perm in members:
+        local = perm[m.offset:m.offset + m.length] - m.offset
+        if local.numel() and (local.min() < 0 or local.max() >= m.length):
+            raise SpecError(f"group permutation moves channels out of the range {m.offset}:{m.offset + m.length} "
+                            f"that {m.key!r} axis {m.axis} holds; the spec needs a block constraint here")
+        r = torch.arange(m.inner)
+        src = (m.start + local[:, None] * m.inner + r[None, :]).reshape(-1)
+        pp[m.start:m.start + m.length * m.inner] = src
+    return pp
+
+
+def permute_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    perms: Mapping[str, torch.Tensor],
+) -> Dict[str, torch.Tensor]:
+    """A new state dict with every member of every group in ``perms`` permuted; others shared."""
+    by_axis = defaultdict(list)
+    for name, perm in perms.items():
+        g = spec[name]
+        if g.frozen:
+            raise SpecError(f"group {name!r} is frozen ({g.reason}); it cannot be permuted")
+        perm = check_perm(name, perm, g.size, g.blocks)
+        if torch.equal(perm, torch.arange(g.size)):
+            continue
+        for m in g.members:
+            by_axis[(m.key, m.axis, m.groups)].append((m, perm))
+    out = dict(state_dict)
+    for (key, axis, groups), members in by_axis.items():
+        if key not in out:
+            raise SpecError(f"the spec names {key!r}, which the state dict does not have; trace the spec from "
+                            "the same architecture")
+        t = out[key]
+        if groups == 1:
+            pp = _position_perm(t.shape[axis], members).to(t.device)
+            out[key] = t.index_select(axis, pp)
+        else:  # grouped conv in-axis: each block of output rows sees its own slice of the input permutation
+            ipg = t.shape[axis]
+            pp = _position_perm(ipg * groups, members)
+            opg = t.shape[0] // groups
+            blocks = []
+            for b in range(groups):
+                local = (pp[b * ipg:(b + 1) * ipg] - b * ipg).to(t.device)
+                blocks.append(t[b * opg:(b + 1) * opg].index_select(axis, local))
+            out[key] = torch.cat(blocks, 0)
+    return out
+
+
+def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A new model of the same class with the permutations applied; ``model`` is not touched."""
+    new = copy.deepcopy(model)
+    sd = permute_state_dict(model.state_dict(), spec, perms)
+    with torch.no_grad():
+        new.load_state_dict({k: v.clone() for k, v in sd.items()})
+    return new
+
+
+def random_perms(spec: PermutationSpec, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+    """A random permutation, respecting blocks, for every non-frozen group (for tests and demos)."""
+    perms = {}
+    for g in spec.free_groups:
+        bs = g.block_size
+        parts = [torch.randperm(bs, generator=generator) + b * bs for b in range(g.blocks)]
+        perms[g.name] = torch.cat(parts)
+    return perms

@@ -1,0 +1,188 @@
+"""The permutation spec: which (state-dict key, axis) slices move together, as plain printable data.
+
+Convention, stated once: a permutation ``perm`` of a group of size n reorders its channels so that
+``new[i] = old[perm[i]]`` on every member axis. ``spec.py`` knows nothing of torch.fx.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class Member:
+    """A slice of one parameter/buffer axis that a group's permutation moves.
+
+    Positions ``start + j*inner + r`` (``0 <= j < length``, ``0 <= r < inner``) of axis ``axis`` of
+    tensor ``key`` carry the group's channel ``offset + j``. ``inner > 1`` comes from flatten->linear
+    (each channel owns a block of ``inner`` in-features). ``groups > 1`` marks the in-axis of a grouped
+    conv, whose weight axis holds ``in_channels // groups`` positions: the member is then described in
+    the *input-channel* coordinates and each block of rows sees its own slice of the permutation.
+    """
+
+    key: str
+    axis: int
+    start: int = 0
+    offset: int = 0
+    length: int = 0
+    inner: int = 1
+    groups: int = 1
+
+    def __str__(self) -> str:
+        extra = ""
+        if self.inner > 1:
+            extra += f", inner={self.inner}"
+        if self.groups > 1:
+            extra += f", groups={self.groups}"
+        return f"{self.key}[axis {self.axis}, {self.start}:{self.start + self.length * self.inner}{extra}]"
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A place in the traced graph where the group's channels can be observed.
+
+    ``node`` is the fx node name, ``dim`` the tensor dim carrying the channels (1 for NCHW, -1 for
+    tokens/channels-last), ``op`` a short description of what produced the value (``relu``, ``add``,
+    ``conv``, ``bn`` ...), used by matchers to pick the tap points they prefer.
+    """
+
+    node: str
+    dim: int
+    op: str
+    start: int = 0
+    offset: int = 0
+    length: int = 0
+
+
+@dataclass
+class PermutationGroup:
+    """Channels that must be permuted together. ``blocks`` equal contiguous blocks, each permuted
+    only within itself (grouped convs, GroupNorm); ``frozen`` groups are never permuted."""
+
+    name: str
+    size: int
+    members: List[Member] = field(default_factory=list)
+    blocks: int = 1
+    frozen: bool = False
+    reason: Optional[str] = None
+    taps: List[Tap] = field(default_factory=list)
+
+    @property
+    def block_size(self) -> int:
+        return self.size // self.blocks
+
+    @property
+    def keys(self) -> List[str]:
+        return sorted({m.key for m in self.members})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PermutationGroup":
+        d = dict(d)
+        d["members"] = [Member(**m) for m in d.get("members", [])]
+        d["taps"] = [Tap(**t) for t in d.get("taps", [])]
+        return cls(**d)
+
+
+@dataclass
+class PermutationSpec:
+    """All permutation groups of one model, plus what the trace learned about its tensors.
+
+    ``channel_free`` lists (key, axis, why) for parameter axes that no permutation touches
+    (kernel spatial axes, positional axes); ``unused`` lists state-dict keys the traced forward
+    never reads.
+    """
+
+    groups: List[PermutationGroup] = field(default_factory=list)
+    input_shape: Tuple[int, ...] = ()
+    channel_free: List[Tuple[str, int, str]] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)
+    model_name: str = ""
+
+    # ---- lookups -------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> PermutationGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no permutation group named {name!r}; groups: {[g.name for g in self.groups][:10]}...")
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def free_groups(self) -> List[PermutationGroup]:
+        """The groups a matcher may permute."""
+        return [g for g in self.groups if not g.frozen]
+
+    @property
+    def num_permutable_channels(self) -> int:
+        return sum(g.size for g in self.free_groups)
+
+    def members_by_key(self) -> Dict[str, List[Tuple[str, Member]]]:
+        """key -> [(group name, member)]: derived index, never stored."""
+        out: Dict[str, List[Tuple[str, Member]]] = {}
+        for g in self.groups:
+            for m in g.members:
+                out.setdefault(m.key, []).append((g.name, m))
+        return out
+
+    # ---- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "model_name": self.model_name,
+            "input_shape": list(self.input_shape),
+            "groups": [g.to_dict() for g in self.groups],
+            "channel_free": [list(c) for c in self.channel_free],
+            "unused": list(self.unused),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PermutationSpec":
+        return cls(
+            groups=[PermutationGroup.from_dict(g) for g in d["groups"]],
+            input_shape=tuple(d.get("input_shape", ())),
+            channel_free=[tuple(c) for c in d.get("channel_free", [])],
+            unused=list(d.get("unused", [])),
+            model_name=d.get("model_name", ""),
+        )
+
+    # ---- printing ------------------------------------------------------------------------
+    def summary(self) -> str:
+        n_free = len(self.free_groups)
+        return (
+            f"PermutationSpec({self.model_name or 'model'}: {len(self.groups)} groups, {n_free} permutable, "
+            f"{self.num_permutable_channels} permutable channels)"
+        )
+
+    def table(self, show_frozen: bool = True) -> str:
+        rows = [("group", "size", "blocks", "members", "taps", "frozen reason")]
+        for g in self.groups:
+            if g.frozen and not show_frozen:
+                continue
+            rows.append((g.name, str(g.size), str(g.blocks), str(len(g.members)), str(len(g.taps)),
+                         g.reason if g.frozen else ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = []
+        for k, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r[:5], widths)))
+                         + ("  " + r[5] if r[5] else ""))
+            if k == 0:
+                lines.append("-" * (sum(widths) + 2 * 4 + 14))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary() + "\n" + self.table()
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+
+def iter_members(groups: Iterable[PermutationGroup]):
+    for g in groups:
+        for m in g.members:
+            yield g, m

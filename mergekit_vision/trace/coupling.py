@@ -1,0 +1,272 @@
+"""The coupling pass: run the traced graph once on an example input, apply a rule per node, and
+resolve the linked channel ranges into a ``PermutationSpec``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import MergeVisionError, TraceError
+from ..spec import Member, PermutationGroup, PermutationSpec, Tap
+from .layout import Elements, Seg
+from .rules import (
+    FUNCTION_RULES, METHOD_RULES, Multi, RuleCall, fresh_layout, freeze_all, iter_layouts, module_rule, unknown,
+)
+from .tracer import trace_model
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode for the duration, restoring each module's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def _map_layout(arg, layouts: Dict[fx.Node, Any]):
+    if isinstance(arg, fx.Node):
+        return layouts.get(arg)
+    if isinstance(arg, (list, tuple)):
+        inner = [_map_layout(a, layouts) for a in arg]
+        return inner if isinstance(arg, list) else tuple(inner)
+    if isinstance(arg, dict):
+        return {k: _map_layout(v, layouts) for k, v in arg.items()}
+    return None
+
+
+class CouplingPass(fx.Interpreter):
+    """ShapeProp-style interpreter: real values flow, and each node's channel layout is computed."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.E = Elements()
+        self.layouts: Dict[fx.Node, Any] = {}
+        self.taps: List[Tuple[str, int, str, int, Seg]] = []
+        self.used_keys: set = set()
+        self.modules = dict(gm.named_modules())
+        self.declared: set = set()
+
+    # ---- per node ------------------------------------------------------------------------
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        layout = self._layout(n, value)
+        self.layouts[n] = layout
+        if isinstance(value, torch.Tensor) and isinstance(layout, tuple) and not isinstance(layout, Multi):
+            op = self._op_name(n)
+            for d, dl in enumerate(layout):
+                if dl is None:
+                    continue
+                pos = 0
+                for s in dl:
+                    if s.inner == 1:
+                        self.taps.append((n.name, d, op, pos, s))
+                    pos += s.span
+        return value
+
+    def _op_name(self, n: fx.Node) -> str:
+        if n.op == "call_module":
+            return type(self.modules[n.target]).__name__
+        if n.op == "call_function":
+            return getattr(n.target, "__name__", str(n.target))
+        return str(n.target)
+
+    def _layout(self, n: fx.Node, value: Any):
+        E = self.E
+        where = f"node '{n.name}' ({self._op_name(n)})"
+        if n.op == "placeholder":
+            if not isinstance(value, torch.Tensor):
+                return None
+            return tuple(
+                E.fresh_dim(s, "input", "model input channels") if d == 1 and s > 1 else None
+                for d, s in enumerate(value.shape)
+            )
+        if n.op == "get_attr":
+            if not isinstance(value, torch.Tensor):
+                return None
+            key = n.target
+            self.used_keys.add(key)
+            return tuple(E.full(E.param(key, a, s)) if s > 1 else None for a, s in enumerate(value.shape))
+        if n.op == "output":
+            freeze_all(E, [_map_layout(n.args[0], self.layouts)], "model output")
+            return None
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        largs = _map_layout(tuple(n.args), self.layouts)
+        lkwargs = _map_layout(dict(n.kwargs), self.layouts)
+        call = RuleCall(E, where, tuple(args), dict(kwargs), tuple(largs), dict(lkwargs), value)
+        if n.op == "call_module":
+            module = self.modules[n.target]
+            call.module, call.prefix = module, n.target
+            rule = module_rule(module) or unknown
+            layout = rule(call)
+            self._check_declared(call, module, layout)
+            return layout
+        if n.op == "call_function":
+            rule = FUNCTION_RULES.get(n.target, unknown)
+        else:  # call_method
+            rule = METHOD_RULES.get(n.target, unknown)
+        if rule is unknown and not isinstance(value, (torch.Tensor, tuple, list)) and not any(
+            isinstance(a, torch.Tensor) for a in list(args) + list(kwargs.values())
+        ):
+            return None  # arithmetic on python numbers and shapes
+        return rule(call)
+
+    def _check_declared(self, call: RuleCall, module: nn.Module, layout) -> None:
+        """Every tensor of a module with a rule must be accounted for, or its channels freeze."""
+        for pname, t in list(module.named_parameters()) + list(module.named_buffers()):
+            key = call.key(pname)
+            self.used_keys.add(key)
+            for a in range(t.dim()):
+                if (key, a) in call.declared or t.shape[a] <= 1:
+                    continue
+                reason = f"{call.where} has a tensor '{pname}' its rule does not know"
+                E = self.E
+                E.freeze(E.param(key, a, t.shape[a]), reason)
+                freeze_all(E, list(call.largs), reason)
+                freeze_all(E, [layout], reason)
+        self.declared |= call.declared
+
+
+def _group_name(members: Sequence[Member], order: Dict[Tuple[str, int], int], ndim: Dict[str, int],
+                used: set, fallback: str) -> str:
+    """Name a group after its first producer in graph order (a conv/linear weight's out-axis)."""
+    producers = [m for m in members if m.axis == 0 and ndim.get(m.key, 0) >= 2 and (m.key, 0) in order]
+    pool = producers or [m for m in members if (m.key, m.axis) in order] or list(members)
+    base = fallback
+    if pool:
+        first = min(pool, key=lambda m: order.get((m.key, m.axis), 1 << 30))
+        base = first.key[: -len(".weight")] if first.key.endswith(".weight") else first.key
+    name, k = base, 1
+    while name in used:
+        k += 1
+        name = f"{base}#{k}"
+    used.add(name)
+    return name
+
+
+def _blocks(size: int, cuts: Iterable[int]) -> int:
+    g = size
+    for c in cuts:
+        g = math.gcd(g, c)
+    return size // g if g else size
+
+
+def _positions(m: Member) -> Tuple[int, int]:
+    return m.start, m.start + m.length * m.inner
+
+
+def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationSpec:
+    E = p.E
+    roots: Dict[int, dict] = {}
+
+    def root_of(e: int):
+        r, o = E.find(e)
+        if r not in roots:
+            roots[r] = {"members": [], "taps": [], "first": r}
+        return r, o
+
+    for (key, axis), e in E.param_of.items():
+        r, o = root_of(e)
+        roots[r]["members"].append(Member(key, axis, 0, o, E.size[e]))
+    for xm in E.extra_members:
+        r, o = root_of(xm.elem)
+        roots[r]["members"].append(Member(xm.key, xm.axis, xm.start, o + xm.off, xm.length, xm.inner, xm.groups))
+    for node, dim, op, pos, s in p.taps:
+        r, o = root_of(s.elem)
+        roots[r]["taps"].append(Tap(node, dim, op, pos, o + s.off, s.length))
+
+    # A (key, axis) position may belong to one group only; a clash freezes every group involved.
+    by_axis: Dict[Tuple[str, int], List[Tuple[int, Member]]] = defaultdict(list)
+    for r, info in roots.items():
+        uniq = list(dict.fromkeys(info["members"]))
+        info["members"] = uniq
+        for m in uniq:
+            by_axis[(m.key, m.axis)].append((r, m))
+    for (key, axis), lst in by_axis.items():
+        spans = sorted((*_positions(m), r, m) for r, m in lst)
+        for (a0, a1, ra, ma), (b0, b1, rb, mb) in zip(spans, spans[1:]):
+            if b0 < a1:
+                reason = f"'{key}' axis {axis} is claimed by two channel groups"
+                E.freeze(ra, reason)
+                E.freeze(rb, reason)
+
+    spec = PermutationSpec(input_shape=tuple(input_shape), model_name=type(model).__name__)
+    used_names: set = set()
+    sd = model.state_dict()
+    ndim = {k: v.dim() for k, v in sd.items()}
+    for r in sorted(roots, key=lambda r: roots[r]["first"]):
+        info = roots[r]
+        members = sorted(info["members"], key=lambda m: (m.offset, m.key, m.axis))
+        size = E.size[r]
+        reasons = list(E.reasons[r])
+        if not info["taps"]:
+            # never an activation channel: parameter axes that no permutation may touch
+            for m in members:
+                why = reasons[0] if reasons else "parameter axis that never meets an activation channel"
+                if reasons or size > 1:
+                    spec.channel_free.append((m.key, m.axis, why))
+            continue
+        blocks = _blocks(size, E.cuts[r])
+        if not reasons and size > 1 and blocks == size:
+            reasons.append("block constraints leave every channel fixed")
+        if size <= 1 and not reasons:
+            reasons.append("a single channel")
+        frozen = bool(reasons)
+        name = "input" if E.label[r] == "input" else _group_name(members, E.param_of, ndim, used_names, E.label[r])
+        if name == "input":
+            used_names.add(name)
+        spec.groups.append(PermutationGroup(
+            name=name, size=size, members=members, blocks=blocks, frozen=frozen,
+            reason="; ".join(reasons) if frozen else None, taps=info["taps"],
+        ))
+    for (key, axis), why in E.channel_free.items():
+        spec.channel_free.append((key, axis, why))
+    sd_keys = list(sd.keys())
+    touched = {m.key for g in spec.groups for m in g.members} | {c[0] for c in spec.channel_free} | p.used_keys
+    spec.unused = [k for k in sd_keys if k not in touched]
+    return spec
+
+
+def trace_permutation_spec(
+    model: nn.Module,
+    example_input: Optional[torch.Tensor] = None,
+    *,
+    input_shape: Optional[Sequence[int]] = None,
+    leaf_modules: Iterable = (),
+    autowrap_functions: Iterable = (),
+) -> PermutationSpec:
+    """Infer the permutation groups of ``model`` by tracing it with torch.fx.
+
+    ``example_input`` (or ``input_shape``) is run once, in eval mode and without gradients; the
+    model's parameters, buffers and train/eval flags are left as they were.
+    """
+    if example_input is None:
+        if input_shape is None:
+            raise MergeVisionError("trace_permutation_spec needs example_input= or input_shape=, e.g. (1, 3, 64, 64)")
+        p0 = next(iter(model.parameters()), None)
+        example_input = torch.randn(*input_shape, dtype=p0.dtype if p0 is not None else torch.float32,
+                                    device=p0.device if p0 is not None else "cpu")
+    if not isinstance(example_input, torch.Tensor):
+        raise MergeVisionError(f"example_input must be a Tensor, got {type(example_input).__name__}")
+    with eval_mode(model), torch.no_grad():
+        gm = trace_model(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+        p = CouplingPass(gm)
+        try:
+            p.run(example_input)
+        except MergeVisionError:
+            raise
+        except Exception as exc:
+            raise TraceError(
+                f"running the traced {type(model).__name__} on an input of shape {tuple(example_input.shape)} failed: "
+                f"{type(exc).__name__}: {exc}. Check that the example input fits the model (channels, size)."
+            ) from exc
+    return resolve_spec(p, model, example_input.shape)
