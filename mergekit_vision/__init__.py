@@ -3,6 +3,8 @@
 trace -> match -> interpolate -> REPAIR -> export.
 """
 from .errors import MergeVisionError
+from .export import load_safetensors, save_safetensors
+from .merge import merge
 from .permute import permute, permute_state_dict, random_perms
 from .spec import Member, PermutationGroup, PermutationSpec, Tap
 from .trace import trace_permutation_spec
@@ -11,6 +13,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MergeVisionError",
+    "merge",
+    "save_safetensors",
+    "load_safetensors",
     "Member",
     "PermutationGroup",
     "PermutationSpec",

@@ -461,10 +461,10 @@ def _guess_kind(p: Path) -> str:
         return "cifar10" if _npz_is_cifar(p) else "npz"
     if (p / "cifar-10-batches-py").is_dir() or (p / "data_batch_1").is_file() or (p / "test_batch").is_file():
         return "cifar10"
-    if any(c.is_dir() for c in p.iterdir()):
-        return "image_folder"
     if any(_npz_is_cifar(f) for f in p.glob("*.npz")):
         return "cifar10"
+    if any(c.is_dir() for c in p.iterdir()):
+        return "image_folder"
     raise DataError(f"load_dataset: cannot tell what {str(p)!r} holds: no cifar-10-batches-py, no class "
                     f"sub-folders, no CIFAR .npz. Pass kind= one of {sorted(DATASET_KINDS)}.")
 
@@ -472,7 +472,8 @@ def _guess_kind(p: Path) -> str:
 def load_dataset(path: Union[str, os.PathLike], kind: Optional[str] = None, **kwargs: Any) -> Dataset:
     """Load ``path`` with the loader for ``kind`` (one of :data:`DATASET_KINDS`), guessing it when None:
     a folder holding ``cifar-10-batches-py`` or a ``.npz`` with CIFAR JPEG keys -> "cifar10", another
-    ``.npz`` -> "npz", a folder of class sub-folders -> "image_folder". ``kwargs`` go to the loader.
+    ``.npz`` -> "npz", a folder holding a CIFAR ``.npz`` -> "cifar10", a folder of class sub-folders ->
+    "image_folder". ``kwargs`` go to the loader.
     """
     p = _check_readable(path, "load_dataset")
     if kind is None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .errors import MergeVisionError
 
-__all__ = ["BasicBlock", "CifarResNet", "VGG", "resnet20", "vgg11", "tiny_resnet", "MODELS", "NORMS",
+__all__ = ["BasicBlock", "CifarResNet", "VGG", "resnet20", "vgg11", "tiny_resnet", "MODELS", "NORMS", "UnknownNameError",
            "create_model", "make_norm"]
 
 

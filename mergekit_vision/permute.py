@@ -43,6 +43,32 @@ def _position_perm(length: int, members) -> torch.Tensor:
     return pp
 
 
+def permute_tensor(t: torch.Tensor, axis: int, groups: int, members) -> torch.Tensor:
+    """Apply ``[(member, group perm)]`` (all on the same axis of ``t``) and return a new tensor."""
+    if groups == 1:
+        pp = _position_perm(t.shape[axis], members).to(t.device)
+        return t.index_select(axis, pp)
+    # grouped conv in-axis: each block of output rows sees its own slice of the input permutation
+    ipg = t.shape[axis]
+    pp = _position_perm(ipg * groups, members)
+    opg = t.shape[0] // groups
+    blocks = []
+    for b in range(groups):
+        local = (pp[b * ipg:(b + 1) * ipg] - b * ipg).to(t.device)
+        blocks.append(t[b * opg:(b + 1) * opg].index_select(axis, local))
+    return torch.cat(blocks, 0)
+
+
+def checked_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, perm in perms.items():
+        g = spec[name]
+        if g.frozen:
+            raise SpecError(f"group {name!r} is frozen ({g.reason}); it cannot be permuted")
+        out[name] = check_perm(name, perm, g.size, g.blocks)
+    return out
+
+
 def permute_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     spec: PermutationSpec,
@@ -50,33 +76,17 @@ def permute_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """A new state dict with every member of every group in ``perms`` permuted; others shared."""
     by_axis = defaultdict(list)
-    for name, perm in perms.items():
-        g = spec[name]
-        if g.frozen:
-            raise SpecError(f"group {name!r} is frozen ({g.reason}); it cannot be permuted")
-        perm = check_perm(name, perm, g.size, g.blocks)
-        if torch.equal(perm, torch.arange(g.size)):
+    for name, perm in checked_perms(spec, perms).items():
+        if torch.equal(perm, torch.arange(perm.numel())):
             continue
-        for m in g.members:
+        for m in spec[name].members:
             by_axis[(m.key, m.axis, m.groups)].append((m, perm))
     out = dict(state_dict)
     for (key, axis, groups), members in by_axis.items():
         if key not in out:
             raise SpecError(f"the spec names {key!r}, which the state dict does not have; trace the spec from "
                             "the same architecture")
-        t = out[key]
-        if groups == 1:
-            pp = _position_perm(t.shape[axis], members).to(t.device)
-            out[key] = t.index_select(axis, pp)
-        else:  # grouped conv in-axis: each block of output rows sees its own slice of the input permutation
-            ipg = t.shape[axis]
-            pp = _position_perm(ipg * groups, members)
-            opg = t.shape[0] // groups
-            blocks = []
-            for b in range(groups):
-                local = (pp[b * ipg:(b + 1) * ipg] - b * ipg).to(t.device)
-                blocks.append(t[b * opg:(b + 1) * opg].index_select(axis, local))
-            out[key] = torch.cat(blocks, 0)
+        out[key] = permute_tensor(out[key], axis, groups, members)
     return out
 
 

@@ -1,0 +1,81 @@
+"""Activation matching: correlate A's and B's channels at each group's tap points, then assign.
+
+Tap policy: a group is observed after its nonlinearities, its norms and its residual adds (what the
+next layers see), and at its producers' outputs when no norm shows it before the activation. The
+pre-activation view keeps channels that a ReLU silences on the calibration data matchable.
+Correlations of all chosen taps of a group are averaged.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+from ..spec import PermutationGroup, PermutationSpec, Tap
+from .assignment import solve_assignment
+from .stats import CrossMoments, channels_last_2d
+
+ACT_OPS = {
+    "relu", "relu_", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu", "selu", "celu", "relu6", "softplus",
+    "hardtanh", "ReLU", "ReLU6", "GELU", "SiLU", "Hardswish", "Mish", "LeakyReLU", "ELU", "SELU", "CELU",
+    "Softplus", "Hardtanh", "BatchNormAct2d", "GroupNormAct", "SyncBatchNormAct", "FrozenBatchNormAct2d",
+}
+ADD_OPS = {"add", "iadd", "add_", "__add__"}
+NORM_OPS = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "LayerNorm", "batch_norm", "layer_norm",
+            "group_norm", "LayerNorm2d"}
+
+
+PRODUCER_OPS = {"Conv1d", "Conv2d", "Conv3d", "Linear", "conv1d", "conv2d", "conv3d", "linear"}
+
+
+def select_taps(group: PermutationGroup) -> List[Tap]:
+    """Post-activation, residual-add and norm outputs; without a norm, the producer's own output too
+    (the pre-activation view keeps ReLU-silenced channels matchable)."""
+    full = [t for t in group.taps if t.offset == 0 and t.length == group.size]
+    chosen = [t for t in full if t.op in ACT_OPS or t.op in ADD_OPS or t.op in NORM_OPS]
+    if not any(t.op in NORM_OPS for t in chosen):
+        chosen += [t for t in full if t.op in PRODUCER_OPS]
+    return chosen or full
+
+
+def tap_plan(spec: PermutationSpec) -> Dict[str, List[Tuple[str, Tap]]]:
+    """node name -> [(group name, tap)] for every free group's chosen taps."""
+    plan: Dict[str, List[Tuple[str, Tap]]] = {}
+    for g in spec.free_groups:
+        for t in select_taps(g):
+            plan.setdefault(t.node, []).append((g.name, t))
+    return plan
+
+
+class PairCollector:
+    """Lockstep hooks accumulating A/B cross-moments at every planned tap."""
+
+    def __init__(self, spec: PermutationSpec):
+        self.plan = tap_plan(spec)
+        self.moments: Dict[Tuple[str, str], CrossMoments] = {}
+
+    def hooks(self):
+        return {node: self._hook for node in self.plan}
+
+    def _hook(self, node, values):
+        a, b = values[0], values[1]
+        for gname, t in self.plan[node.name]:
+            key = (gname, t.node)
+            mom = self.moments.setdefault(key, CrossMoments())
+            mom.update(channels_last_2d(a, t.dim, t.start, t.length), channels_last_2d(b, t.dim, t.start, t.length))
+        return None
+
+    def correlations(self) -> Dict[str, torch.Tensor]:
+        """group -> mean correlation matrix over its taps."""
+        acc: Dict[str, List[torch.Tensor]] = {}
+        for (gname, _), mom in self.moments.items():
+            acc.setdefault(gname, []).append(mom.correlation())
+        return {g: torch.stack(cs).mean(0) for g, cs in acc.items()}
+
+
+def match_from_correlations(spec: PermutationSpec, corrs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    perms = {}
+    for g in spec.free_groups:
+        if g.name in corrs:
+            perms[g.name] = solve_assignment(corrs[g.name], g.blocks)
+    return perms

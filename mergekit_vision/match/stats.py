@@ -1,0 +1,119 @@
+"""Streamed sufficient statistics in float64: counts, sums, second and cross moments.
+
+They are plain sums, so statistics from data shards, workers or federated clients add exactly
+(``a + b``, or ``torch.distributed.all_reduce`` on ``as_tensors()``); means, variances and
+correlations are derived only at the end. Each batch's contribution is computed in the activations'
+own precision (at least float32: the matmul over positions dominates the cost of a merge) and
+accumulated across batches in float64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def channels_last_2d(x: torch.Tensor, dim: int, start: int = 0, length: Optional[int] = None) -> torch.Tensor:
+    """(positions, channels) view of ``x`` with channel axis ``dim``, positions ``start:start+length``."""
+    x = x.detach()
+    if length is not None and (start != 0 or length != x.shape[dim]):
+        x = x.narrow(dim, start, length)
+    return x.movedim(dim, -1).reshape(-1, x.shape[dim])
+
+
+@dataclass
+class ChannelMoments:
+    """Per-channel count, sum and sum of squares (REPAIR statistics)."""
+
+    n: float = 0.0
+    s: Optional[torch.Tensor] = None
+    ss: Optional[torch.Tensor] = None
+
+    def update(self, x2d: torch.Tensor) -> None:
+        x = _work(x2d)
+        s, ss = x.sum(0).double(), (x * x).sum(0).double()
+        if self.s is None:
+            self.s, self.ss = s, ss
+        else:
+            self.s += s
+            self.ss += ss
+        self.n += x.shape[0]
+
+    def __add__(self, other: "ChannelMoments") -> "ChannelMoments":
+        if self.s is None:
+            return other
+        if other.s is None:
+            return self
+        return ChannelMoments(self.n + other.n, self.s + other.s, self.ss + other.ss)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.s / self.n
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance over all positions of all samples."""
+        return (self.ss / self.n - self.mean ** 2).clamp_min(0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+    def as_tensors(self) -> List[torch.Tensor]:
+        return [torch.tensor([self.n], dtype=torch.float64, device=self.s.device), self.s, self.ss]
+
+    @classmethod
+    def from_tensors(cls, ts: List[torch.Tensor]) -> "ChannelMoments":
+        return cls(float(ts[0].item()), ts[1], ts[2])
+
+
+@dataclass
+class CrossMoments:
+    """Moments of two (positions, C) activations observed together: enough for their correlation."""
+
+    n: float = 0.0
+    sa: Optional[torch.Tensor] = None
+    sb: Optional[torch.Tensor] = None
+    saa: Optional[torch.Tensor] = None
+    sbb: Optional[torch.Tensor] = None
+    sab: Optional[torch.Tensor] = None
+
+    def update(self, a2d: torch.Tensor, b2d: torch.Tensor) -> None:
+        a, b = _work(a2d), _work(b2d)
+        upd = tuple(t.double() for t in (a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b))
+        if self.sa is None:
+            self.sa, self.sb, self.saa, self.sbb, self.sab = upd
+        else:
+            for name, v in zip(("sa", "sb", "saa", "sbb", "sab"), upd):
+                getattr(self, name).add_(v)
+        self.n += a.shape[0]
+
+    def __add__(self, other: "CrossMoments") -> "CrossMoments":
+        if self.sa is None:
+            return other
+        if other.sa is None:
+            return self
+        return CrossMoments(self.n + other.n, self.sa + other.sa, self.sb + other.sb, self.saa + other.saa,
+                            self.sbb + other.sbb, self.sab + other.sab)
+
+    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
+        """Pearson correlation matrix corr[i, j] between channel i of A and channel j of B."""
+        n = self.n
+        ma, mb = self.sa / n, self.sb / n
+        cov = self.sab / n - ma[:, None] * mb[None, :]
+        sa = (self.saa / n - ma ** 2).clamp_min(0).sqrt()
+        sb = (self.sbb / n - mb ** 2).clamp_min(0).sqrt()
+        return cov / (sa[:, None] * sb[None, :] + eps)
+
+    def as_tensors(self) -> List[torch.Tensor]:
+        return [torch.tensor([self.n], dtype=torch.float64, device=self.sa.device), self.sa, self.sb, self.saa,
+                self.sbb, self.sab]
+
+    @classmethod
+    def from_tensors(cls, ts: List[torch.Tensor]) -> "CrossMoments":
+        return cls(float(ts[0].item()), *ts[1:])

@@ -1,0 +1,77 @@
+"""Data-free weight matching (Git Re-Basin): coordinate descent over groups, each step a linear
+assignment maximizing the inner product of A's and B's weights along the group's members."""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from ..permute import permute_tensor
+from ..spec import Member, PermutationSpec
+from .assignment import solve_assignment
+
+logger = logging.getLogger(__name__)
+
+
+def _rows(t: torch.Tensor, m: Member) -> List[Tuple[int, torch.Tensor]]:
+    """(group channel offset, rows) slices of ``t`` along the member's axis, one row per channel."""
+    x = t.detach().to(torch.float64).movedim(m.axis, 0)
+    if m.groups == 1:
+        rows = x[m.start:m.start + m.length * m.inner].reshape(m.length, -1)
+        return [(m.offset, rows)]
+    # grouped conv in-axis: channel c (input coordinates) lives in output-row block c // ipg
+    ipg = t.shape[m.axis]
+    opg = t.shape[0] // m.groups
+    out = []
+    w = t.detach().to(torch.float64)
+    blocks = defaultdict(list)
+    for j in range(m.length):
+        c = m.start + j
+        blocks[c // ipg].append(j)
+    for b, js in blocks.items():
+        blk = w[b * opg:(b + 1) * opg].movedim(m.axis, 0)  # (ipg, opg, ...)
+        local = torch.tensor([m.start + j - b * ipg for j in js])
+        rows = blk[local].reshape(len(js), -1)
+        out.append((m.offset + js[0], rows))
+    return out
+
+
+def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], *,
+                  max_iter: int = 100, seed: int = 0, init: Optional[Dict[str, torch.Tensor]] = None
+                  ) -> Dict[str, torch.Tensor]:
+    """Permutations of B's free groups that maximize sum of <W_A, P W_B> over all members."""
+    groups = spec.free_groups
+    perms = {g.name: (init[g.name].clone() if init and g.name in init else torch.arange(g.size)) for g in groups}
+    index: Dict[str, List[Tuple[str, Member]]] = defaultdict(list)
+    for g in groups:
+        for m in g.members:
+            index[m.key].append((g.name, m))
+    gen = torch.Generator().manual_seed(seed)
+    for it in range(max_iter):
+        improved = False
+        for gi in torch.randperm(len(groups), generator=gen).tolist():
+            g = groups[gi]
+            score = torch.zeros(g.size, g.size, dtype=torch.float64)
+            for m in g.members:
+                others = [(mm, perms[gn]) for gn, mm in index[m.key] if gn != g.name and mm.axis != m.axis]
+                wb = sd_b[m.key]
+                by_axis = defaultdict(list)
+                for mm, p in others:
+                    by_axis[(mm.axis, mm.groups)].append((mm, p))
+                for (ax, grp), mems in by_axis.items():
+                    wb = permute_tensor(wb, ax, grp, mems)
+                for (oa, ra), (ob, rb) in zip(_rows(sd_a[m.key], m), _rows(wb, m)):
+                    score[oa:oa + ra.shape[0], oa:oa + ra.shape[0]] += ra @ rb.T
+            old = perms[g.name]
+            new = solve_assignment(score, g.blocks)
+            ar = torch.arange(g.size)
+            old_val, new_val = score[ar, old].sum().item(), score[ar, new].sum().item()
+            if new_val > old_val + 1e-12 * max(1.0, abs(old_val)):
+                perms[g.name] = new
+                improved = True
+        logger.debug("weight matching sweep %d: %s", it, "improved" if improved else "converged")
+        if not improved:
+            break
+    return perms

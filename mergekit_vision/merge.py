@@ -1,0 +1,309 @@
+"""merge(): the pipeline, top to bottom.
+
+trace spec -> one lockstep pass over A and B (matching moments, REPAIR targets) -> assignments ->
+permute B -> interpolate -> one pass over the interpolated net with corrections acting -> fuse.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import iter_inputs
+from .engine import Lockstep, shared_graph
+from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
+from .interpolate import interpolate_state_dicts
+from .match import ChannelMoments, PairCollector, match_from_correlations, match_weights
+from .match.stats import channels_last_2d
+from .permute import permute_state_dict
+from .repair import CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_reset, permute_channel_stats
+from .repair.sites import bn_eval
+from .report import GroupReport, MergeReport, SiteReport
+from .spec import PermutationSpec
+from .trace import trace_permutation_spec
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("activation", "weight", "none")
+REPAIR_MODES = ("repair", "reset", "none")
+
+
+# ---- input checks ------------------------------------------------------------------------
+def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("model_a", "model_b")) -> None:
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    for (ka, va), (kb, vb) in zip(sa.items(), sb.items()):
+        if ka != kb:
+            raise ArchitectureMismatchError(
+                f"{names[1]} differs from {names[0]}: state-dict key {kb!r} where {names[0]} has {ka!r}. "
+                "Build both with the same architecture name and kwargs.")
+        if va.shape != vb.shape:
+            raise ArchitectureMismatchError(
+                f"{names[1]} differs from {names[0]} at {ka!r}: {tuple(vb.shape)} vs {tuple(va.shape)}. "
+                "Build both with the same architecture name and kwargs (e.g. num_classes, width).")
+    if len(sa) != len(sb):
+        extra = list(sa)[len(sb):] or list(sb)[len(sa):]
+        raise ArchitectureMismatchError(
+            f"{names[0]} has {len(sa)} tensors and {names[1]} {len(sb)} (first unmatched: {extra[0]!r}). "
+            "Build both with the same architecture name and kwargs.")
+
+
+def check_finite(model: nn.Module, name: str) -> None:
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and v.numel() and not torch.isfinite(v.sum(dtype=torch.float64)):
+            raise NumericalError(f"{name} has NaN or inf values in {k!r}; fix or re-train the checkpoint before merging.")
+
+
+def _repair_mode(repair: Union[bool, str, None]) -> str:
+    if repair is True:
+        return "repair"
+    if repair in (False, None):
+        return "none"
+    if repair not in REPAIR_MODES:
+        raise ConfigError(f"unknown repair mode {repair!r}; valid: {', '.join(REPAIR_MODES)} (or True/False)")
+    return repair
+
+
+@contextmanager
+def _timer(timings: Dict[str, float], name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        logger.info("%s: %.2fs", name, timings[name])
+
+
+def _batches(loader, *, max_batches, max_samples, device, dtype, desc, progress):
+    it = iter_inputs(loader, max_batches=max_batches, max_samples=max_samples, device=device, dtype=dtype)
+    return tqdm(it, desc=desc, disable=not progress, leave=False, unit="batch")
+
+
+def _check_values(vals, where: str):
+    for v in vals:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v.sum(dtype=torch.float64)):
+            raise NumericalError(f"non-finite activations at {where} during calibration; check the inputs' "
+                                 "normalization and the models' weights.")
+
+
+# ---- the pipeline ------------------------------------------------------------------------
+def merge(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    calib_loader: Any = None,
+    *,
+    alpha: float = 0.5,
+    method: str = "activation",
+    repair: Union[bool, str] = True,
+    max_batches: Optional[int] = None,
+    max_samples: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+    return_report: bool = False,
+    spec: Optional[PermutationSpec] = None,
+    leaf_modules: Iterable = (),
+    weight_iters: int = 100,
+    seed: int = 0,
+    diagnostic_batches: int = 4,
+) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
+    """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result.
+
+    Returns a new model of ``model_a``'s class and architecture, in eval mode, on ``model_a``'s device
+    and dtype (``merged.merge_report`` holds the report; ``return_report=True`` returns it too).
+    ``calib_loader``: any re-iterable of batches (Tensor, (x, y) tuples, a DataLoader); no labels needed.
+    ``method``: "activation" (correlation matching), "weight" (data-free), "none" (naive average).
+    ``repair``: True/"repair", "reset" (re-estimate BatchNorm statistics only), False/"none".
+    """
+    from . import __version__
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    mode = _repair_mode(repair)
+    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+        raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
+    alpha = float(alpha)
+    needs_data = method == "activation" or mode != "none"
+    if needs_data and calib_loader is None:
+        raise DataError(f"method={method!r} with repair={mode!r} needs calibration data: pass calib_loader "
+                        "(any iterable of input batches), or use method='weight', repair=False for a data-free merge.")
+    check_same_architecture(model_a, model_b)
+    check_finite(model_a, "model_a")
+    check_finite(model_b, "model_b")
+
+    p0 = next(iter(model_a.parameters()))
+    out_device, dtype = p0.device, p0.dtype
+    work = torch.device(device) if device is not None else out_device
+    timings: Dict[str, float] = {}
+    report = MergeReport(method=method, alpha=alpha, repair=mode, version=__version__)
+    batches = dict(max_batches=max_batches, max_samples=max_samples, device=work, dtype=dtype)
+
+    # never touch the inputs: every stage works on copies
+    a = copy.deepcopy(model_a).to(work).eval()
+    b = copy.deepcopy(model_b).to(work).eval()
+
+    with _timer(timings, "trace"), torch.no_grad():
+        example = None
+        if calib_loader is not None:
+            example = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))[:1]
+        if spec is None:
+            if example is None:
+                raise DataError("a data-free merge needs the input shape to trace the model: pass spec= "
+                                "(mergekit_vision.trace_permutation_spec(model, example)) or a calib_loader")
+            try:
+                a(example)
+            except Exception as exc:
+                raise DataError(f"model_a cannot take a calibration batch of shape {tuple(example.shape)}: "
+                                f"{type(exc).__name__}: {exc}") from exc
+            spec = trace_permutation_spec(a, example, leaf_modules=leaf_modules)
+        gm = shared_graph(a, leaf_modules=leaf_modules)
+        sites = find_sites(gm, spec, mode) if mode != "none" else []
+    report.frozen_groups = {g.name: g.reason for g in spec.groups if g.frozen}
+
+    # ---- pass 1: A and B together -> matching moments and REPAIR targets --------------------
+    collector = PairCollector(spec) if method == "activation" else None
+    site_stats: Dict[str, List[ChannelMoments]] = {s.node: [ChannelMoments(), ChannelMoments()] for s in sites}
+    n_calib = 0
+    if collector is not None or sites:
+        lock = Lockstep([a, b], gm.graph)
+        hooks: Dict[str, Any] = dict(collector.hooks()) if collector else {}
+        site_hooks, site_over = _site_recorders(sites, site_stats, [dict(a.named_modules()), dict(b.named_modules())])
+        for name, h in site_hooks.items():
+            hooks[name] = _chain(hooks.get(name), h)
+        with _timer(timings, "pass_ab"), torch.no_grad():
+            for x in _batches(calib_loader, desc="calibrate A/B", progress=progress, **batches):
+                outs = lock.run(x, hooks, override=site_over)
+                _check_values(outs, "the models' outputs")
+                n_calib += x.shape[0]
+    report.calibration_samples = n_calib
+
+    # ---- matching ---------------------------------------------------------------------------
+    with _timer(timings, "match"):
+        perms: Dict[str, torch.Tensor] = {}
+        corrs: Dict[str, torch.Tensor] = {}
+        if method == "activation":
+            corrs = collector.correlations()
+            perms = match_from_correlations(spec, corrs)
+        elif method == "weight":
+            perms = match_weights(spec, a.state_dict(), b.state_dict(), max_iter=weight_iters, seed=seed)
+    for g in spec.free_groups:
+        gr = GroupReport(size=g.size, blocks=g.blocks)
+        p = perms.get(g.name)
+        if p is not None:
+            ar = torch.arange(g.size)
+            gr.moved = float((p != ar).float().mean())
+            if g.name in corrs:
+                c = corrs[g.name]
+                gr.mean_corr = float(c[ar, p].mean())
+                gr.identity_corr = float(c.diagonal().mean())
+        report.groups[g.name] = gr
+
+    # ---- permute B, interpolate ------------------------------------------------------------
+    with _timer(timings, "interpolate"), torch.no_grad():
+        sd_b = permute_state_dict(b.state_dict(), spec, perms) if perms else b.state_dict()
+        merged = copy.deepcopy(a)
+        merged.load_state_dict(interpolate_state_dicts(a.state_dict(), sd_b, alpha))
+        merged.eval()
+
+    # ---- REPAIR -----------------------------------------------------------------------------
+    if sites:
+        targets = {}
+        for s in sites:
+            sa_, sb_ = site_stats[s.node]
+            sb_ = ChannelMoments(sb_.n, permute_channel_stats(sb_.s, s, perms), permute_channel_stats(sb_.ss, s, perms))
+            targets[s.node] = Target((1 - alpha) * sa_.mean + alpha * sb_.mean, (1 - alpha) * sa_.std + alpha * sb_.std)
+        raw = copy.deepcopy(merged) if diagnostic_batches else None
+        models = [merged] + ([raw] if raw is not None else [])
+        fix = CorrectionPass(sites, [dict(m.named_modules()) for m in models], targets, mode)
+        lock = Lockstep(models, gm.graph)
+        with _timer(timings, "pass_repair"), torch.no_grad():
+            for i, x in enumerate(_batches(calib_loader, desc=f"{mode} statistics", progress=progress, **batches)):
+                active = [0, 1] if (raw is not None and i < diagnostic_batches) else [0]
+                lock.run(x, override=fix.overrides(), active=active)
+        with _timer(timings, "fuse"), torch.no_grad():
+            mods = dict(merged.named_modules())
+            for s in sites:
+                m = mods[s.module]
+                note = None
+                if mode == "reset":
+                    fuse_reset(m, fix.measured[s.node])
+                else:
+                    a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
+                    note = fuse_affine(m, a_, c_, s.kind)
+                t = targets[s.node]
+                before = None
+                if fix.raw[s.node].n:
+                    before = float((fix.raw[s.node].var / t.std.pow(2).clamp_min(1e-12)).mean())
+                report.sites[s.node] = SiteReport(kind=s.kind, module=s.module, var_ratio_before=before, note=note)
+        if diagnostic_batches:
+            with _timer(timings, "diagnostics"), torch.no_grad():
+                _measure_after(merged, gm, sites, targets, report, calib_loader, diagnostic_batches, batches)
+        del raw
+
+    merged = merged.to(out_device).eval()
+    check_finite(merged, "the merged model")
+    report.timings = timings
+    merged.merge_report = report
+    logger.info(report.summary())
+    return (merged, report) if return_report else merged
+
+
+def _chain(first, second):
+    if first is None:
+        return second
+
+    def both(node, values):
+        r = first(node, values)
+        r2 = second(node, values if r is None else r)
+        return r2 if r2 is not None else r
+
+    return both
+
+
+def _site_recorders(sites, site_stats, mods):
+    """Hooks (conv sites) and overrides (BN sites: ``z`` is recomputed from the BN input, before any
+    fused activation) that record each endpoint's site value."""
+    hooks, overrides = {}, {}
+    for site in sites:
+        stats = site_stats[site.node]
+        if site.kind == "bn":
+            def override(node, k, args, kwargs, site=site, stats=stats):
+                stats[k].update(channels_last_2d(bn_eval(mods[k][site.module], args[0]), site.dim))
+                return NotImplemented
+            overrides[site.node] = override
+        else:
+            def hook(node, values, site=site, stats=stats):
+                for k, v in enumerate(values):
+                    stats[k].update(channels_last_2d(v, site.dim))
+            hooks[site.node] = hook
+    return hooks, overrides
+
+
+def _measure_after(merged, gm, sites, targets, report, loader, n_batches, batches):
+    stats = {s.node: ChannelMoments() for s in sites}
+    mods = dict(merged.named_modules())
+    lock = Lockstep([merged], gm.graph)
+
+    def make(site):
+        def override(node, k, args, kwargs):
+            m = mods[site.module]
+            if site.kind == "bn":
+                stats[site.node].update(channels_last_2d(bn_eval(m, args[0]), site.dim))
+                return NotImplemented
+            z = m(*args, **kwargs)
+            stats[site.node].update(channels_last_2d(z, site.dim))
+            return z
+        return override
+
+    over = {s.node: make(s) for s in sites}
+    kw = dict(batches)
+    kw["max_batches"] = min(n_batches, kw["max_batches"] or n_batches)
+    for x in iter_inputs(loader, **kw):
+        lock.run(x, override=over)
+    for s in sites:
+        t = targets[s.node]
+        report.sites[s.node].var_ratio_after = float((stats[s.node].var / t.std.pow(2).clamp_min(1e-12)).mean())

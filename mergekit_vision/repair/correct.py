@@ -1,0 +1,116 @@
+"""REPAIR: measure -> targets -> correct -> fuse, one small function each.
+
+Targets at ``alpha`` interpolate the endpoints' per-channel means and *standard deviations*. The
+interpolated network is run once with every site renormalized on its batch statistics to its target
+(so earlier corrections already act on later sites, as in the paper's code); the pooled statistics
+measured there give each site's final affine correction ``z -> a*z + c``, which is folded into the
+BatchNorm affine or the conv/linear weight and bias.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..match.stats import ChannelMoments, channels_last_2d
+from .sites import Site, bn_eval, bn_post
+
+_TINY = 1e-12
+
+
+@dataclass
+class Target:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def interpolate_targets(stats_a: ChannelMoments, stats_b: ChannelMoments, alpha: float) -> Target:
+    """``(1-alpha)*stat_A + alpha*stat_B`` for means and standard deviations (not variances)."""
+    return Target((1 - alpha) * stats_a.mean + alpha * stats_b.mean, (1 - alpha) * stats_a.std + alpha * stats_b.std)
+
+
+def renormalize(z: torch.Tensor, dim: int, target: Target) -> torch.Tensor:
+    """Per-channel renormalization of ``z`` to the target on this batch's own statistics."""
+    zf = z.movedim(dim, -1)
+    red = tuple(range(zf.dim() - 1))
+    mean = zf.mean(red, keepdim=True)
+    std = zf.var(red, unbiased=False, keepdim=True).add(1e-10).sqrt()
+    out = (zf - mean) / std * target.std.to(z.dtype) + target.mean.to(z.dtype)
+    return out.movedim(-1, dim)
+
+
+def affine_correction(measured: ChannelMoments, target: Target) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel ``(a, c)`` with ``a*z + c`` having the target mean and std."""
+    std = measured.std
+    a = torch.where(std > _TINY, target.std / std.clamp_min(_TINY), torch.zeros_like(std))
+    c = target.mean - a * measured.mean
+    return a, c
+
+
+class CorrectionPass:
+    """Overrides for the lockstep run of the interpolated model: measure ``z`` (pooled) and pass on
+    the batch-renormalized value. Model index 1, when present, is the uncorrected interpolated model,
+    measured for the variance-collapse diagnostic."""
+
+    def __init__(self, sites: List[Site], modules_by_model: List[Dict[str, nn.Module]], targets: Dict[str, Target],
+                 mode: str):
+        self.sites = {s.node: s for s in sites}
+        self.modules = modules_by_model
+        self.targets = targets
+        self.mode = mode
+        self.measured: Dict[str, ChannelMoments] = {s.node: ChannelMoments() for s in sites}
+        self.raw: Dict[str, ChannelMoments] = {s.node: ChannelMoments() for s in sites}
+
+    def overrides(self):
+        return {name: self._bn if s.kind == "bn" else self._conv for name, s in self.sites.items()}
+
+    def _bn(self, node, k, args, kwargs):
+        site = self.sites[node.name]
+        m = self.modules[k][site.module]
+        x = args[0]
+        if k == 1:  # uncorrected model: diagnostic only
+            self.raw[site.node].update(channels_last_2d(bn_eval(m, x), site.dim))
+            return NotImplemented
+        if self.mode == "reset":
+            self.measured[site.node].update(channels_last_2d(x, site.dim))
+            z = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
+            return bn_post(m, z)
+        z = bn_eval(m, x)
+        self.measured[site.node].update(channels_last_2d(z, site.dim))
+        return bn_post(m, renormalize(z, site.dim, self.targets[site.node]))
+
+    def _conv(self, node, k, args, kwargs):
+        site = self.sites[node.name]
+        m = self.modules[k][site.module]
+        z = m(*args, **kwargs)
+        if k == 1:
+            self.raw[site.node].update(channels_last_2d(z, site.dim))
+            return z
+        self.measured[site.node].update(channels_last_2d(z, site.dim))
+        return renormalize(z, site.dim, self.targets[site.node])
+
+
+@torch.no_grad()
+def fuse_affine(module: nn.Module, a: torch.Tensor, c: torch.Tensor, kind: str) -> Optional[str]:
+    """Fold ``z -> a*z + c`` into the module producing ``z``; returns a note if the shift was dropped."""
+    w = module.weight
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    w.mul_(a.to(w.dtype).view(shape))
+    b = getattr(module, "bias", None)
+    if b is not None:
+        b.mul_(a.to(b.dtype)).add_(c.to(b.dtype))
+        return None
+    if torch.any(c.abs() > 0):
+        return "no bias to hold the shift: only the scale was fused"
+    return None
+
+
+@torch.no_grad()
+def fuse_reset(module: nn.Module, measured: ChannelMoments) -> None:
+    """RESET: the BatchNorm's running statistics become those measured on the calibration data."""
+    n = measured.n
+    module.running_mean.copy_(measured.mean.to(module.running_mean.dtype))
+    module.running_var.copy_((measured.var * n / max(n - 1, 1)).to(module.running_var.dtype))

@@ -1,0 +1,98 @@
+"""Where REPAIR corrects: every BatchNorm output (folded into its affine) and every conv/linear output
+that no BatchNorm directly normalizes (folded into the layer's weight and bias).
+
+A site's *value* ``z`` is the per-channel quantity being corrected: the BatchNorm output before any
+fused activation (timm's BatchNormAct2d), or the conv/linear output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..spec import PermutationSpec
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or (
+        type(m).__name__.startswith("FrozenBatchNorm") and hasattr(m, "running_var"))
+
+
+@dataclass
+class Site:
+    node: str           # the fx node whose value is corrected (BN or conv/linear call)
+    module: str         # module path, for fusion
+    kind: str           # "bn" or "conv"
+    dim: int            # channel dim of the value
+    channels: int
+    segments: List[Tuple[int, int, int, str]] = field(default_factory=list)  # (start, offset, length, group)
+
+
+def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Site]:
+    """Sites in graph order. ``mode`` is "repair" (BN + unnormalized conv/linear) or "reset" (BN only)."""
+    modules = dict(gm.named_modules())
+    taps: Dict[Tuple[str, int], List[Tuple[int, int, int, str, bool]]] = {}
+    for g in spec.groups:
+        for t in g.taps:
+            taps.setdefault((t.node, t.dim), []).append((t.start, t.offset, t.length, g.name, g.reason == "model output"))
+    sites: List[Site] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        m = modules[n.target]
+        if is_batchnorm(m):
+            if m.weight is None or not isinstance(n.args[0], fx.Node):
+                continue
+            key = (n.args[0].name, 1)
+            kind = "bn"
+        elif isinstance(m, CONV_TYPES) and mode == "repair":
+            users = list(n.users)
+            if users and all(u.op == "call_module" and is_batchnorm(modules[u.target]) for u in users):
+                continue  # the BatchNorm that follows is the site
+            dim = 1 if not isinstance(m, nn.Linear) else None
+            key = None
+            for (node, d) in taps:
+                if node == n.name and (dim is None or d == dim):
+                    key = (node, d)
+                    break
+            if key is None:
+                continue
+            kind = "conv"
+        else:
+            continue
+        segs = taps.get(key, [])
+        channels = m.weight.shape[0] if kind == "conv" else m.num_features
+        if sum(s[2] for s in segs) != channels or any(s[4] for s in segs):
+            continue  # channels not fully tracked, or the model output (logits are not repaired)
+        sites.append(Site(n.name, n.target, kind, key[1], channels, [s[:4] for s in segs]))
+    return sites
+
+
+def bn_eval(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The BatchNorm's eval-mode output before any fused activation."""
+    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+
+def bn_post(m: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """What a timm BatchNormAct2d does after the normalization (drop, act); identity for plain BN."""
+    for sub in ("drop", "act"):
+        f = getattr(m, sub, None)
+        if f is not None:
+            z = f(z)
+    return z
+
+
+def permute_channel_stats(v: torch.Tensor, site: Site, perms: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Reorder a per-channel statistic of model B at ``site`` by the groups' permutations."""
+    out = v.clone()
+    for start, offset, length, group in site.segments:
+        if group in perms:
+            local = perms[group][offset:offset + length].to(v.device) - offset
+            out[start:start + length] = v[start + local]
+    return out

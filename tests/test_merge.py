@@ -1,0 +1,169 @@
+"""merge(): exactness on permuted copies, REPAIR fusion, RESET equivalence, errors, determinism."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from mergekit_vision import merge, permute, random_perms, trace_permutation_spec
+from mergekit_vision.errors import ArchitectureMismatchError, ConfigError, DataError, NumericalError
+from mergekit_vision.models import create_model
+from mergekit_vision.repair.correct import fuse_affine
+from mergekit_vision.testing import randomize_model
+
+
+def _rel(y, ref):
+    return float((y - ref).norm() / ref.norm())
+
+
+def _permuted_pair(model, x, seed=3):
+    a = randomize_model(model.eval(), seed=0)
+    spec = trace_permutation_spec(a, x[:1])
+    b = permute(a, spec, random_perms(spec, torch.Generator().manual_seed(seed)))
+    return a, b, spec
+
+
+ZOO = [
+    ("mkv_resnet20_bn", lambda: create_model("resnet20", norm="bn"), 32),
+    ("mkv_resnet20_ln", lambda: create_model("resnet20", norm="ln"), 32),
+    ("mkv_vgg11_none", lambda: create_model("vgg11", norm="none", width=1), 32),
+    ("timm_resnet18", lambda: timm.create_model("resnet18", pretrained=False, num_classes=10), 64),
+    ("timm_convnext_atto", lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=10), 64),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,build,size", ZOO, ids=[z[0] for z in ZOO])
+def test_matching_recovers_a_permutation(name, build, size):
+    torch.manual_seed(0)
+    x = torch.randn(96, 3, size, size)
+    a, b, spec = _permuted_pair(build(), x)
+    with torch.no_grad():
+        assert _rel(b(x), a(x)) < 1e-5  # same function, different order
+        differ = sum(not torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+        assert differ > 0
+        merged = merge(a, b, list(x.split(48)), repair=False, progress=False)
+        assert _rel(merged(x), a(x)) < 1e-5
+        assert all(torch.allclose(v.float(), merged.state_dict()[k].float(), atol=1e-6) for k, v in a.state_dict().items())
+        wm = merge(a, b, list(x.split(48)), method="weight", repair=False, progress=False)
+        assert _rel(wm(x), a(x)) < 1e-5
+
+
+def test_merge_with_itself_is_identity_with_and_without_repair():
+    torch.manual_seed(0)
+    a = randomize_model(create_model("resnet20", norm="bn").eval())
+    x = torch.randn(64, 3, 32, 32)
+    reset_ref = copy.deepcopy(a)
+    with torch.no_grad():
+        for mod in reset_ref.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.reset_running_stats()
+                mod.momentum = None
+        reset_ref.train()(x)
+        reset_ref.eval()
+        ref = a(x)
+        # one calibration batch: batch statistics are the pooled statistics, so REPAIR is exact
+        assert _rel(merge(a, a, [x], repair=False, progress=False)(x), ref) < 1e-6
+        assert _rel(merge(a, a, [x], repair=True, progress=False)(x), ref) < 1e-3
+        # RESET re-estimates BN statistics on the data, exactly as torch's train-mode pass does
+        assert _rel(merge(a, a, [x], repair="reset", progress=False)(x), reset_ref(x)) < 1e-4
+
+
+def test_repair_fused_equals_corrected_and_hits_targets():
+    """With one calibration batch the fused model's site statistics equal the REPAIR targets exactly
+    (the correction pass uses batch statistics, the fused model pooled ones: the same here)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32)
+    for norm in ("none", "ln", "bn"):
+        a = randomize_model(create_model("resnet20", norm=norm).eval(), seed=1)
+        b = randomize_model(create_model("resnet20", norm=norm).eval(), seed=2)
+        merged, rep = merge(a, b, [x], repair=True, return_report=True, progress=False)
+        after = [s.var_ratio_after for s in rep.sites.values()]
+        assert len(after) > 10
+        assert max(abs(r - 1) for r in after) < 1e-3, (norm, after)
+        before = [s.var_ratio_before for s in rep.sites.values()]
+        assert min(before) < 0.9  # random endpoints: the interpolated net collapses somewhere
+        assert set(merged.state_dict()) == set(a.state_dict())
+
+
+def test_fuse_affine_matches_explicit_affine():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    bn = randomize_model(nn.BatchNorm2d(5)).eval()
+    a, c = torch.rand(5) + 0.5, torch.randn(5)
+    with torch.no_grad():
+        for mod, inp in ((conv, x), (bn, torch.randn(4, 5, 8, 8))):
+            ref = mod(inp) * a[None, :, None, None] + c[None, :, None, None]
+            fused = copy.deepcopy(mod)
+            assert fuse_affine(fused, a, c, "conv") is None
+            assert torch.allclose(fused(inp), ref, atol=1e-5)
+        nobias = nn.Conv2d(3, 5, 1, bias=False)
+        assert "shift" in fuse_affine(nobias, a, c, "conv")
+
+
+def test_repair_equals_reset_for_batchnorm_nets():
+    """For BN nets whose endpoints' BN statistics are those of the calibration data and whose BN scales
+    agree in sign, REPAIR's targets are the interpolated BN affines: REPAIR == RESET."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 3, 16, 16)
+
+    def endpoint(seed):
+        m = randomize_model(create_model("resnet20", norm="bn"), seed=seed)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.weight.abs_()
+                    mod.reset_running_stats()
+                    mod.momentum = None
+            m.train()
+            m(x)
+        return m.eval()
+
+    a, b = endpoint(1), endpoint(2)
+    with torch.no_grad():
+        rep = merge(a, b, [x], repair=True, progress=False)
+        res = merge(a, b, [x], repair="reset", progress=False)
+        assert _rel(rep(x), res(x)) < 2e-3
+
+
+def test_inputs_untouched_and_deterministic():
+    torch.manual_seed(0)
+    a = randomize_model(create_model("resnet20", norm="bn"), seed=1).train()
+    b = randomize_model(create_model("resnet20", norm="bn"), seed=2).train()
+    x = torch.randn(64, 3, 32, 32)
+    sa = {k: v.clone() for k, v in a.state_dict().items()}
+    m1 = merge(a, b, list(x.split(32)), progress=False)
+    m2 = merge(a, b, list(x.split(32)), progress=False)
+    assert a.training and b.training  # flags untouched
+    assert all(torch.equal(sa[k], v) for k, v in a.state_dict().items())
+    assert all(torch.equal(v, m2.state_dict()[k]) for k, v in m1.state_dict().items())
+    assert not m1.training and type(m1) is type(a)
+    assert m1.merge_report.calibration_samples == 64
+
+
+def test_errors_are_clear():
+    a = create_model("resnet20", norm="bn")
+    x = torch.randn(8, 3, 32, 32)
+    with pytest.raises(ArchitectureMismatchError, match="conv|weight|layer"):
+        merge(a, create_model("resnet20", norm="bn", width=2), [x])
+    with pytest.raises(ArchitectureMismatchError, match="fc"):
+        merge(a, create_model("resnet20", norm="bn", num_classes=7), [x])
+    with pytest.raises(DataError, match="empty"):
+        merge(a, copy.deepcopy(a), [])
+    with pytest.raises(ConfigError, match="alpha"):
+        merge(a, copy.deepcopy(a), [x], alpha=1.5)
+    with pytest.raises(ConfigError, match="valid"):
+        merge(a, copy.deepcopy(a), [x], method="magic")
+    with pytest.raises(ConfigError, match="valid"):
+        merge(a, copy.deepcopy(a), [x], repair="maybe")
+    bad = copy.deepcopy(a)
+    with torch.no_grad():
+        next(bad.parameters())[0].fill_(float("nan"))
+    with pytest.raises(NumericalError, match="model_b"):
+        merge(a, bad, [x])
+    with pytest.raises(DataError, match="cannot take"):
+        merge(a, copy.deepcopy(a), [torch.randn(8, 1, 32, 32)])
+    with pytest.raises(DataError, match="calibration data"):
+        merge(a, copy.deepcopy(a), None)
