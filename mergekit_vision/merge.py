@@ -166,12 +166,14 @@ def merge(
 
     # ---- pass 1: A and B together -> matching moments and REPAIR targets --------------------
     collector = PairCollector(spec) if method == "activation" else None
-    site_stats: Dict[str, List[ChannelMoments]] = {s.node: [ChannelMoments(), ChannelMoments()] for s in sites}
+    target_sites = sites if mode == "repair" else []  # RESET needs no endpoint statistics
+    site_stats: Dict[str, List[ChannelMoments]] = {s.node: [ChannelMoments(), ChannelMoments()] for s in target_sites}
     n_calib = 0
-    if collector is not None or sites:
+    if collector is not None or target_sites:
         lock = Lockstep([a, b], gm.graph)
         hooks: Dict[str, Any] = dict(collector.hooks()) if collector else {}
-        site_hooks, site_over = _site_recorders(sites, site_stats, [dict(a.named_modules()), dict(b.named_modules())])
+        site_hooks, site_over = _site_recorders(target_sites, site_stats,
+                                                [dict(a.named_modules()), dict(b.named_modules())])
         for name, h in site_hooks.items():
             hooks[name] = _chain(hooks.get(name), h)
         with _timer(timings, "pass_ab"), torch.no_grad():
@@ -212,11 +214,12 @@ def merge(
     # ---- REPAIR -----------------------------------------------------------------------------
     if sites:
         targets = {}
-        for s in sites:
+        for s in target_sites:
             sa_, sb_ = site_stats[s.node]
             sb_ = ChannelMoments(sb_.n, permute_channel_stats(sb_.s, s, perms), permute_channel_stats(sb_.ss, s, perms))
             targets[s.node] = Target((1 - alpha) * sa_.mean + alpha * sb_.mean, (1 - alpha) * sa_.std + alpha * sb_.std)
-        raw = copy.deepcopy(merged) if diagnostic_batches else None
+        # the uncorrected interpolated net runs alongside on a few batches: the variance-collapse diagnostic
+        raw = copy.deepcopy(merged) if diagnostic_batches and mode == "repair" else None
         models = [merged] + ([raw] if raw is not None else [])
         fix = CorrectionPass(sites, [dict(m.named_modules()) for m in models], targets, mode)
         lock = Lockstep(models, gm.graph)
@@ -234,12 +237,11 @@ def merge(
                 else:
                     a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
                     note = fuse_affine(m, a_, c_, s.kind)
-                t = targets[s.node]
                 before = None
                 if fix.raw[s.node].n:
-                    before = float((fix.raw[s.node].var / t.std.pow(2).clamp_min(1e-12)).mean())
+                    before = float((fix.raw[s.node].var / targets[s.node].std.pow(2).clamp_min(1e-12)).mean())
                 report.sites[s.node] = SiteReport(kind=s.kind, module=s.module, var_ratio_before=before, note=note)
-        if diagnostic_batches:
+        if raw is not None:
             with _timer(timings, "diagnostics"), torch.no_grad():
                 _measure_after(merged, gm, sites, targets, report, calib_loader, diagnostic_batches, batches)
         del raw
@@ -250,6 +252,21 @@ def merge(
     merged.merge_report = report
     logger.info(report.summary())
     return (merged, report) if return_report else merged
+
+
+def align(model_a: nn.Module, model_b: nn.Module, calib_loader: Any = None, *, method: str = "activation",
+          **kwargs) -> nn.Module:
+    """``model_b`` with its channels permuted into ``model_a``'s order: the same function as
+    ``model_b``, ready to be interpolated against ``model_a`` at any alpha without matching again
+    (``merge(model_a, aligned, calib, alpha=..., method="none", repair=...)``).
+
+    ``method``: "activation" or "weight"; other keyword arguments as for :func:`merge`. The result's
+    ``merge_report`` holds the matching report (groups, correlations, timings).
+    """
+    if method not in ("activation", "weight"):
+        raise ConfigError(f"align needs a matching method; valid: activation, weight (got {method!r})")
+    # merge at alpha=1 without correction is B permuted, bit for bit: 0*a + 1*b is exact in float64
+    return merge(model_a, model_b, calib_loader, alpha=1.0, method=method, repair=False, **kwargs)
 
 
 def _chain(first, second):
