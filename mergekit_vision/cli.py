@@ -1,14 +1,162 @@
-"""The ``mergekit-vision`` command line: inspect, merge, curve, demo."""
+"""The ``mergekit-vision`` command line: merge, inspect, curve, demo."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import List, Optional
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .errors import MergeVisionError
+from .errors import ConfigError, MergeVisionError
+
+logger = logging.getLogger("mergekit_vision.cli")
+
+DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_MODES = ("naive", "aligned", "reset", "repair")
 
 
+# ---- shared steps ------------------------------------------------------------------------------------
+@contextmanager
+def _stage(timings: Dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t0
+    logger.info("%s: %.2fs", name.replace("_", " "), timings[name])
+
+
+def _load_config(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.config, overrides={"device": args.device, "dtype": args.dtype})
+
+
+def _check_device(config) -> None:
+    import torch
+
+    dev = torch.device(config.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {config.device!r} is not available on this machine "
+                          "(torch.cuda.is_available() is False); use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {config.device!r} is not available on this machine; use --device cpu")
+
+
+def _load_inputs(config, timings: Dict[str, float]) -> Tuple[Any, Any, Any, Any, list]:
+    """(model_a, model_b, calibration loader, evaluation loader or None, source records)."""
+    from .config import load_data, load_model
+
+    _check_device(config)
+    with _stage(timings, "load_models"):
+        a, src_a = load_model(config.models[0], where="models[0]", dtype=config.torch_dtype)
+        b, src_b = load_model(config.models[1], where="models[1]", dtype=config.torch_dtype)
+    if src_a["sha256"] is not None and src_a["sha256"] == src_b["sha256"]:
+        logger.warning("models[0] and models[1] load the same checkpoint (sha256 %s...): the merge is that model",
+                       src_a["sha256"][:12])
+    with _stage(timings, "load_data"):
+        calib = load_data(config.calibration, where="calibration", seed=config.seed, model=a)
+        evaluation = None
+        if config.evaluation is not None:
+            evaluation = load_data(config.evaluation, where="evaluation", seed=config.seed, model=a, labels=True)
+    return a, b, calib, evaluation, [src_a, src_b]
+
+
+class _Cast:
+    """A re-iterable view of labelled batches with the inputs cast to the models' dtype."""
+
+    def __init__(self, loader, dtype):
+        self.loader, self.dtype = loader, dtype
+
+    def __iter__(self):
+        for x, y, *_ in self.loader:
+            yield x.to(self.dtype), y
+
+
+def _accuracy(model, loader, config) -> float:
+    from .training import evaluate
+
+    device = config.device
+    model.to(device)
+    try:
+        return evaluate(model, _Cast(loader, config.torch_dtype), device=device)["acc"]
+    finally:
+        model.to("cpu")
+
+
+# ---- merge -------------------------------------------------------------------------------------------
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from .merge import merge
+    from .output import write_output_folder
+
+    t0 = time.perf_counter()
+    config = _load_config(args)
+    timings: Dict[str, float] = {}
+    a, b, calib, evaluation, sources = _load_inputs(config, timings)
+
+    torch.manual_seed(config.seed)
+    with _stage(timings, "merge"):
+        merged, report = merge(a, b, calib, alpha=config.alpha, method=config.method, repair=config.repair,
+                               device=config.device, progress=not args.quiet, return_report=True, seed=config.seed)
+    metrics = None
+    if evaluation is not None:
+        with _stage(timings, "evaluate"):
+            metrics = {"model_a": _accuracy(a, evaluation, config), "model_b": _accuracy(b, evaluation, config),
+                       "merged": _accuracy(merged, evaluation, config), "samples": len(evaluation.dataset)}
+        logger.info("accuracy: A %.2f%%, B %.2f%%, merged %.2f%% (%d samples)", 100 * metrics["model_a"],
+                    100 * metrics["model_b"], 100 * metrics["merged"], metrics["samples"])
+    report.sources = sources
+    # the merge's own stages (trace, pass_ab, match, ...) sit inside "merge"
+    report.timings = {"load_models": timings["load_models"], "load_data": timings["load_data"],
+                      **report.timings, **{k: v for k, v in timings.items() if k not in ("load_models", "load_data")}}
+    with _stage(timings, "write_output"):
+        write_output_folder(args.out_dir, merged, config, report, model_name=config.models[0].arch,
+                            library=config.models[0].library, metrics=metrics)
+    logger.info("done: %s in %.1fs", args.out_dir, time.perf_counter() - t0)
+    return 0
+
+
+# ---- curve -------------------------------------------------------------------------------------------
+def _cmd_curve(args: argparse.Namespace) -> int:
+    from .export import write_json_atomic
+
+    try:
+        from .evaluate import interpolation_curve, plot_curve
+    except ModuleNotFoundError as exc:
+        if exc.name != "mergekit_vision.evaluate":
+            raise
+        raise MergeVisionError("curve needs mergekit_vision.evaluate, which this installation lacks; "
+                               "update mergekit-vision") from None
+    config = _load_config(args)
+    if config.evaluation is None:
+        raise ConfigError(f"{args.config}: evaluation: missing — curve measures accuracy along the path: give "
+                          "evaluation: {path: DATA, split: test} (the same keys as calibration)")
+    timings: Dict[str, float] = {}
+    a, b, calib, evaluation, _ = _load_inputs(config, timings)
+    a.to(config.device)
+    b.to(config.device)
+    with _stage(timings, "curve"):
+        curve = interpolation_curve(a, b, evaluation, calib_loader=calib, alphas=tuple(args.alphas),
+                                    modes=tuple(args.modes), method=config.method, progress=not args.quiet)
+    print(curve.table())
+    for mode in args.modes:
+        barrier = curve.barrier(mode)
+        print(f"barrier[{mode}]: {barrier:.4f}" if isinstance(barrier, (int, float)) else f"barrier[{mode}]: {barrier}")
+    out = Path(args.out)
+    write_json_atomic(out.with_suffix(".json"), curve.to_dict())
+    try:
+        plot_curve(curve, out)
+    except ImportError as exc:  # matplotlib is an optional extra
+        logger.warning("no plot written (%s); pip install 'mergekit-vision[plot]'. The numbers are in %s",
+                       exc, out.with_suffix(".json"))
+    else:
+        logger.info("wrote %s and %s", out, out.with_suffix(".json"))
+    return 0
+
+
+# ---- inspect, demo -----------------------------------------------------------------------------------
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import torch
 
@@ -28,10 +176,55 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name != "mergekit_vision.demo":
+            raise
+        raise MergeVisionError("demo needs mergekit_vision.demo, which this installation lacks; "
+                               "update mergekit-vision") from None
+    run_demo(Path(args.out), quiet=args.quiet)
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------------
+def _floats(text: str) -> List[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.5,1, got {text!r}") from None
+
+
+def _names(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_global_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
+    # The same flags on the main parser and on each subcommand, so they work before or after it;
+    # SUPPRESS on the subcommand keeps a value given before it.
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    p.add_argument("-q", "--quiet", action="store_true", default=d(False),
+                   help="no progress bars; log warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", default=d(False), help="debug logging")
+    p.add_argument("--device", default=d(None), help="override the config's device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--dtype", default=d(None), help="override the config's dtype (float32, float16, bfloat16, float64)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mergekit-vision", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="mergekit-vision", description=__doc__,
+                                epilog="Config reference: docs/config.md. Errors exit with code 2.")
+    _add_global_flags(p, suppress=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pm = sub.add_parser("merge", help="merge the two models of a YAML config into an output folder",
+                        description="Merge the two models of CONFIG and write OUT_DIR: model.safetensors, "
+                                    "config.json, mergekit_vision_config.yml, merge_report.json, README.md.")
+    pm.add_argument("config", help="YAML merge config (docs/config.md)")
+    pm.add_argument("out_dir", help="output folder (created; files of an earlier run are replaced)")
+    _add_global_flags(pm, suppress=True)
+    pm.set_defaults(func=_cmd_merge)
+
     pi = sub.add_parser("inspect", help="print a model's permutation groups")
     pi.add_argument("model", help="timm:NAME, torchvision:NAME, mkv:NAME (this package's small models)")
     pi.add_argument("--size", type=int, default=64, help="example input size (pixels)")
@@ -39,19 +232,67 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--num-classes", type=int, default=None)
     pi.add_argument("--free-only", action="store_true", help="hide frozen groups")
     pi.add_argument("--members", action="store_true", help="list every member of every group")
+    _add_global_flags(pi, suppress=True)
     pi.set_defaults(func=_cmd_inspect)
+
+    pc = sub.add_parser("curve", help="accuracy along the interpolation path, and the barrier",
+                        description="Evaluate (1 - alpha)·A + alpha·B on the config's evaluation set for each "
+                                    "mode; print the table and the barriers, save a PNG and a JSON.")
+    pc.add_argument("config", help="YAML merge config with an evaluation: section")
+    pc.add_argument("--out", default="curve.png", help="PNG path (the numbers go to the same name with .json)")
+    pc.add_argument("--alphas", type=_floats, default=list(DEFAULT_ALPHAS), help="e.g. 0,0.25,0.5,0.75,1")
+    pc.add_argument("--modes", type=_names, default=list(DEFAULT_MODES), help="e.g. naive,aligned,reset,repair")
+    _add_global_flags(pc, suppress=True)
+    pc.set_defaults(func=_cmd_curve)
+
+    pd = sub.add_parser("demo", help="train two small models, merge them, show the result")
+    pd.add_argument("--out", default="mergekit_vision_demo", help="output folder")
+    _add_global_flags(pd, suppress=True)
+    pd.set_defaults(func=_cmd_demo)
     return p
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = super().format(record)
+        return msg if record.levelno == logging.INFO else f"{record.levelname.lower()}: {msg}"
+
+
+@contextmanager
+def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
+    """The package's log records go to stderr (other libraries keep Python's default: warnings and up);
+    the logger is restored afterwards, so ``main()`` can be called in-process."""
+    log = logging.getLogger("mergekit_vision")
+    saved = log.handlers[:], log.level, log.propagate
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO))
+    try:
+        yield
+    finally:
+        log.handlers[:], log.level, log.propagate = saved
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    with _logging_to_stderr(args):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except MergeVisionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        logger.debug("traceback", exc_info=True)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted" + (f"; {args.out_dir} is incomplete (no README.md)"
+                                      if getattr(args, "out_dir", None) else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

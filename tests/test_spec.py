@@ -34,12 +34,12 @@ class CatNet(nn.Module):
 
 def test_cat_composes_groups():
     spec = _spec_ok(CatNet(), torch.randn(2, 3, 8, 8))
-    free = spec.free_groups
-    # a (8) and b (6) are one group of 14 (the BN over the concat ties them into one axis) with
-    # cuts at 8: the equal-block refinement is gcd(8, 14) = 2
-    assert [(g.size, g.blocks) for g in free] == [(14, 7)]
-    members = {(m.key, m.axis, m.offset) for m in free[0].members}
-    assert ("a.weight", 0, 0) in members and ("b.weight", 0, 8) in members and ("c.weight", 1, 0) in members
+    # the BN over the concat and c's in-axis hold both groups side by side, each permuted on its own
+    assert _free(spec) == {"a": (8, 1), "b": (6, 1)}
+    a_members = {(m.key, m.axis, m.start, m.length) for m in spec["a"].members}
+    b_members = {(m.key, m.axis, m.start, m.length) for m in spec["b"].members}
+    assert {("a.weight", 0, 0, 8), ("bn.weight", 0, 0, 8), ("c.weight", 1, 0, 8)} <= a_members
+    assert {("b.weight", 0, 0, 6), ("bn.running_var", 0, 8, 6), ("c.weight", 1, 8, 6)} <= b_members
 
 
 class SplitNet(nn.Module):
@@ -57,8 +57,8 @@ class SplitNet(nn.Module):
 
 def test_chunk_splits_group_into_blocks():
     spec = _spec_ok(SplitNet(), torch.randn(2, 3, 8, 8))
-    assert spec["stem"].blocks == 2 and not spec["stem"].frozen
-    assert _free(spec) == {"stem": (16, 2), "l": (16, 2)}
+    # the two halves are used apart: stem permutes within halves; the branches' outputs are their own
+    assert _free(spec) == {"stem": (16, 2), "l": (8, 1), "r": (8, 1)}
 
 
 class GLUNet(nn.Module):
@@ -72,9 +72,12 @@ class GLUNet(nn.Module):
         return self.out(a * torch.sigmoid(b))
 
 
-def test_gating_between_halves_freezes():
+def test_gating_between_halves_ties_them():
+    # a * b ties channel i of the first half to channel i of the second: one group of 8, two placements
     spec = _spec_ok(GLUNet(), torch.randn(2, 3, 8, 8))
-    assert spec["stem"].frozen and "shifted" in spec["stem"].reason
+    assert _free(spec) == {"stem": (8, 1)}
+    starts = sorted(m.start for m in spec["stem"].members if m.key == "stem.weight")
+    assert starts == [0, 8]
 
 
 class SEBlock(nn.Module):
@@ -144,8 +147,11 @@ class GroupedNet(nn.Module):
 
 def test_grouped_depthwise_groupnorm():
     spec = _spec_ok(GroupedNet(), torch.randn(2, 3, 8, 8))
-    # grouped conv: 4 blocks on both sides; depthwise passes through; GroupNorm(3) cuts into 3 -> lcm 12
-    assert _free(spec) == {"a": (16, 4), "g": (24, 12)}
+    # grouped conv: 4 blocks on its input side; on its output side its 4 blocks of 6 and GroupNorm(3)'s
+    # 3 groups of 8 cut the channels into independent runs 6|2|4|4|2|6 (depthwise passes through)
+    assert spec["a"].size == 16 and spec["a"].blocks == 4 and not spec["a"].frozen
+    g = [spec[n] for n in ("g", "g#2", "g#3", "g#4", "g#5", "g#6")]
+    assert [x.size for x in g] == [6, 2, 4, 4, 2, 6] and len(spec.free_groups) == 7
     (m,) = [m for m in spec["a"].members if m.key == "g.weight"]
     assert m.groups == 4
 

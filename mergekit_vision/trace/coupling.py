@@ -153,86 +153,139 @@ def _group_name(members: Sequence[Member], order: Dict[Tuple[str, int], int], nd
     return name
 
 
-def _blocks(size: int, cuts: Iterable[int]) -> int:
-    g = size
-    for c in cuts:
-        g = math.gcd(g, c)
-    return size // g if g else size
-
-
-def _positions(m: Member) -> Tuple[int, int]:
-    return m.start, m.start + m.length * m.inner
-
-
 def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationSpec:
+    """Atoms -> components -> display groups (components from one element's equal blocks are shown
+    as one group with ``blocks``) -> members and taps in group coordinates."""
     E = p.E
-    roots: Dict[int, dict] = {}
+    for xm in E.extra_members:  # member ranges must fall on atom boundaries
+        E.cut(xm.elem, xm.off)
+        E.cut(xm.elem, xm.off + xm.length)
+    A = E.resolve()
+    n_atoms = len(A.atom_elem)
+    comp_atoms: Dict[int, List[int]] = defaultdict(list)
+    for i in range(n_atoms):
+        comp_atoms[A.find(i)].append(i)
+    anchor = {c: min(A.atom_elem[i] for i in atoms) for c, atoms in comp_atoms.items()}
 
-    def root_of(e: int):
-        r, o = E.find(e)
-        if r not in roots:
-            roots[r] = {"members": [], "taps": [], "first": r}
-        return r, o
+    # display groups: an element whose atoms are equal blocks, each its own component anchored here
+    display: List[Tuple[int, List[int]]] = []  # (anchor element, components in block order)
+    placed: set = set()
+    for e in range(len(E.size)):
+        atoms = list(range(A.first[e], A.first[e] + len(A.bounds[e]) - 1))
+        comps = [A.find(i) for i in atoms]
+        mine = [c for c in comps if anchor[c] == e and c not in placed]
+        if not mine:
+            continue
+        if (len(atoms) > 1 and len(set(comps)) == len(comps) and all(anchor[c] == e for c in comps)
+                and len({A.atom_len[i] for i in atoms}) == 1
+                and len({bool(A.reasons.get(c)) for c in comps}) == 1):
+            display.append((e, comps))
+            placed.update(comps)
+        else:
+            for c in dict.fromkeys(mine):
+                display.append((e, [c]))
+                placed.add(c)
+
+    # where each component sits in its display group
+    where: Dict[int, Tuple[int, int]] = {}
+    for gi, (_, comps) in enumerate(display):
+        size = A.atom_len[comps[0]]
+        for k, c in enumerate(comps):
+            where[c] = (gi, k * size)
+    members: Dict[int, List[Member]] = defaultdict(list)
+    taps: Dict[int, List[Tap]] = defaultdict(list)
+
+    def place(e, off, length):
+        for ia, inside, n in A.pieces(e, off, length):
+            gi, base = where[A.find(ia)]
+            yield gi, base + inside, n, inside == 0 and n == A.atom_len[ia]
 
     for (key, axis), e in E.param_of.items():
-        r, o = root_of(e)
-        roots[r]["members"].append(Member(key, axis, 0, o, E.size[e]))
+        pos = 0
+        for gi, goff, n, _ in place(e, 0, E.size[e]):
+            members[gi].append(Member(key, axis, pos, goff, n))
+            pos += n
     for xm in E.extra_members:
-        r, o = root_of(xm.elem)
-        roots[r]["members"].append(Member(xm.key, xm.axis, xm.start, o + xm.off, xm.length, xm.inner, xm.groups))
-    for node, dim, op, pos, s in p.taps:
-        r, o = root_of(s.elem)
-        roots[r]["taps"].append(Tap(node, dim, op, pos, o + s.off, s.length))
+        pos = xm.start
+        for gi, goff, n, _ in place(xm.elem, xm.off, xm.length):
+            members[gi].append(Member(xm.key, xm.axis, pos, goff, n, xm.inner, xm.groups))
+            pos += n * xm.inner
+    for node, dim, op, pos, seg in p.taps:
+        for gi, goff, n, whole in place(seg.elem, seg.off, seg.length):
+            if whole:
+                taps[gi].append(Tap(node, dim, op, pos, goff, n))
+            pos += n
 
-    # A (key, axis) position may belong to one group only; a clash freezes every group involved.
-    by_axis: Dict[Tuple[str, int], List[Tuple[int, Member]]] = defaultdict(list)
-    for r, info in roots.items():
-        uniq = list(dict.fromkeys(info["members"]))
-        info["members"] = uniq
-        for m in uniq:
-            by_axis[(m.key, m.axis)].append((r, m))
-    for (key, axis), lst in by_axis.items():
-        spans = sorted((*_positions(m), r, m) for r, m in lst)
-        for (a0, a1, ra, ma), (b0, b1, rb, mb) in zip(spans, spans[1:]):
+    def member_key(m):
+        return (m.key, m.axis, m.inner, m.groups)
+
+    for gi in members:
+        ms = sorted(set(members[gi]), key=lambda m: (m.key, m.axis, m.start))
+        merged: List[Member] = []
+        for m in ms:
+            if merged:
+                q = merged[-1]
+                if member_key(q) == member_key(m) and q.start + q.length * q.inner == m.start \
+                        and q.offset + q.length == m.offset:
+                    merged[-1] = Member(q.key, q.axis, q.start, q.offset, q.length + m.length, q.inner, q.groups)
+                    continue
+            merged.append(m)
+        members[gi] = merged
+    for gi in taps:
+        ts = sorted(set(taps[gi]), key=lambda t: (t.node, t.dim, t.start))
+        merged_t: List[Tap] = []
+        for t in ts:
+            if merged_t:
+                q = merged_t[-1]
+                if (q.node, q.dim) == (t.node, t.dim) and q.start + q.length == t.start and q.offset + q.length == t.offset:
+                    merged_t[-1] = Tap(q.node, q.dim, q.op, q.start, q.offset, q.length + t.length)
+                    continue
+            merged_t.append(t)
+        taps[gi] = merged_t
+
+    # frozen reasons, and a (key, axis) position claimed by two groups freezes both
+    reasons: Dict[int, List[str]] = {gi: [r for c in comps for r in A.reasons.get(c, [])]
+                                     for gi, (_, comps) in enumerate(display)}
+    by_axis: Dict[Tuple[str, int], List[Tuple[int, int, int, int]]] = defaultdict(list)
+    for gi, ms in members.items():
+        for m in ms:
+            by_axis[(m.key, m.axis)].append((m.start, m.start + m.length * m.inner, gi, m.offset))
+    for (key, axis), spans in by_axis.items():
+        spans.sort()
+        for (a0, a1, ga, _), (b0, b1, gb, _) in zip(spans, spans[1:]):
             if b0 < a1:
-                reason = f"'{key}' axis {axis} is claimed by two channel groups"
-                E.freeze(ra, reason)
-                E.freeze(rb, reason)
+                for g in (ga, gb):
+                    msg = f"'{key}' axis {axis} is claimed twice"
+                    if msg not in reasons[g]:
+                        reasons[g].append(msg)
 
     spec = PermutationSpec(input_shape=tuple(input_shape), model_name=type(model).__name__)
     used_names: set = set()
     sd = model.state_dict()
     ndim = {k: v.dim() for k, v in sd.items()}
-    for r in sorted(roots, key=lambda r: roots[r]["first"]):
-        info = roots[r]
-        members = sorted(info["members"], key=lambda m: (m.offset, m.key, m.axis))
-        size = E.size[r]
-        reasons = list(E.reasons[r])
-        if not info["taps"]:
+    for gi, (e, comps) in enumerate(display):
+        block = A.atom_len[comps[0]]
+        size = block * len(comps)
+        rs = list(dict.fromkeys(reasons[gi]))[:6]
+        ms = sorted(members.get(gi, []), key=lambda m: (m.offset, m.key, m.axis))
+        if not taps.get(gi):
             # never an activation channel: parameter axes that no permutation may touch
-            for m in members:
-                why = reasons[0] if reasons else "parameter axis that never meets an activation channel"
-                if reasons or size > 1:
-                    spec.channel_free.append((m.key, m.axis, why))
+            for m in ms:
+                if rs or size > 1:
+                    spec.channel_free.append((m.key, m.axis, rs[0] if rs else "never meets an activation channel"))
             continue
-        blocks = _blocks(size, E.cuts[r])
-        if not reasons and size > 1 and blocks == size:
-            reasons.append("block constraints leave every channel fixed")
-        if size <= 1 and not reasons:
-            reasons.append("a single channel")
-        frozen = bool(reasons)
-        name = "input" if E.label[r] == "input" else _group_name(members, E.param_of, ndim, used_names, E.label[r])
-        if name == "input":
-            used_names.add(name)
+        if not rs and block <= 1:
+            rs.append("a single channel" if size == 1 else "block constraints leave every channel fixed")
+        frozen = bool(rs)
+        name = "input" if E.label[e] == "input" else _group_name(ms, E.param_of, ndim, used_names, E.label[e])
         spec.groups.append(PermutationGroup(
-            name=name, size=size, members=members, blocks=blocks, frozen=frozen,
-            reason="; ".join(reasons) if frozen else None, taps=info["taps"],
+            name=name, size=size, members=ms, blocks=len(comps), frozen=frozen,
+            reason="; ".join(rs) if frozen else None, taps=taps[gi],
         ))
     for (key, axis), why in E.channel_free.items():
         spec.channel_free.append((key, axis, why))
-    sd_keys = list(sd.keys())
     touched = {m.key for g in spec.groups for m in g.members} | {c[0] for c in spec.channel_free} | p.used_keys
-    spec.unused = [k for k in sd_keys if k not in touched]
+    spec.unused = [k for k in sd if k not in touched]
     return spec
 
 

@@ -2,12 +2,12 @@
 
 An *element* is a run of channels with one identity: a conv's output channels, a parameter axis,
 the model input. A tensor dim that carries channels is laid out as a tuple of ``Seg``s, each a range
-of one element; a dim that carries no channels (batch, spatial, tokens) is ``None``. Rules link
-ranges of elements; ``Elements`` resolves links into groups, with offsets (an element may sit inside
-a larger one after ``cat``), cut points (ranges that must stay invariant) and frozen reasons.
+of one element; a dim that carries no channels (batch, spatial, tokens) is ``None``. Rules record
+links between ranges of elements; ``Elements.resolve`` turns them into atoms and components.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -46,29 +46,27 @@ class ExtraMember:
 
 @dataclass
 class Elements:
-    """Union-find over channel ranges with offsets: ``parent[e]`` holds ``e`` at ``offset[e]``."""
+    """Records what the rules say about elements: ``join`` (two ranges are the same channels, one to
+    one), ``cut`` (a range is used on its own), ``freeze`` (never permute). Nothing is resolved while
+    tracing; ``resolve()`` then splits every element into *atoms* at all cut points (propagated across
+    joins until nothing changes) and unions atoms, so a join ties exactly the channels it names."""
 
     size: List[int] = field(default_factory=list)
     label: List[str] = field(default_factory=list)
-    parent: List[int] = field(default_factory=list)
-    offset: List[int] = field(default_factory=list)
-    cuts: List[set] = field(default_factory=list)
     reasons: List[List[str]] = field(default_factory=list)
+    cuts: List[set] = field(default_factory=list)
+    joins: List[Tuple[int, int, int, int, int]] = field(default_factory=list)
     param_of: Dict[Tuple[str, int], int] = field(default_factory=dict)
     extra_members: List[ExtraMember] = field(default_factory=list)
     channel_free: Dict[Tuple[str, int], str] = field(default_factory=dict)
 
-    # ---- elements ------------------------------------------------------------------------
+    # ---- recording -----------------------------------------------------------------------
     def new(self, size: int, label: str, frozen: Optional[str] = None) -> int:
         e = len(self.size)
         self.size.append(int(size))
         self.label.append(label)
-        self.parent.append(e)
-        self.offset.append(0)
+        self.reasons.append([frozen] if frozen else [])
         self.cuts.append(set())
-        self.reasons.append([])
-        if frozen:
-            self.reasons[e].append(frozen)
         return e
 
     def param(self, key: str, axis: int, size: int) -> int:
@@ -78,81 +76,20 @@ class Elements:
             self.param_of[k] = self.new(size, f"{key}:{axis}")
         return self.param_of[k]
 
-    def find(self, e: int) -> Tuple[int, int]:
-        off = 0
-        path = []
-        while self.parent[e] != e:
-            path.append(e)
-            off += self.offset[e]
-            e = self.parent[e]
-        # path compression, keeping offsets relative to the root
-        acc = off
-        for p in path:
-            o = self.offset[p]
-            self.parent[p] = e
-            self.offset[p] = acc
-            acc -= o
-        return e, off
-
-    def root_size(self, e: int) -> int:
-        return self.size[self.find(e)[0]]
-
-    def frozen(self, e: int) -> bool:
-        return bool(self.reasons[self.find(e)[0]])
-
     def freeze(self, e: int, reason: str) -> None:
-        r, _ = self.find(e)
-        if reason not in self.reasons[r] and len(self.reasons[r]) < 8:
-            self.reasons[r].append(reason)
-        elif not self.reasons[r]:
-            self.reasons[r].append(reason)
+        if reason not in self.reasons[e] and len(self.reasons[e]) < 6:
+            self.reasons[e].append(reason)
 
     def cut(self, e: int, pos: int) -> None:
-        r, o = self.find(e)
-        p = o + pos
-        if 0 < p < self.size[r]:
-            self.cuts[r].add(p)
+        if 0 < pos < self.size[e]:
+            self.cuts[e].add(pos)
 
-    def _attach(self, child: int, parent: int, at: int) -> None:
-        self.parent[child] = parent
-        self.offset[child] = at
-        for c in self.cuts[child]:
-            self.cut(parent, at + c)
-        self.cut(parent, at)
-        self.cut(parent, at + self.size[child])
-        for reason in self.reasons[child]:
-            self.freeze(parent, reason)
-
-    def join(self, a: int, aoff: int, b: int, boff: int, length: int, why: str) -> None:
+    def join(self, a: int, aoff: int, b: int, boff: int, length: int, why: str = "") -> None:
         """Tie channels ``a[aoff:aoff+length]`` to ``b[boff:boff+length]`` one to one."""
-        ra, oa = self.find(a)
-        rb, ob = self.find(b)
-        pa, pb = oa + aoff, ob + boff
-        if ra == rb:
-            if pa != pb:
-                self.freeze(ra, f"{why}: ties channels {pa}.. to {pb}.. of the same group (shifted coupling)")
+        if length <= 0 or (a == b and aoff == boff):
             return
-        full_a = pa == 0 and length == self.size[ra]
-        full_b = pb == 0 and length == self.size[rb]
-        if full_a and full_b:
-            lo, hi = min(ra, rb), max(ra, rb)
-            self._attach(hi, lo, 0)
-        elif full_b:
-            self._attach(rb, ra, pa)
-        elif full_a:
-            self._attach(ra, rb, pb)
-        elif 0 <= pb - pa and pb - pa + self.size[ra] <= self.size[rb]:
-            # ra fits inside rb: tie all of it. Tying more channels than the op asks is safe, since the
-            # cut points keep each range invariant; the rest of ra is usually tied by the next piece.
-            self._attach(ra, rb, pb - pa)
-        elif 0 <= pa - pb and pa - pb + self.size[rb] <= self.size[ra]:
-            self._attach(rb, ra, pa - pb)
-        else:
-            reason = f"{why}: partially overlapping channel ranges"
-            self.freeze(ra, reason)
-            self.freeze(rb, reason)
+        self.joins.append((a, aoff, b, boff, length))
 
-    # ---- segments ------------------------------------------------------------------------
     def full(self, e: int) -> Tuple[Seg, ...]:
         return (Seg(e, 0, self.size[e]),)
 
@@ -163,6 +100,74 @@ class Elements:
 
     def fresh_dim(self, size: int, label: str, reason: str) -> DimLayout:
         return (Seg(self.new(size, label, frozen=reason), 0, size),)
+
+    # ---- resolution ----------------------------------------------------------------------
+    def resolve(self) -> "Atoms":
+        bounds = [{0, n} | c for n, c in zip(self.size, self.cuts)]
+        for a, ao, b, bo, n in self.joins:
+            bounds[a] |= {ao, ao + n}
+            bounds[b] |= {bo, bo + n}
+        changed = True
+        while changed:  # a cut inside one side of a join is a cut on the other side
+            changed = False
+            for a, ao, b, bo, n in self.joins:
+                for (x, xo, y, yo) in ((a, ao, b, bo), (b, bo, a, ao)):
+                    new = {yo + q - xo for q in bounds[x] if xo < q < xo + n} - bounds[y]
+                    if new:
+                        bounds[y] |= new
+                        changed = True
+        return Atoms(self, [sorted(bd) for bd in bounds])
+
+
+class Atoms:
+    """Elements split at their final boundaries; atoms tied by joins are unioned into components."""
+
+    def __init__(self, E: Elements, bounds: List[List[int]]):
+        self.E = E
+        self.bounds = bounds
+        self.first: List[int] = []  # global id of each element's first atom
+        self.atom_elem: List[int] = []
+        self.atom_start: List[int] = []
+        self.atom_len: List[int] = []
+        for e, bd in enumerate(bounds):
+            self.first.append(len(self.atom_elem))
+            for s, t in zip(bd, bd[1:]):
+                self.atom_elem.append(e)
+                self.atom_start.append(s)
+                self.atom_len.append(t - s)
+        self.parent = list(range(len(self.atom_elem)))
+        for a, ao, b, bo, n in E.joins:
+            for (ia, _, _), (ib, _, _) in zip(self.pieces(a, ao, n), self.pieces(b, bo, n)):
+                self._union(ia, ib)
+        self.reasons: Dict[int, List[str]] = {}
+        for e, rs in enumerate(E.reasons):
+            if rs:
+                for ia, _, _ in self.pieces(e, 0, E.size[e]):
+                    lst = self.reasons.setdefault(self.find(ia), [])
+                    lst.extend(r for r in rs if r not in lst and len(lst) < 6)
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def _union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+    def pieces(self, e: int, off: int, length: int):
+        """(atom id, start inside the atom, length) covering ``e[off:off+length]`` in order."""
+        bd = self.bounds[e]
+        k = bisect.bisect_right(bd, off) - 1
+        pos, end = off, off + length
+        while pos < end:
+            a_start, a_end = bd[k], bd[k + 1]
+            n = min(a_end, end) - pos
+            yield self.first[e] + k, pos - a_start, n
+            pos += n
+            k += 1
 
 
 # ---- pure helpers on dim layouts ---------------------------------------------------------

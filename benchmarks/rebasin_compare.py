@@ -1,0 +1,158 @@
+"""Weight matching: mergekit_vision against the PyPI package `rebasin` (0.0.47) on timm models.
+
+RESULT: see docs/results.md ("Against rebasin"), produced by the command below on a 2-core x86_64 CPU
+(shared, 1 thread, no GPU).
+
+    pip install rebasin && python benchmarks/rebasin_compare.py --models resnet18 resnet50
+
+For each model, three pairs of randomly initialized timm models in eval mode:
+  * "independent": A and B from different seeds, random BatchNorm statistics (as trained nets have);
+  * "permuted copy": B is A with every permutable group shuffled (the same function), random BN statistics;
+  * "permuted copy, default BN": the same with BatchNorm statistics at their defaults (0 mean, 1 var).
+Each library aligns B to A by weight matching (Git Re-Basin's coordinate descent, <= 100 sweeps). Reported:
+wall time (tracing + matching + applying the permutation, and the matching alone), whether B still
+computes the same function afterwards (relative output change on random inputs), and, for permuted
+copies, whether B's weights came back to A's (the right answer is known).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import os
+import sys
+import time
+
+import torch
+
+
+def _rel(y, ref) -> float:
+    return float((y - ref).norm() / ref.norm())
+
+
+def _pair(name: str, kind: str, pixels: int):
+    import timm
+
+    from mergekit_vision import permute, random_perms, trace_permutation_spec
+    from mergekit_vision.testing import randomize_model
+
+    a = timm.create_model(name, pretrained=False).eval()
+    if kind != "permuted copy, default BN":
+        randomize_model(a, seed=0)
+    else:
+        # random weights and affines, BN running statistics left at 0 / 1
+        stats = {k: v.clone() for k, v in a.state_dict().items() if "running" in k}
+        randomize_model(a, seed=0)
+        a.load_state_dict({**a.state_dict(), **stats})
+    if kind == "independent":
+        b = randomize_model(timm.create_model(name, pretrained=False), seed=1).eval()
+    else:
+        spec = trace_permutation_spec(a, torch.randn(1, 3, pixels, pixels))
+        b = permute(a, spec, random_perms(spec, torch.Generator().manual_seed(7))).eval()
+    return a, b
+
+
+def _weights_equal(m1, m2) -> bool:
+    s2 = m2.state_dict()
+    return all(torch.allclose(v.float(), s2[k].float(), atol=1e-6) for k, v in m1.state_dict().items()
+               if v.is_floating_point())
+
+
+def run_ours(a, b, x):
+    from mergekit_vision.merge import align
+
+    t0 = time.perf_counter()
+    aligned = align(a, b, [x], method="weight", progress=False)
+    total = time.perf_counter() - t0
+    t = aligned.merge_report.timings
+    return aligned, dict(total_s=total, match_s=t["match"], trace_s=t["trace"])
+
+
+def run_rebasin(a, b, x):
+    from rebasin import PermutationCoordinateDescent
+
+    b = copy.deepcopy(b)
+    t0 = time.perf_counter()
+    pcd = PermutationCoordinateDescent(a, b, x)
+    t1 = time.perf_counter()
+    pcd.calculate_permutations(max_iterations=100)
+    t2 = time.perf_counter()
+    pcd.apply_permutations()
+    t3 = time.perf_counter()
+    return b, dict(total_s=t3 - t0, match_s=t2 - t1, trace_s=t1 - t0)
+
+
+def compare(name: str, kind: str, pixels: int) -> dict:
+    a, b = _pair(name, kind, pixels)
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(8, 3, pixels, pixels, generator=g)
+    probe = torch.randn(16, 3, pixels, pixels, generator=g)
+    with torch.no_grad():
+        ya, yb = a(probe), b(probe)
+    row = dict(model=name, pair=kind, pixels=pixels, b_vs_a_before=_rel(yb, ya))
+    for lib, fn in (("mergekit_vision", run_ours), ("rebasin", run_rebasin)):
+        torch.manual_seed(0)  # rebasin draws its sweep order from the global generator
+        try:
+            aligned, t = fn(a, b, x)
+        except Exception as exc:  # report, do not hide, a library failing on a model
+            row[lib] = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        with torch.no_grad():
+            ya2 = aligned(probe)
+        moved = sum(not torch.equal(v, aligned.state_dict()[k]) for k, v in b.state_dict().items())
+        row[lib] = dict(t, function_change=_rel(ya2, yb), tensors_moved=moved,
+                        recovered_a=_weights_equal(aligned, a) if kind != "independent" else None,
+                        output_vs_a=_rel(ya2, ya))
+    return row
+
+
+def table(rows) -> str:
+    lines = ["| model | pair | library | total s | matching s | B's output change after alignment | "
+             "weights back to A's | tensors moved |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for lib in ("mergekit_vision", "rebasin"):
+            d = r[lib]
+            if "error" in d:
+                lines.append(f"| {r['model']} | {r['pair']} | {lib} | error: {d['error']} | | | | |")
+                continue
+            rec = "-" if d["recovered_a"] is None else ("yes" if d["recovered_a"] else "no")
+            lines.append(f"| {r['model']} | {r['pair']} | {lib} | {d['total_s']:.2f} | {d['match_s']:.2f} | "
+                         f"{d['function_change']:.1e} | {rec} | {d['tensors_moved']} |")
+    speed = [r for r in rows if "error" not in r["rebasin"] and "error" not in r["mergekit_vision"]]
+    for r in speed:
+        lines.append("")
+        lines.append(f"{r['model']} / {r['pair']}: rebasin / mergekit_vision time = "
+                     f"{r['rebasin']['total_s'] / r['mergekit_vision']['total_s']:.1f}x total, "
+                     f"{r['rebasin']['match_s'] / r['mergekit_vision']['match_s']:.1f}x matching alone")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    p.add_argument("--pairs", nargs="+", default=["independent", "permuted copy", "permuted copy, default BN"])
+    p.add_argument("--pixels", type=int, default=64, help="input size for tracing and the output checks")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s); torch {torch.__version__}",
+          flush=True)
+    rows = []
+    for name in args.models:
+        for kind in args.pairs:
+            r = compare(name, kind, args.pixels)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Speed and memory of `merge` against its floor.
+
+RESULT: filled in from the run recorded in docs/results.md (see "Speed" there).
+
+The floor is what any activation-based merge must spend: one forward pass of A, of B and of the
+merged net over the same calibration batches (eval mode, no grad), timed in the same process right
+before the merge, so the ratio merge / floor is robust to the machine's load. Each configuration
+runs in its own subprocess: its peak resident memory (ru_maxrss) is its own.
+
+    python benchmarks/speed.py                              # the default sweep (long on 2 CPU cores)
+    python benchmarks/speed.py --only resnet18:32:5000      # one configuration: model:pixels:images
+    python benchmarks/speed.py --json speed.json            # also keep the raw numbers
+
+Inputs are random tensors (speed does not depend on the pixels); models are timm's, randomly
+initialized with random BatchNorm statistics. One thread unless --threads says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+# model:pixels:images. 224 px uses fewer images: on this 2-core CPU a wide_resnet50_2 forward at
+# 224 px is ~1 image/s per pass.
+DEFAULT = [
+    "resnet18:32:500", "resnet18:32:2000", "resnet18:32:5000", "resnet18:32:10000",
+    "resnet50:32:5000", "wide_resnet50_2:32:5000",
+    "resnet18:224:256", "resnet50:224:256", "wide_resnet50_2:224:128",
+]
+PARTS = ("trace", "pass_ab", "match", "interpolate", "pass_repair", "fuse", "diagnostics", "export")
+
+
+def _maxrss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20  # KiB on Linux, bytes on macOS
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int) -> dict:
+    import timm
+    import torch
+
+    from mergekit_vision import merge, save_safetensors
+    from mergekit_vision.testing import randomize_model
+
+    torch.set_num_threads(threads)
+    a = randomize_model(timm.create_model(model_name, pretrained=False), seed=0).eval()
+    b = randomize_model(timm.create_model(model_name, pretrained=False), seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(min(batch, n - i), 3, pixels, pixels, generator=g) for i in range(0, n, batch)]
+    rss_setup = _rss_mb()
+
+    def forward_all(m):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for x in batches:
+                m(x)
+        return time.perf_counter() - t0
+
+    forward_all(a)  # warm-up (allocator, oneDNN primitive caches)
+    floor = {"a": forward_all(a), "b": forward_all(b)}
+    peak_floor = _maxrss_mb()
+    t0 = time.perf_counter()
+    merged, report = merge(a, b, batches, method="activation", repair=True, progress=False, return_report=True)
+    t_merge = time.perf_counter() - t0
+    peak_merge = _maxrss_mb()
+    floor["merged"] = forward_all(merged)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        save_safetensors(merged, os.path.join(d, "merged.safetensors"))
+        t_export = time.perf_counter() - t0
+    parts = dict(report.timings)
+    parts["export"] = t_export
+    floor_total = sum(floor.values())
+    total = t_merge + t_export
+    return dict(model=model_name, pixels=pixels, images=n, batch=batch, threads=threads,
+                params_m=sum(p.numel() for p in a.parameters()) / 1e6,
+                floor=floor, floor_s=floor_total, merge_s=t_merge, total_s=total, ratio=total / floor_total,
+                parts=parts, unaccounted_s=t_merge - sum(report.timings.values()),
+                rss_setup_mb=rss_setup, peak_floor_mb=peak_floor, peak_merge_mb=peak_merge,
+                groups=len(report.groups), sites=len(report.sites))
+
+
+def table(rows) -> str:
+    head = ("| model | px | images | floor s (A+B+merged) | merge+export s | ratio | "
+            + " | ".join(PARTS) + " | RSS after setup / peak floor / peak merge (MB) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['pixels']} | {r['images']} | {r['floor_s']:.1f} | {r['total_s']:.1f} | "
+                     f"**{r['ratio']:.2f}** | " + " | ".join(f"{r['parts'].get(p, 0.0):.2f}" for p in PARTS)
+                     + f" | {r['rss_setup_mb']:.0f} / {r['peak_floor_mb']:.0f} / {r['peak_merge_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="*", default=None, help="configurations model:pixels:images (default: the sweep)")
+    p.add_argument("--batch32", type=int, default=256, help="calibration batch size at <= 64 px")
+    p.add_argument("--batch224", type=int, default=32, help="calibration batch size at larger sizes")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="append raw results (one JSON object per line)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:  # one configuration, in this process
+        m, px, n = args.child.split(":")
+        bs = args.batch32 if int(px) <= 64 else args.batch224
+        print("RESULT " + json.dumps(run_one(m, int(px), int(n), bs, args.threads)), flush=True)
+        return 0
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s); "
+          f"python {platform.python_version()}", flush=True)
+    rows = []
+    for cfg in args.only or DEFAULT:
+        cmd = [sys.executable, __file__, "--child", cfg, "--threads", str(args.threads),
+               "--batch32", str(args.batch32), "--batch224", str(args.batch224)]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if out.returncode != 0 or line is None:
+            print(f"{cfg}: failed ({out.returncode})\n{out.stderr[-2000:]}", flush=True)
+            continue
+        r = json.loads(line[len("RESULT "):])
+        rows.append(r)
+        print(f"{cfg}: ratio {r['ratio']:.2f} (merge+export {r['total_s']:.1f}s, floor {r['floor_s']:.1f}s; "
+              f"wall {time.perf_counter() - t0:.0f}s) parts " + json.dumps({k: round(v, 2) for k, v in r['parts'].items()}),
+              flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    print(table(rows), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Train endpoint pairs on CIFAR-10 from different seeds (different init AND data order) and cache them.
+
+RESULT: see docs/results.md ("Training cost" and "Barriers"): seconds per epoch on this machine and the
+test accuracy of every cached checkpoint. Machine: 2-core x86_64 CPU shared with 3 other jobs, no GPU,
+1 thread.
+
+    python benchmarks/train_pairs.py --data ../shared/data/cifar10 --config resnet20_bn_w1 --seeds 0 1 \
+        --epochs 30 --out checkpoints/
+    python benchmarks/train_pairs.py --data PATH --config resnet20_bn_w1 --seeds 0 --epochs 1 \
+        --max-train 2560 --out /tmp/ckpt      # a timing/smoke run on 2,560 images
+
+``--data`` is the folder given to ``torchvision.datasets.CIFAR10(root)`` or the offline .npz copy.
+Writes ``{out}/{config}_s{seed}.safetensors`` (metadata: the config, seed, epochs and accuracy) and
+``{out}/{config}_s{seed}.json``; an existing checkpoint with the same settings is kept (``--force``
+retrains). Training: ``mergekit_vision.training.train_classifier``, SGD + Nesterov, one-cycle linear
+schedule, random crop (pad 4) + horizontal flip.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("train_pairs")
+
+
+def _timm_resnet18_cifar() -> nn.Module:
+    """timm's resnet18 adapted to 32x32 inputs: a 3x3 stride-1 stem and no max pool (as in the
+    REPAIR paper's CIFAR ResNet-18)."""
+    import timm
+
+    m = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    m.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+def _mkv(name: str, **kw) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from mergekit_vision.models import create_model
+
+        return create_model(name, **kw)
+    return build
+
+
+# name -> (builder, training settings). lr is the peak of the one-cycle schedule at batch 128;
+# nets without BatchNorm get a lower one (no norm to absorb a large step).
+CONFIGS: Dict[str, dict] = {
+    "resnet20_bn_w1": dict(build=_mkv("resnet20", width=1, norm="bn"), lr=0.1),
+    "resnet20_bn_w2": dict(build=_mkv("resnet20", width=2, norm="bn"), lr=0.1),
+    "resnet20_bn_w4": dict(build=_mkv("resnet20", width=4, norm="bn"), lr=0.1),
+    "resnet20_ln_w1": dict(build=_mkv("resnet20", width=1, norm="ln"), lr=0.05),
+    "resnet20_ln_w4": dict(build=_mkv("resnet20", width=4, norm="ln"), lr=0.05),
+    "vgg11_none": dict(build=_mkv("vgg11", width=1, norm="none"), lr=0.02),
+    "timm_resnet18": dict(build=_timm_resnet18_cifar, lr=0.1),
+}
+
+
+def build(config: str) -> nn.Module:
+    if config not in CONFIGS:
+        raise SystemExit(f"unknown config {config!r}; valid: {', '.join(CONFIGS)}")
+    return CONFIGS[config]["build"]()
+
+
+def checkpoint_path(out: Path, config: str, seed: int) -> Path:
+    return out / f"{config}_s{seed}.safetensors"
+
+
+def train_one(config: str, seed: int, train, test, *, epochs: int, batch_size: int, lr: float, out: Path,
+              force: bool, max_train) -> dict:
+    from mergekit_vision.export import save_safetensors, write_json_atomic
+    from mergekit_vision.training import evaluate, train_classifier
+
+    path = checkpoint_path(out, config, seed)
+    meta_path = path.with_suffix(".json")
+    settings = dict(config=config, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                    train_samples=len(train), augment="crop_flip")
+    if path.exists() and meta_path.exists() and not force:
+        meta = json.loads(meta_path.read_text())
+        if all(meta.get(k) == v for k, v in settings.items()):
+            logger.info("%s: cached (test acc %.2f%%)", path.name, 100 * meta["test_acc"])
+            return meta
+        logger.info("%s: cached with other settings; retraining", path.name)
+    torch.manual_seed(seed)  # the initialization; train_classifier's seed fixes data order and augmentation
+    model = build(config)
+    t0 = time.perf_counter()
+    train_classifier(model, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment="crop_flip")
+    seconds = time.perf_counter() - t0
+    model.eval()
+    t0 = time.perf_counter()
+    r = evaluate(model, test)
+    eval_seconds = time.perf_counter() - t0
+    meta = dict(settings, test_acc=r["acc"], test_loss=r["loss"], train_seconds=seconds,
+                seconds_per_epoch=seconds / epochs, seconds_per_epoch_50k=seconds / epochs * 50000 / len(train),
+                eval_seconds=eval_seconds, threads=torch.get_num_threads(), max_train=max_train,
+                machine=f"{platform.machine()} {os.cpu_count()} CPUs", torch=torch.__version__)
+    save_safetensors(model, path, metadata=meta)
+    write_json_atomic(meta_path, meta)
+    logger.info("%s: test acc %.2f%% loss %.4f; %.0fs training (%.0f s/epoch, %.0f s per 50k-image epoch)",
+                path.name, 100 * r["acc"], r["loss"], seconds, seconds / epochs, meta["seconds_per_epoch_50k"])
+    return meta
+
+
+def load_checkpoint(out: Path, config: str, seed: int) -> nn.Module:
+    from mergekit_vision.export import load_into
+
+    return load_into(build(config), checkpoint_path(out, config, seed)).eval()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="CIFAR-10: torchvision's root folder or the .npz copy")
+    p.add_argument("--config", nargs="+", required=True, help=f"one or more of: {', '.join(CONFIGS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
+    p.add_argument("--max-train", type=int, default=None, help="train on the first N images only (smoke runs)")
+    p.add_argument("--out", default="checkpoints")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    if args.verbose:
+        logging.getLogger("mergekit_vision.training").setLevel(logging.DEBUG)
+    torch.set_num_threads(args.threads)
+    from mergekit_vision.data import load_cifar10
+
+    train = load_cifar10(args.data, "train", max_samples=args.max_train)
+    test = load_cifar10(args.data, "test")
+    out = Path(args.out)
+    for config in args.config:
+        if config not in CONFIGS:
+            raise SystemExit(f"unknown config {config!r}; valid: {', '.join(CONFIGS)}")
+        for seed in args.seeds:
+            train_one(config, seed, train, test, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr if args.lr is not None else CONFIGS[config]["lr"], out=out, force=args.force,
+                      max_train=args.max_train)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,594 @@
+"""Merge configs: a YAML file -> a validated ``MergeConfig`` (pydantic v2; unknown keys are errors),
+and the helpers that turn its entries into models (``load_model``) and data loaders (``load_data``).
+
+Relative paths are resolved against the config file's folder; the validated config holds them absolute.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError
+from .merge import METHODS, REPAIR_MODES
+
+__all__ = ["ModelConfig", "CalibrationConfig", "EvaluationConfig", "MergeConfig", "load_config",
+           "load_model", "load_data", "file_sha256", "DTYPES", "DATA_KINDS"]
+
+logger = logging.getLogger(__name__)
+
+DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                  "bfloat16": torch.bfloat16, "float64": torch.float64}
+DATA_KINDS = ("image_folder", "cifar10", "npz")
+STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+LOADERS = ("state_dict", "timm")
+_STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model")  # {"state_dict": {...}} and friends
+
+# mergekit's names for keys that are spelled differently here: named in the "unknown key" message.
+_MERGEKIT_NAMES = {"merge_method": "method", "t": "alpha", "out_dtype": "dtype", "base_model": "models",
+                   "parameters": "alpha", "slices": "models", "weight": "alpha"}
+# What to write when a required key is missing.
+_MISSING_HINTS = {
+    "models": "list the two models, e.g. models: [{model: timm:resnet18, checkpoint: a.safetensors}, ...]",
+    "model": "name the architecture, e.g. model: timm:resnet18 (or torchvision:resnet18, mkv:resnet20)",
+    "calibration": "every merge traces the model on input images: give calibration: {path: DATA}",
+    "path": "give an ImageFolder root, a CIFAR-10 root or a .npz",
+}
+
+
+# ---- schema -------------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    ctx = info.context or {}
+    return Path(ctx.get("base_dir") or Path.cwd())
+
+
+def _resolve(given: str, info: ValidationInfo) -> Path:
+    p = Path(os.path.expandvars(given)).expanduser()
+    return p if p.is_absolute() else (_base_dir(info) / p)
+
+
+def _missing(given: str, resolved: Path) -> str:
+    where = "" if Path(given) == resolved else f" (looked for '{resolved}')"
+    return f"{given!r} does not exist{where}"
+
+
+def _unreadable(given: str, resolved: Path) -> str:
+    return f"{given!r} is not readable (no read permission on '{resolved}')"
+
+
+class ModelConfig(_Strict):
+    """One model to merge: an architecture name plus where its weights come from."""
+
+    model: str
+    checkpoint: Optional[str] = None
+    kwargs: Dict[str, Any] = Field(default_factory=dict)
+    pretrained: Optional[bool] = None
+    loader: Optional[str] = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_library(cls, v: str) -> str:
+        from .sources import split_name
+
+        if not v.strip():
+            raise ValueError("is empty; " + _MISSING_HINTS["model"])
+        try:
+            split_name(v)
+        except MergeVisionError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if v is None:
+            return None
+        p = _resolve(v, info)
+        if not p.exists():
+            raise ValueError(f"{_missing(v, p)} — give a .safetensors, .pt or .pth state dict "
+                             "(or a folder written by mergekit-vision merge)")
+        if not os.access(p, os.R_OK):
+            raise ValueError(_unreadable(v, p))
+        return str(p.resolve())
+
+    @field_validator("loader")
+    @classmethod
+    def _known_loader(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in LOADERS:
+            raise ValueError(f"must be one of {', '.join(LOADERS)} (or null: by the file's suffix), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_given(self) -> "ModelConfig":
+        from .sources import split_name
+
+        lib, arch = split_name(self.model)
+        hub = arch.startswith(("hf-hub:", "local-dir:"))
+        if self.pretrained and self.checkpoint:
+            raise ValueError("give either checkpoint: or pretrained: true, not both")
+        if self.pretrained is None:
+            self.pretrained = hub and self.checkpoint is None
+        if not self.checkpoint and not self.pretrained:
+            raise ValueError(f"{self.model!r} has no weights: give checkpoint: PATH (a .safetensors/.pt/.pth "
+                             "state dict), or pretrained: true for the library's pretrained weights")
+        if self.pretrained and lib == "mkv":
+            raise ValueError(f"{self.model!r} has no pretrained weights; give checkpoint: PATH")
+        if self.loader == "timm" and lib != "timm":
+            raise ValueError(f"loader: timm needs a timm model, got {self.model!r}; use loader: state_dict")
+        if self.checkpoint and self.loader is None:
+            suffix = Path(self.checkpoint).suffix.lower()
+            if Path(self.checkpoint).is_dir() or suffix in STATE_DICT_SUFFIXES:
+                self.loader = "state_dict"
+            elif lib == "timm":
+                self.loader = "timm"  # e.g. an original-format .npz that timm's filter_fn converts
+            else:
+                raise ValueError(f"checkpoint: cannot tell how to read {Path(self.checkpoint).name!r}; give a "
+                                 f"{', '.join(STATE_DICT_SUFFIXES)} file (torch.save(model.state_dict(), path))")
+        return self
+
+    @property
+    def library(self) -> str:
+        from .sources import split_name
+
+        return split_name(self.model)[0]
+
+    @property
+    def arch(self) -> str:
+        from .sources import split_name
+
+        return split_name(self.model)[1]
+
+
+class CalibrationConfig(_Strict):
+    """A data set on disk: which files, which split, how many samples, how they are batched."""
+
+    path: str
+    kind: Optional[str] = Field(None, validate_default=True)
+    split: str = "train"
+    samples: Optional[int] = Field(2000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    image_size: Optional[int] = Field(None, ge=1)
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    workers: int = Field(0, ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: str, info: ValidationInfo) -> str:
+        p = _resolve(v, info)
+        if not p.exists():
+            raise ValueError(f"{_missing(v, p)} — " + _MISSING_HINTS["path"])
+        if not os.access(p, os.R_OK):
+            raise ValueError(_unreadable(v, p))
+        return str(p.resolve())
+
+    @field_validator("kind")
+    @classmethod
+    def _kind_known(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if v is not None:
+            if v not in DATA_KINDS:
+                raise ValueError(f"must be one of {', '.join(DATA_KINDS)} (or null to detect it), got {v!r}")
+            return v
+        path = info.data.get("path")
+        if path is None:  # the path itself is invalid and already reported
+            return None
+        from .data import _guess_kind
+
+        try:
+            return _guess_kind(Path(path))
+        except DataError as exc:
+            raise ValueError(f"{exc} Set kind: to one of {', '.join(DATA_KINDS)}.") from None
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _per_channel(cls, v: Optional[List[float]], info: ValidationInfo) -> Optional[List[float]]:
+        if v is not None:
+            if len(v) not in (1, 3):
+                raise ValueError(f"give 1 or 3 values (one per channel), got {len(v)}")
+            if info.field_name == "std" and min(v) <= 0:
+                raise ValueError(f"must be positive, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CalibrationConfig":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean: and std:, or neither")
+        if self.kind == "cifar10" and self.split not in ("train", "test"):
+            raise ValueError(f"split: CIFAR-10 has splits 'train' and 'test', got {self.split!r}")
+        return self
+
+
+class EvaluationConfig(CalibrationConfig):
+    """Labelled data to measure accuracy on: the calibration keys, with the test split, all samples."""
+
+    split: str = "test"
+    samples: Optional[int] = Field(None, ge=1)
+
+
+class MergeConfig(_Strict):
+    """A merge: two models, how to align and interpolate them, the data, and where it runs."""
+
+    models: List[ModelConfig]
+    method: str = "activation"
+    alpha: float = 0.5
+    repair: str = "repair"
+    calibration: CalibrationConfig
+    evaluation: Optional[EvaluationConfig] = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = Field(0, ge=0)
+    out_shard_size: Union[int, str] = "5GB"
+
+    @field_validator("models")
+    @classmethod
+    def _two_models(cls, v: List[ModelConfig]) -> List[ModelConfig]:
+        if len(v) != 2:
+            raise ValueError(f"need exactly 2 models for merge, got {len(v)}"
+                             + (" (N-way merges are not supported yet)" if len(v) > 2 else ""))
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"must be one of {', '.join(METHODS)}, got {v!r}")
+        return v
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"must be in [0, 1], got {v!r} (alpha is the weight of models[1])")
+        return float(v)
+
+    @field_validator("repair", mode="before")
+    @classmethod
+    def _repair(cls, v: Any) -> str:
+        if v is True:
+            return "repair"
+        if v is False or v is None:
+            return "none"
+        if v not in REPAIR_MODES:
+            raise ValueError(f"must be one of {', '.join(REPAIR_MODES)} (or true/false), got {v!r}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        try:
+            torch.device(v)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{v!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"must be one of {', '.join(DTYPES)}, got {v!r}")
+        return v
+
+    @field_validator("out_shard_size", mode="before")
+    @classmethod
+    def _shard_size(cls, v: Any) -> Union[int, str]:
+        from .export import parse_size
+
+        try:
+            parse_size(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_yaml(self) -> str:
+        """The validated config as YAML (defaults filled in, paths absolute); ``load_config`` reads it back."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=False,
+                              allow_unicode=True)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, base_dir: Union[str, os.PathLike, None] = None,
+                  source: str = "config") -> "MergeConfig":
+        """Validate a dict (e.g. parsed YAML); relative paths are taken from ``base_dir`` (default: cwd)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of keys (models:, method:, alpha:, ...), "
+                              f"got {type(data).__name__}")
+        try:
+            return cls.model_validate(dict(data), context={"base_dir": base_dir})
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def load_config(path: Union[str, os.PathLike], overrides: Optional[Mapping[str, Any]] = None) -> MergeConfig:
+    """Read and validate a YAML merge config; ``overrides`` (e.g. from the command line) replace top-level keys.
+
+    Raises ConfigError naming the file, the key and the fix.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' not found" + (" (it is a directory)" if p.is_dir() else ""))
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not a UTF-8 text file ({exc})") from None
+    if data is None:
+        raise ConfigError(f"{p}: the file is empty; see docs/config.md for an example")
+    if overrides and isinstance(data, dict):
+        data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    return MergeConfig.from_dict(data, base_dir=p.resolve().parent, source=str(p))
+
+
+# ---- error messages ----------------------------------------------------------------------------------
+def _loc(loc: Tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "config"
+
+
+def _schema_at(loc: Tuple[Any, ...]) -> Optional[type]:
+    """The schema class whose keys live at ``loc`` (e.g. ("models", 0) -> ModelConfig)."""
+    cls: Any = MergeConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        cls = _inner_schema(field.annotation)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _inner_schema(tp: Any) -> Any:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _inner_schema(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    loc, kind = tuple(err["loc"]), err["type"]
+    if kind == "extra_forbidden":
+        key, parent = str(loc[-1]), _schema_at(loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        if close:
+            hint = f"did you mean {close[0]!r}?"
+        elif key in _MERGEKIT_NAMES and _MERGEKIT_NAMES[key] in valid:
+            hint = f"mergekit's {key!r} is {_MERGEKIT_NAMES[key]!r} here"
+        else:
+            hint = "valid keys: " + ", ".join(valid)
+        return f"{_loc(loc)}: unknown key — {hint}"
+    if kind == "missing":
+        hint = _MISSING_HINTS.get(str(loc[-1]), "")
+        return f"{_loc(loc)}: missing" + (f" — {hint}" if hint else "")
+    msg = err["msg"]
+    if kind == "value_error":
+        return f"{_loc(loc)}: {msg.removeprefix('Value error, ')}"
+    return f"{_loc(loc)}: {msg[0].lower() + msg[1:]}, got {err.get('input')!r}"
+
+
+# ---- config -> models -------------------------------------------------------------------------------
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """sha256 of a file, or of a folder's weight files (name and content, in name order)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith((".safetensors", ".json"))) \
+        if p.is_dir() else [p]
+    for f in files:
+        if p.is_dir():
+            h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(mc: ModelConfig, *, where: str = "models[0]", dtype: Optional[torch.dtype] = None,
+               ) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build ``mc``'s architecture, load its weights; return (model in eval mode, source record).
+
+    The source record (``model``, ``checkpoint`` file name, ``sha256``) goes into the merge report and
+    the safetensors metadata. Errors name ``where`` (the config key) and the fix.
+    """
+    from .sources import create_model
+
+    kwargs = dict(mc.kwargs)
+    source: Dict[str, Any] = {"model": mc.model, "kwargs": kwargs, "checkpoint": None, "sha256": None}
+    if mc.pretrained:
+        try:
+            model = create_model(mc.model, pretrained=True, kwargs=kwargs)
+        except MergeVisionError as exc:
+            raise type(exc)(f"{where}.model: {exc}") from exc
+        except Exception as exc:  # network, hub or cache errors
+            raise MergeVisionError(f"{where}: cannot load the pretrained weights of {mc.model!r} "
+                                   f"({type(exc).__name__}: {exc}); check the name and that you are online, "
+                                   "or give checkpoint: PATH") from exc
+        return model.eval().to(dtype) if dtype else model.eval(), source
+
+    ckpt = Path(mc.checkpoint)
+    source.update(checkpoint=ckpt.name, sha256=file_sha256(ckpt))
+    if mc.loader == "timm":
+        model = _load_with_timm(mc, ckpt, kwargs, where)
+    else:
+        model = _build(mc, kwargs, where)
+        fix = (f" Set {where}.kwargs to the kwargs the checkpoint was trained with (e.g. num_classes), "
+               f"or {where}.model to its architecture.")
+        if ckpt.is_dir() or ckpt.suffix.lower() == ".safetensors":
+            from .export import load_into
+
+            try:
+                load_into(model, ckpt)
+            except MergeVisionError as exc:
+                raise type(exc)(f"{where}.checkpoint: {exc}" + (fix if isinstance(exc, ArchitectureMismatchError)
+                                                                  else "")) from exc
+        else:
+            state_dict = _read_torch_state_dict(ckpt, where)
+            problems = _state_dict_problems(model, state_dict)
+            if problems:
+                raise ArchitectureMismatchError(f"{where}.checkpoint: {type(model).__name__} ({mc.model}) does not "
+                                                f"fit '{ckpt}': {problems}.{fix}")
+            model.load_state_dict(state_dict)
+    logger.debug("%s: %s from %s (sha256 %s)", where, mc.model, ckpt, source["sha256"][:12])
+    return (model.eval().to(dtype) if dtype else model.eval()), source
+
+
+def _build(mc: ModelConfig, kwargs: Dict[str, Any], where: str) -> nn.Module:
+    from .sources import create_model
+
+    try:
+        return create_model(mc.model, kwargs=kwargs)
+    except MergeVisionError as exc:
+        raise type(exc)(f"{where}.model: {exc}") from exc
+    except TypeError as exc:  # an unknown constructor argument
+        raise ConfigError(f"{where}.kwargs: {mc.model!r} does not take these kwargs ({exc}); "
+                          "remove or rename them") from exc
+
+
+def _load_with_timm(mc: ModelConfig, ckpt: Path, kwargs: Dict[str, Any], where: str) -> nn.Module:
+    """timm's own loader (pretrained_cfg_overlay file=...): applies the model's checkpoint filter, so
+    original-format checkpoints (e.g. a ViT .npz) load too."""
+    import timm
+
+    overlay: Dict[str, Any] = {"file": str(ckpt)}
+    if "num_classes" in kwargs:
+        overlay["num_classes"] = kwargs["num_classes"]  # else timm drops the classifier as "adapted"
+    try:
+        return timm.create_model(mc.arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}.kwargs: {mc.model!r} does not take these kwargs ({exc})") from exc
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise ArchitectureMismatchError(
+            f"{where}.checkpoint: timm cannot load '{ckpt}' into {mc.model!r} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:400]}). Set {where}.kwargs to the kwargs it was trained with, "
+            "or loader: state_dict for a plain state dict.") from exc
+
+
+def _read_torch_state_dict(path: Path, where: str) -> Dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for pickled objects outside the weights-only allow-list
+        raise ConfigError(
+            f"{where}.checkpoint: cannot read '{path}' with torch.load(weights_only=True) ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300]}). Save a plain state dict (torch.save(model.state_dict(), path)) "
+            "or a .safetensors file.") from exc
+    sd = obj
+    if isinstance(obj, Mapping) and not _all_tensors(obj):
+        sd = next((obj[k] for k in _STATE_DICT_WRAPPERS if isinstance(obj.get(k), Mapping) and _all_tensors(obj[k])),
+                  None)
+    if not isinstance(sd, Mapping) or not sd or not _all_tensors(sd):
+        found = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise ConfigError(f"{where}.checkpoint: '{path}' holds no state dict (found {found}); expected "
+                          f"{{name: tensor}} or one under {' / '.join(_STATE_DICT_WRAPPERS)}.")
+    sd = dict(sd)
+    if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _all_tensors(m: Mapping) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in m.items())
+
+
+def _state_dict_problems(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"'{k}': {tuple(sd[k].shape)} in file vs {tuple(v.shape)} in model"
+              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+
+    def few(keys: List[str]) -> str:
+        return ", ".join(f"'{k}'" if "'" not in k else k for k in keys[:5]) + (
+            f" ... and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    parts = []
+    if shapes:
+        parts.append("shape mismatch at " + few(shapes))
+    if missing:
+        parts.append("missing from the file: " + few(missing))
+    if unexpected:
+        parts.append("not in the model: " + few(unexpected))
+    return "; ".join(parts)
+
+
+# ---- config -> data ----------------------------------------------------------------------------------
+def load_data(dc: CalibrationConfig, *, where: str = "calibration", seed: int = 0,
+              model: Optional[nn.Module] = None, labels: bool = False) -> DataLoader:
+    """A DataLoader over ``dc``: its split, a seeded random subset of ``samples`` (all when null),
+    ``batch_size``, no shuffling. ``labels=True`` requires labelled data (an evaluation set)."""
+    from . import data as D
+
+    p = Path(dc.path)
+    try:
+        if dc.kind == "image_folder":
+            root = p / dc.split if (p / dc.split).is_dir() else p
+            size = dc.image_size or _default_image_size(model)
+            ds: Dataset = D.load_image_folder(root, image_size=size, mean=dc.mean or D.IMAGENET_MEAN,
+                                              std=dc.std or D.IMAGENET_STD)
+        elif dc.kind == "cifar10":
+            ds = D.load_cifar10(p, dc.split, normalize=dc.mean is None)
+            if dc.mean is not None:
+                ds = TensorDataset(_normalize(ds.tensors[0], dc.mean, dc.std), ds.tensors[1])
+        else:
+            with np.load(p, allow_pickle=False) as arrays:
+                names = set(arrays.files)
+            x_key, y_key = (f"x_{dc.split}", f"y_{dc.split}") if f"x_{dc.split}" in names else ("x", "y")
+            ds = D.load_npz(p, x_key, y_key, mean=dc.mean, std=dc.std)
+    except DataError as exc:
+        raise DataError(f"{where}.path: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{where}.path: cannot read '{p}' as {dc.kind} ({type(exc).__name__}: {exc})") from exc
+
+    if isinstance(ds, TensorDataset) and dc.image_size and tuple(ds.tensors[0].shape[-2:]) != (dc.image_size,) * 2:
+        x = torch.nn.functional.interpolate(ds.tensors[0], size=(dc.image_size, dc.image_size), mode="bilinear",
+                                            align_corners=False, antialias=True)
+        ds = TensorDataset(x, *ds.tensors[1:])
+    if labels and isinstance(ds, TensorDataset) and len(ds.tensors) < 2:
+        raise DataError(f"{where}.path: '{p}' has images but no labels; an evaluation set needs integer labels "
+                        "(a 'y' array in the .npz).")
+    n = len(ds)
+    if dc.samples is not None and dc.samples < n:
+        # A random subset: the first N of a class-sorted folder would be a few classes only.
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:dc.samples].sort().values
+        ds = TensorDataset(*(t[idx] for t in ds.tensors)) if isinstance(ds, TensorDataset) else Subset(ds, idx.tolist())
+    logger.info("%s: %d samples (%s, split %s) from %s", where, len(ds), dc.kind, dc.split, p)
+    return DataLoader(ds, batch_size=dc.batch_size, shuffle=False, num_workers=dc.workers)
+
+
+def _normalize(x: torch.Tensor, mean: List[float], std: List[float]) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype).reshape(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).reshape(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _default_image_size(model: Optional[nn.Module]) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    return int(size[-1]) if size else 224
