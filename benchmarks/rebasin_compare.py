@@ -54,10 +54,10 @@ def _pair(name: str, kind: str, pixels: int):
     return a, b
 
 
-def _weights_equal(m1, m2) -> bool:
+def _differing(m1, m2) -> list:
+    """Floating tensors of ``m2`` that differ from ``m1``'s."""
     s2 = m2.state_dict()
-    return all(torch.allclose(v.float(), s2[k].float(), atol=1e-6) for k, v in m1.state_dict().items()
-               if v.is_floating_point())
+    return [k for k, v in m1.state_dict().items() if v.is_floating_point() and not torch.allclose(v, s2[k], atol=1e-6)]
 
 
 def run_ours(a, b, x):
@@ -103,7 +103,7 @@ def compare(name: str, kind: str, pixels: int) -> dict:
             ya2 = aligned(probe)
         moved = sum(not torch.equal(v, aligned.state_dict()[k]) for k, v in b.state_dict().items())
         row[lib] = dict(t, function_change=_rel(ya2, yb), tensors_moved=moved,
-                        recovered_a=_weights_equal(aligned, a) if kind != "independent" else None,
+                        differ_from_a=_differing(a, aligned) if kind != "independent" else None,
                         output_vs_a=_rel(ya2, ya))
     return row
 
@@ -117,7 +117,8 @@ def table(rows) -> str:
             if "error" in d:
                 lines.append(f"| {r['model']} | {r['pair']} | {lib} | error: {d['error']} | | | | |")
                 continue
-            rec = "-" if d["recovered_a"] is None else ("yes" if d["recovered_a"] else "no")
+            diff = d["differ_from_a"]
+            rec = "-" if diff is None else ("yes" if not diff else f"no: {len(diff)} tensors differ, e.g. {diff[0]}")
             lines.append(f"| {r['model']} | {r['pair']} | {lib} | {d['total_s']:.2f} | {d['match_s']:.2f} | "
                          f"{d['function_change']:.1e} | {rec} | {d['tensors_moved']} |")
     speed = [r for r in rows if "error" not in r["rebasin"] and "error" not in r["mergekit_vision"]]

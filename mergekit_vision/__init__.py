@@ -5,6 +5,7 @@ trace -> match -> interpolate -> REPAIR -> export.
 from .errors import MergeVisionError
 from .export import load_safetensors, save_safetensors
 from .merge import merge
+from .merge_many import merge_many
 from .permute import permute, permute_state_dict, random_perms
 from .spec import Member, PermutationGroup, PermutationSpec, Tap
 from .trace import trace_permutation_spec
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MergeVisionError",
     "merge",
+    "merge_many",
     "save_safetensors",
     "load_safetensors",
     "Member",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
@@ -120,6 +121,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 # ---- curve -------------------------------------------------------------------------------------------
 def _cmd_curve(args: argparse.Namespace) -> int:
+    import torch
+
     from .export import write_json_atomic
 
     try:
@@ -137,21 +140,23 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     a, b, calib, evaluation, _ = _load_inputs(config, timings)
     a.to(config.device)
     b.to(config.device)
+    if config.torch_dtype != torch.float32:
+        evaluation = _Cast(evaluation, config.torch_dtype)
     with _stage(timings, "curve"):
         curve = interpolation_curve(a, b, evaluation, calib_loader=calib, alphas=tuple(args.alphas),
                                     modes=tuple(args.modes), method=config.method, progress=not args.quiet)
     print(curve.table())
-    for mode in args.modes:
-        barrier = curve.barrier(mode)
-        print(f"barrier[{mode}]: {barrier:.4f}" if isinstance(barrier, (int, float)) else f"barrier[{mode}]: {barrier}")
+    mids = [(m, curve.barrier(m)["mid"]) for m in curve.modes]
+    if all(v is not None for _, v in mids):
+        print("accuracy barrier at alpha=0.5 (mean endpoint minus midpoint, points): "
+              + ", ".join(f"{m} {100 * v:.2f}" for m, v in mids))
     out = Path(args.out)
     write_json_atomic(out.with_suffix(".json"), curve.to_dict())
-    try:
-        plot_curve(curve, out)
-    except ImportError as exc:  # matplotlib is an optional extra
-        logger.warning("no plot written (%s); pip install 'mergekit-vision[plot]'. The numbers are in %s",
-                       exc, out.with_suffix(".json"))
+    if importlib.util.find_spec("matplotlib") is None:  # an optional extra
+        logger.warning("matplotlib is not installed, so no plot: pip install 'mergekit-vision[plot]'. "
+                       "The numbers are in %s", out.with_suffix(".json"))
     else:
+        plot_curve(curve, out)
         logger.info("wrote %s and %s", out, out.with_suffix(".json"))
     return 0
 
@@ -184,7 +189,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise
         raise MergeVisionError("demo needs mergekit_vision.demo, which this installation lacks; "
                                "update mergekit-vision") from None
-    run_demo(Path(args.out), quiet=args.quiet)
+    results = run_demo(Path(args.out), quiet=args.quiet)
+    if isinstance(results, dict) and results.get("table"):
+        print(results["table"])
     return 0
 
 

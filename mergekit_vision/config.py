@@ -35,9 +35,14 @@ STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 LOADERS = ("state_dict", "timm")
 _STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model")  # {"state_dict": {...}} and friends
 
-# mergekit's names for keys that are spelled differently here: named in the "unknown key" message.
-_MERGEKIT_NAMES = {"merge_method": "method", "t": "alpha", "out_dtype": "dtype", "base_model": "models",
-                   "parameters": "alpha", "slices": "models", "weight": "alpha"}
+# mergekit's keys that are spelled differently here: the "unknown key" message says what to write.
+_MERGEKIT_NAMES = {
+    "merge_method": "mergekit's 'merge_method' is 'method' here (activation | weight | none)",
+    "t": "mergekit's 't' is 'alpha' here (the weight of models[1])",
+    "out_dtype": "mergekit's 'out_dtype' is 'dtype' here",
+    "base_model": "the reference model is models[0]; models[1] is aligned to it",
+    "parameters": "write alpha: at the top level (alpha: 0.5)",
+}
 # What to write when a required key is missing.
 _MISSING_HINTS = {
     "models": "list the two models, e.g. models: [{model: timm:resnet18, checkpoint: a.safetensors}, ...]",
@@ -187,10 +192,8 @@ class CalibrationConfig(_Strict):
         path = info.data.get("path")
         if path is None:  # the path itself is invalid and already reported
             return None
-        from .data import _guess_kind
-
         try:
-            return _guess_kind(Path(path))
+            return _guess_data_kind(Path(path))
         except DataError as exc:
             raise ValueError(f"{exc} Set kind: to one of {', '.join(DATA_KINDS)}.") from None
 
@@ -211,6 +214,25 @@ class CalibrationConfig(_Strict):
         if self.kind == "cifar10" and self.split not in ("train", "test"):
             raise ValueError(f"split: CIFAR-10 has splits 'train' and 'test', got {self.split!r}")
         return self
+
+
+def _guess_data_kind(p: Path) -> str:
+    """data's guess, except that a .npz of x_train/y_train/x_test/y_test arrays is CIFAR-10 only if its
+    images are (N, 32, 32, 3) uint8: any other split .npz is a plain "npz" (read as x_{split}/y_{split})."""
+    from .data import _guess_kind
+
+    kind = _guess_kind(p)
+    if kind == "cifar10" and p.is_file():
+        with np.load(p, allow_pickle=False) as arrays:
+            if "x_train" in arrays.files and "train_jpeg_blob" not in arrays.files:
+                with arrays.zip.open("x_train.npy") as f:  # the header only, not the array
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                if dtype != np.uint8 or tuple(shape[1:]) != (32, 32, 3):
+                    return "npz"
+    return kind
 
 
 class EvaluationConfig(CalibrationConfig):
@@ -252,7 +274,9 @@ class MergeConfig(_Strict):
     @field_validator("alpha", mode="before")
     @classmethod
     def _alpha(cls, v: Any) -> Any:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"must be a number in [0, 1] (the weight of models[1]), got {v!r}")
+        if not 0.0 <= float(v) <= 1.0:
             raise ValueError(f"must be in [0, 1], got {v!r} (alpha is the weight of models[1])")
         return float(v)
 
@@ -379,10 +403,10 @@ def _describe(err: Mapping[str, Any]) -> str:
         key, parent = str(loc[-1]), _schema_at(loc[:-1])
         valid = list(parent.model_fields) if parent else []
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        if close:
+        if key in _MERGEKIT_NAMES and parent is MergeConfig:
+            hint = _MERGEKIT_NAMES[key]
+        elif close:
             hint = f"did you mean {close[0]!r}?"
-        elif key in _MERGEKIT_NAMES and _MERGEKIT_NAMES[key] in valid:
-            hint = f"mergekit's {key!r} is {_MERGEKIT_NAMES[key]!r} here"
         else:
             hint = "valid keys: " + ", ".join(valid)
         return f"{_loc(loc)}: unknown key — {hint}"
@@ -397,11 +421,11 @@ def _describe(err: Mapping[str, Any]) -> str:
 
 # ---- config -> models -------------------------------------------------------------------------------
 def file_sha256(path: Union[str, os.PathLike]) -> str:
-    """sha256 of a file, or of a folder's weight files (name and content, in name order)."""
+    """sha256 of a file, or of a folder's weight files and index (name and content, in name order)."""
     p = Path(path)
     h = hashlib.sha256()
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith((".safetensors", ".json"))) \
-        if p.is_dir() else [p]
+    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                   and f.name.endswith((".safetensors", ".safetensors.index.json"))) if p.is_dir() else [p]
     for f in files:
         if p.is_dir():
             h.update(f.name.encode())

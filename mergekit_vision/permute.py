@@ -5,7 +5,7 @@ Convention: ``new[i] = old[perm[i]]`` on every member axis of the group.
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Dict, Mapping, Optional
 
 import torch
@@ -81,7 +81,9 @@ def permute_state_dict(
             continue
         for m in spec[name].members:
             by_axis[(m.key, m.axis, m.groups)].append((m, perm))
-    out = dict(state_dict)
+    out = OrderedDict(state_dict)
+    if hasattr(state_dict, "_metadata"):  # module versions (torchvision's MNASNet checks them on load)
+        out._metadata = state_dict._metadata
     for (key, axis, groups), members in by_axis.items():
         if key not in out:
             raise SpecError(f"the spec names {key!r}, which the state dict does not have; trace the spec from "
@@ -94,8 +96,10 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.T
     """A new model of the same class with the permutations applied; ``model`` is not touched."""
     new = copy.deepcopy(model)
     sd = permute_state_dict(model.state_dict(), spec, perms)
+    cloned = OrderedDict((k, v.clone()) for k, v in sd.items())
+    cloned._metadata = getattr(sd, "_metadata", None)  # type: ignore[attr-defined]
     with torch.no_grad():
-        new.load_state_dict({k: v.clone() for k, v in sd.items()})
+        new.load_state_dict(cloned)
     return new
 
 

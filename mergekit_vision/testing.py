@@ -79,7 +79,8 @@ def check_spec(model: nn.Module, x: torch.Tensor, seed: int = 0, spec: Optional[
     x = x.double()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     flags = [mod.training for mod in m.modules()]
-    spec = spec or trace_permutation_spec(m, x)
+    # the spec does not depend on the dtype: trace a float32 copy (float64 depthwise convs are slow)
+    spec = spec or trace_permutation_spec(copy.deepcopy(m).float(), x.float())
     with torch.no_grad():
         y = _flatten_outputs(m(x))
         perms = random_perms(spec, torch.Generator().manual_seed(seed + 1))

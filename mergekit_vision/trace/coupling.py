@@ -12,6 +12,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+import logging
+
 from ..errors import MergeVisionError, TraceError
 from ..spec import Member, PermutationGroup, PermutationSpec, Tap
 from .layout import Elements, Seg
@@ -19,6 +21,8 @@ from .rules import (
     FUNCTION_RULES, METHOD_RULES, Multi, RuleCall, fresh_layout, freeze_all, iter_layouts, module_rule, unknown,
 )
 from .tracer import trace_model
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -37,8 +41,7 @@ def _map_layout(arg, layouts: Dict[fx.Node, Any]):
     if isinstance(arg, fx.Node):
         return layouts.get(arg)
     if isinstance(arg, (list, tuple)):
-        inner = [_map_layout(a, layouts) for a in arg]
-        return inner if isinstance(arg, list) else tuple(inner)
+        return Multi(_map_layout(a, layouts) for a in arg)
     if isinstance(arg, dict):
         return {k: _map_layout(v, layouts) for k, v in arg.items()}
     return None
@@ -55,13 +58,17 @@ class CouplingPass(fx.Interpreter):
         self.used_keys: set = set()
         self.modules = dict(gm.named_modules())
         self.declared: set = set()
+        self.dynamic: Dict[fx.Node, bool] = {}
 
     # ---- per node ------------------------------------------------------------------------
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         layout = self._layout(n, value)
         self.layouts[n] = layout
-        if isinstance(value, torch.Tensor) and isinstance(layout, tuple) and not isinstance(layout, Multi):
+        # only values computed from the input are activations (a weight-standardization chain is not)
+        self.dynamic[n] = n.op == "placeholder" or any(self.dynamic.get(a, False) for a in n.all_input_nodes)
+        if self.dynamic[n] and isinstance(value, torch.Tensor) and isinstance(layout, tuple) \
+                and not isinstance(layout, Multi):
             op = self._op_name(n)
             for d, dl in enumerate(layout):
                 if dl is None:
@@ -100,14 +107,14 @@ class CouplingPass(fx.Interpreter):
             freeze_all(E, [_map_layout(n.args[0], self.layouts)], "model output")
             return None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        largs = _map_layout(tuple(n.args), self.layouts)
-        lkwargs = _map_layout(dict(n.kwargs), self.layouts)
+        largs = tuple(_map_layout(a, self.layouts) for a in n.args)
+        lkwargs = {k: _map_layout(v, self.layouts) for k, v in n.kwargs.items()}
         call = RuleCall(E, where, tuple(args), dict(kwargs), tuple(largs), dict(lkwargs), value)
         if n.op == "call_module":
             module = self.modules[n.target]
             call.module, call.prefix = module, n.target
             rule = module_rule(module) or unknown
-            layout = rule(call)
+            layout = self._apply(rule, call)
             self._check_declared(call, module, layout)
             return layout
         if n.op == "call_function":
@@ -118,7 +125,16 @@ class CouplingPass(fx.Interpreter):
             isinstance(a, torch.Tensor) for a in list(args) + list(kwargs.values())
         ):
             return None  # arithmetic on python numbers and shapes
-        return rule(call)
+        return self._apply(rule, call)
+
+    def _apply(self, rule, call: RuleCall):
+        """A rule that trips over an unusual call freezes what it touches instead of failing the trace."""
+        try:
+            return rule(call)
+        except Exception as exc:  # a rule bug must never corrupt a spec: fall back to the safe answer
+            logger.debug("rule %s failed at %s: %r", getattr(rule, "__name__", rule), call.where, exc)
+            call.where = f"{call.where} (rule {getattr(rule, '__name__', rule)} failed: {type(exc).__name__})"
+            return unknown(call)
 
     def _check_declared(self, call: RuleCall, module: nn.Module, layout) -> None:
         """Every tensor of a module with a rule must be accounted for, or its channels freeze."""
@@ -246,6 +262,25 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
     # frozen reasons, and a (key, axis) position claimed by two groups freezes both
     reasons: Dict[int, List[str]] = {gi: [r for c in comps for r in A.reasons.get(c, [])]
                                      for gi, (_, comps) in enumerate(display)}
+    # tensors outside the state dict (non-persistent buffers) cannot be permuted with it: a member
+    # there is harmless only if the tensor is the same along that axis, else the group freezes
+    sd_keys = set(model.state_dict().keys())
+    tensors = dict(model.named_buffers())
+    tensors.update(dict(model.named_parameters()))
+    for gi in list(members):
+        keep = []
+        for m in members[gi]:
+            if m.key in sd_keys:
+                keep.append(m)
+                continue
+            t = tensors.get(m.key)
+            if t is not None and m.groups == 1:
+                sl = t.narrow(m.axis, m.start, m.length * m.inner)
+                if bool((sl == sl.narrow(m.axis, 0, 1)).all()):
+                    E.channel_free[(m.key, m.axis)] = "non-persistent buffer, equal along this axis"
+                    continue
+            reasons[gi].append(f"'{m.key}' is not in the state dict (non-persistent) and varies along axis {m.axis}")
+        members[gi] = keep
     by_axis: Dict[Tuple[str, int], List[Tuple[int, int, int, int]]] = defaultdict(list)
     for gi, ms in members.items():
         for m in ms:

@@ -882,6 +882,14 @@ def _register_timm_modules() -> None:
 
 
 _register_timm_modules()
+_TIMM_RULE_TYPES: set = set()
+
+
+def timm_rule_types() -> set:
+    """timm module types with a rule here (kept as leaves when tracing)."""
+    if not _TIMM_RULE_TYPES:
+        _TIMM_RULE_TYPES.update(t for t in MODULE_RULES if t.__module__.startswith("timm."))
+    return _TIMM_RULE_TYPES
 
 
 def _register_torchvision_ops() -> None:

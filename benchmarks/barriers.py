@@ -1,0 +1,162 @@
+"""Interpolation barriers on CIFAR-10 for every cached endpoint pair, next to the REPAIR paper's numbers.
+
+RESULT: see docs/results.md ("Barriers"): the tables and plots there were produced by this script on a
+2-core x86_64 CPU (shared, 1 thread, no GPU) from checkpoints written by benchmarks/train_pairs.py.
+
+    python benchmarks/barriers.py --data ../shared/data/cifar10 --ckpt checkpoints/ --out docs/
+
+For each configuration with at least two cached seeds, each pair of seeds (first two by default, all
+with --all-pairs): ``mergekit_vision.evaluate.interpolation_curve`` on the CIFAR-10 test set, modes
+naive / aligned / aligned + RESET / aligned + REPAIR, matching and statistics on ``--calib`` training
+images (a fixed random subset, no augmentation). Writes ``{out}/barriers.md`` (the table),
+``{out}/barriers.json`` (every curve) and ``{out}/img/{config}_s{a}_s{b}.png``.
+Barrier = mean endpoint accuracy minus midpoint accuracy; reduction = 1 - barrier(REPAIR) / barrier(aligned).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from train_pairs import CONFIGS, load_checkpoint  # benchmarks/ is this script's folder
+
+logger = logging.getLogger("barriers")
+
+# REPAIR's stored results (Jordan et al. 2023), CIFAR-10 test accuracy (%) at alpha = 0.5:
+# endpoints, aligned without correction, aligned + REPAIR (RESET for BN nets where it is the same), reduction.
+PAPER = {
+    "resnet20_bn_w1": (93.6, 12.7, 67.6, 0.68),
+    "resnet20_bn_w2": (95.2, 16.1, 85.5, 0.88),
+    "resnet20_bn_w4": (96.1, 34.8, 92.1, 0.93),
+    "resnet20_ln_w1": (92.4, 50.7, 73.5, 0.55),
+    "resnet20_ln_w4": (95.5, 88.5, 92.0, 0.50),
+    "vgg11_none": (92.2, 61.3, 88.2, 0.87),
+    "timm_resnet18": (95.6, 66.0, 94.1, 0.95),
+}
+# issue 4's targets for aligned + REPAIR's barrier reduction
+TARGET = {"resnet20_bn_w1": 0.75, "resnet20_bn_w2": 0.95, "resnet20_bn_w4": 0.95, "resnet20_ln_w4": 0.95,
+          "vgg11_none": 0.90}
+
+
+def cached_seeds(ckpt: Path):
+    found = {}
+    for p in sorted(ckpt.glob("*_s*.json")):
+        m = re.fullmatch(r"(.+)_s(\d+)\.json", p.name)
+        if m and m.group(1) in CONFIGS and p.with_suffix(".safetensors").exists():
+            found.setdefault(m.group(1), []).append((int(m.group(2)), json.loads(p.read_text())))
+    return found
+
+
+def _pm(values, scale=100.0, fmt="{:.1f}") -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return fmt.format(mean)
+    return fmt.format(mean) + " ± " + fmt.format(statistics.pstdev(values) * scale)
+
+
+def summarize(config, curves) -> dict:
+    mid = lambda c, m: c.values(m)[c.alphas.index(0.5)] if m in c.acc else None  # noqa: E731
+    get = lambda m: [mid(c, m) for c in curves if m in c.acc]  # noqa: E731
+    ends = [c.mean_endpoint() for c in curves]
+    red = lambda m: [c.reduction(m) for c in curves if m in c.acc and c.reduction(m) is not None]  # noqa: E731
+    return dict(config=config, pairs=len(curves), endpoints=ends, naive=get("naive"), aligned=get("aligned"),
+                reset=get("reset"), repair=get("repair"),
+                barrier_aligned=[c.barrier("aligned")["mid"] for c in curves],
+                barrier_repair=[c.barrier("repair")["mid"] for c in curves if "repair" in c.acc],
+                reduction_reset=red("reset"), reduction_repair=red("repair"),
+                epochs=sorted({c.meta.get("epochs") for c in curves}))
+
+
+def markdown(rows) -> str:
+    out = ["| configuration | pairs | epochs | endpoints (mean) | naive | aligned | + RESET | + REPAIR | "
+           "barrier aligned → REPAIR | reduction RESET / REPAIR | paper: endpoints, aligned, corrected, reduction | "
+           "target |", "|" + "---|" * 12]
+    for r in rows:
+        paper = PAPER.get(r["config"])
+        ptxt = f"{paper[0]}, {paper[1]}, {paper[2]}, {100 * paper[3]:.0f}%" if paper else "-"
+        tgt = TARGET.get(r["config"])
+        out.append(
+            f"| {r['config']} | {r['pairs']} | {','.join(map(str, r['epochs']))} | {_pm(r['endpoints'])} | "
+            f"{_pm(r['naive'])} | {_pm(r['aligned'])} | {_pm(r['reset'])} | {_pm(r['repair'])} | "
+            f"{_pm(r['barrier_aligned'])} → {_pm(r['barrier_repair'])} | "
+            f"{_pm(r['reduction_reset'], fmt='{:.0f}%')} / {_pm(r['reduction_repair'], fmt='{:.0f}%')} | {ptxt} | "
+            f"{'≥ %d%%' % round(100 * tgt) if tgt else '-'} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="CIFAR-10: torchvision's root folder or the .npz copy")
+    p.add_argument("--ckpt", default="checkpoints")
+    p.add_argument("--out", default="docs")
+    p.add_argument("--configs", nargs="*", default=None, help="default: every configuration with 2+ seeds cached")
+    p.add_argument("--all-pairs", action="store_true", help="every pair of cached seeds, not only the first two")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--calib", type=int, default=5000, help="training images for matching and statistics")
+    p.add_argument("--eval-samples", type=int, default=None, help="test images (default: all 10,000)")
+    p.add_argument("--method", default="activation", choices=["activation", "weight"])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+    from mergekit_vision.data import load_cifar10
+    from mergekit_vision.evaluate import Curve, interpolation_curve, plot_curve
+    from mergekit_vision.export import write_json_atomic, write_text_atomic
+
+    ckpt, out = Path(args.ckpt), Path(args.out)
+    train, test = load_cifar10(args.data, "train"), load_cifar10(args.data, "test")
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.calib]
+    calib = list(train.tensors[0][idx].split(250))
+    found = cached_seeds(ckpt)
+    configs = args.configs or [c for c in CONFIGS if len(found.get(c, [])) >= 2]
+    if not configs:
+        raise SystemExit(f"no configuration has two cached seeds in {ckpt}; run benchmarks/train_pairs.py first")
+    json_path = out / "barriers.json"
+    results = json.loads(json_path.read_text()) if json_path.exists() else {}
+    for config in configs:
+        seeds = found.get(config, [])
+        if len(seeds) < 2:
+            logger.warning("%s: %d seed(s) cached, need 2; skipped", config, len(seeds))
+            continue
+        pairs = list(itertools.combinations(seeds, 2)) if args.all_pairs else [tuple(seeds[:2])]
+        for (sa, meta_a), (sb, meta_b) in pairs:
+            key = f"{config}_s{sa}_s{sb}"
+            t0 = time.perf_counter()
+            a, b = load_checkpoint(ckpt, config, sa), load_checkpoint(ckpt, config, sb)
+            curve = interpolation_curve(a, b, test, calib_loader=calib, alphas=args.alphas, method=args.method,
+                                        max_samples=args.eval_samples, progress=False)
+            curve.meta.update(config=config, seeds=[sa, sb], epochs=meta_a["epochs"],
+                              train_samples=meta_a["train_samples"], seconds=time.perf_counter() - t0)
+            logger.info("%s (%.0fs)\n%s", key, curve.meta["seconds"], curve.table())
+            plot_curve(curve, out / "img" / f"{key}.png",
+                       title=f"{config}, seeds {sa}/{sb}, {meta_a['epochs']} epochs")
+            results[key] = curve.to_dict()
+            write_json_atomic(json_path, results)
+    # the table covers every curve in barriers.json: runs of other configurations accumulate
+    by_config = {}
+    for d in results.values():
+        c = Curve.from_dict(d)
+        by_config.setdefault(c.meta["config"], []).append(c)
+    rows = [summarize(config, by_config[config]) for config in CONFIGS if config in by_config]
+    header = (f"<!-- written by benchmarks/barriers.py on {platform.machine()}, {os.cpu_count()} CPUs, "
+              f"{args.threads} thread(s); calibration {args.calib} training images; method {args.method} -->\n")
+    table = markdown(rows)
+    write_text_atomic(out / "barriers.md", header + table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""merge_many across 2 data-parallel gloo workers equals merge_many in one process on all the data."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mergekit_vision import merge_many
+from mergekit_vision.distributed import all_reduce_statistics, merge_many_distributed
+from mergekit_vision.errors import MergeVisionError
+from mergekit_vision.merge_many import Statistics
+from mergekit_vision.models import tiny_resnet
+from mergekit_vision.testing import randomize_model
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with the gloo backend is not available in this torch build")
+
+WORLD = 2
+
+
+def _setup():
+    torch.manual_seed(0)
+    x = torch.randn(96, 1, 16, 16)
+    models = [randomize_model(tiny_resnet(8).eval(), seed=s) for s in (1, 2, 3)]
+    return models, list(x.split(16))  # 6 batches: rank r gets batches r, r+2, r+4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        models, batches = _setup()
+        shard = batches[rank::WORLD]
+        merged, rep = merge_many_distributed(models, shard, iterations=2, repair=True, return_report=True,
+                                             progress=False)
+        torch.save({"state": merged.state_dict(), "samples": rep.calibration_samples,
+                    "changes": rep.changes_per_sweep}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # the statistics themselves: the all-reduced sums of the shards
+        st = Statistics(samples=len(shard))
+        pooled = all_reduce_statistics(st)
+        torch.save(pooled.samples, os.path.join(out_dir, f"samples{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_workers_equal_one_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    models, batches = _setup()
+    torch.set_num_threads(1)
+    ref, rep = merge_many(models, batches, iterations=2, repair=True, return_report=True, progress=False)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for res in results:
+        assert res["samples"] == rep.calibration_samples == 96  # every rank saw the pooled count
+        assert res["changes"] == rep.changes_per_sweep
+        for k, v in ref.state_dict().items():
+            # the same sums added in another order: equal up to float64 rounding, then cast to float32
+            assert torch.allclose(res["state"][k].double(), v.double(), rtol=1e-5, atol=1e-6), k
+    assert all(torch.load(tmp_path / f"samples{r}.pt") == 6 for r in range(WORLD))
+
+
+def test_all_reduce_needs_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with pytest.raises(MergeVisionError, match="init_process_group"):
+        all_reduce_statistics(Statistics(samples=1))

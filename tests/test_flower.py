@@ -1,0 +1,94 @@
+"""The Flower recipes: AlignedFedAvg runs 2 rounds with 3 clients; the one-shot ServerApp's merge, built from
+client statistics only, equals merge_many on the pooled client data."""
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr", minversion="1.42",
+                           reason="Flower is not installed: pip install -e '.[federated]' (CI installs it via [test])")
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+
+from mergekit_vision import merge_many  # noqa: E402
+from mergekit_vision.data import digits_dataset  # noqa: E402
+from mergekit_vision.models import tiny_resnet  # noqa: E402
+from mergekit_vision.recipes.flower import (AlignedFedAvg, client_app, oneshot_server_app,  # noqa: E402
+                                            run_inprocess, state_dict_of)
+from mergekit_vision.training import evaluate, train_classifier  # noqa: E402
+
+CLIENTS = 3
+
+
+def _model():
+    return tiny_resnet(8, in_chans=1)
+
+
+def _partition(i):
+    x, y = digits_dataset(16, "train").tensors
+    idx = torch.arange(i, 1347, CLIENTS)  # a third of digits' training split per client
+    return x[idx], y[idx]
+
+
+def _data(context):
+    x, y = _partition(int(context.node_config["partition-id"]))
+    return torch.utils.data.TensorDataset(x, y), list(x.split(100))
+
+
+def _train(model, data, config):
+    train_classifier(model, data, epochs=int(config.get("epochs", 1)), batch_size=16, lr=0.1,
+                     seed=int(config.get("server-round", 0)))
+    return {"train-acc": evaluate(model, data)["acc"]}
+
+
+@pytest.mark.slow
+def test_aligned_fedavg_runs_two_rounds_with_three_clients():
+    test = digits_dataset(16, "test")
+    strategy = AlignedFedAvg(_model, method="activation", repair=True, example=torch.zeros(1, 1, 16, 16),
+                             fraction_evaluate=0.0, min_train_nodes=CLIENTS, min_available_nodes=CLIENTS)
+    out = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        torch.manual_seed(0)
+        out["result"] = strategy.start(grid, ArrayRecord.from_torch_state_dict(_model().state_dict()), num_rounds=2,
+                                       train_config=ConfigRecord({"epochs": 1}),
+                                       evaluate_fn=lambda rnd, arrays: MetricRecord(
+                                           {"acc": evaluate(_load(arrays), test)["acc"]}))
+
+    run_inprocess(app, client_app(_model, _data, _train), CLIENTS)
+    result = out["result"]
+    assert sorted(strategy.reports) == [1, 2]
+    for rnd, rep in strategy.reports.items():
+        assert rep.weights[0] == 0.0 and len(rep.weights) == CLIENTS + 1  # the global model only sets the order
+        assert rep.calibration_samples == 1347  # statistics from all three clients
+        assert set(result.train_metrics_clientapp[rnd]) >= {"train-acc", "align-moved", "align-near-identity"}
+    accs = [result.evaluate_metrics_serverapp[r]["acc"] for r in (0, 1, 2)]
+    assert accs[2] > accs[0] + 0.2, accs  # it learns
+    assert set(state_dict_of(result.arrays)) == set(_model().state_dict())
+
+
+def _load(arrays):
+    m = _model()
+    m.load_state_dict(state_dict_of(arrays))
+    return m.eval()
+
+
+@pytest.mark.slow
+def test_oneshot_merge_from_client_statistics_equals_merge_on_pooled_data():
+    got = {}
+
+    def keep(merged, report, models):
+        got.update(merged=merged, report=report, models=models)
+
+    app = oneshot_server_app(_model, example=torch.zeros(1, 1, 16, 16), min_nodes=CLIENTS, repair=True,
+                             train_config={"epochs": 2}, on_merged=keep)
+    ctx = run_inprocess(app, client_app(_model, _data, _train), CLIENTS)
+    models, rep = got["models"], got["report"]
+    assert rep.calibration_samples == 1347 and rep.near_identity is False  # independent inits: real permutations
+    # the same merge with all clients' calibration batches in one place
+    pooled = [b for i in range(CLIENTS) for b in _partition(i)[0].split(100)]
+    ref = merge_many(models, pooled, weights=rep.weights, repair=True, progress=False)
+    merged = state_dict_of(ctx.state["merged"])
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(merged[k].double(), v.double(), rtol=1e-5, atol=1e-6), k

@@ -1,0 +1,152 @@
+"""merge_many(): permuted copies recovered, weights honoured, agreement with merge() for two models,
+statistics that add exactly across shards, the near-identity report, errors."""
+import logging
+
+import pytest
+import torch
+
+from mergekit_vision import merge, merge_many, permute, random_perms, trace_permutation_spec
+from mergekit_vision.errors import ArchitectureMismatchError, ConfigError, DataError
+from mergekit_vision.merge_many import Statistics, collect_statistics, plan_calibration
+from mergekit_vision.models import create_model, tiny_resnet
+from mergekit_vision.testing import randomize_model
+
+
+def _rel(y, ref):
+    return float((y - ref).norm() / ref.norm())
+
+
+def _copies(model, x, k, seed=1):
+    a = randomize_model(model.eval(), seed=0)
+    spec = trace_permutation_spec(a, x[:1])
+    return a, [permute(a, spec, random_perms(spec, torch.Generator().manual_seed(seed + i))) for i in range(k)]
+
+
+@pytest.mark.parametrize("method,iterations", [("activation", 0), ("activation", 3), ("weight", 0), ("weight", 3)])
+def test_permuted_copies_recover_the_model(method, iterations):
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16, 16)
+    a, copies = _copies(tiny_resnet(8), x, 3)
+    with torch.no_grad():
+        merged, rep = merge_many([a] + copies, list(x.split(32)), method=method, iterations=iterations,
+                                 repair=False, progress=False, return_report=True)
+        assert _rel(merged(x), a(x)) < 1e-5
+        for k, v in a.state_dict().items():
+            assert torch.allclose(v.float(), merged.state_dict()[k].float(), atol=1e-6), k
+    moved = rep.moved()
+    assert moved[0] == 0 and all(m > 0.5 for m in moved[1:])  # random permutations move most channels
+    assert rep.near_identity is False
+    if iterations:
+        assert rep.converged and rep.changes_per_sweep[-1] == 0
+
+
+def test_any_reference_and_repair_on_a_model_without_batchnorm():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 16, 16)
+    a, copies = _copies(create_model("resnet20", norm="ln"), x, 2)
+    with torch.no_grad():
+        # the reference's channel order is kept: reference=2 is `a` itself
+        merged = merge_many(copies + [a], [x], reference=2, repair=True, progress=False)
+        assert _rel(merged(x), a(x)) < 1e-4  # one batch: REPAIR's batch statistics are the pooled ones
+        assert all(torch.allclose(v, merged.state_dict()[k], atol=1e-4) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize("repair", [False, True, "reset"])
+def test_two_models_agree_with_merge(repair):
+    torch.manual_seed(0)
+    x = torch.randn(96, 1, 16, 16)
+    a, b = (randomize_model(tiny_resnet(8).eval(), seed=s) for s in (1, 2))
+    calib = list(x.split(32))
+    ref = merge(a, b, calib, alpha=0.3, repair=repair, progress=False)
+    got = merge_many([a, b], calib, weights=[7, 3], repair=repair, progress=False)
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(v.double(), got.state_dict()[k].double(), atol=1e-6), k
+
+
+def test_weights_are_honoured():
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16, 16)
+    ms = [randomize_model(tiny_resnet(8).eval(), seed=s) for s in (1, 2, 3)]
+    with torch.no_grad():
+        only_b = merge_many(ms, [x], weights=[0, 1, 0], repair=False, progress=False)
+        assert _rel(only_b(x), ms[1](x)) < 1e-5  # B in A's channel order: the same function
+        for iters in (0, 2):
+            w1 = merge_many(ms, [x], weights=[1, 2, 5], iterations=iters, repair=False, progress=False)
+            w2 = merge_many(ms, [x], weights=[0.125, 0.25, 0.625], iterations=iters, repair=False, progress=False)
+            assert all(torch.equal(v, w2.state_dict()[k]) for k, v in w1.state_dict().items())
+        naive = merge_many(ms, [x], weights=[1, 2, 5], method="none", repair=False, progress=False)
+        sds = [m.state_dict() for m in ms]
+        key = "layer1.0.conv1.weight"
+        assert torch.allclose(naive.state_dict()[key], (sds[0][key] + 2 * sds[1][key] + 5 * sds[2][key]) / 8, atol=1e-6)
+
+
+def test_statistics_of_shards_add_up_to_the_whole():
+    torch.manual_seed(0)
+    x = torch.randn(120, 1, 16, 16)
+    ms = [randomize_model(tiny_resnet(8).eval(), seed=s) for s in (1, 2, 3)]
+    plan = plan_calibration(ms[0], x[:1])
+    req = dict(pairs=[(0, 1), (0, 2), (1, 2)], sites=True)
+    batches = list(x.split(20))
+    whole = collect_statistics(ms, batches, plan, **req)
+    shards = [collect_statistics(ms, batches[i::3], plan, **req) for i in range(3)]
+    pooled = sum(shards)
+    assert pooled.samples == whole.samples == 120
+    tw, tp = whole.as_tensors(), pooled.as_tensors()
+    assert list(tw) == list(tp) and len(tw) > 50
+    for k in tw:
+        assert tw[k].dtype == torch.float64
+        assert torch.allclose(tp[k], tw[k], rtol=1e-12, atol=1e-9), k  # float64 sums: equal up to rounding
+    # a round trip through plain tensors (what a worker all-reduces or a client sends) loses nothing
+    back = Statistics.from_tensors({k: v.numpy() for k, v in tp.items()}).as_tensors()
+    assert all(torch.equal(back[k], tp[k]) for k in tp)
+    # the correction pass's measurements pool the same way
+    merged = merge_many(ms, batches, repair=False, progress=False)
+    targets = {s.node: None for s in plan.sites}
+    from mergekit_vision.merge_many import repair_targets
+    targets = repair_targets(plan.sites, whole, [{}, {}, {}], [1 / 3] * 3)
+    fix = dict(correction=True, targets=targets)
+    one = collect_statistics([merged], batches, plan, **fix).as_tensors()
+    two = (collect_statistics([merged], batches[:3], plan, **fix)
+           + collect_statistics([merged], batches[3:], plan, **fix)).as_tensors()
+    assert all(torch.allclose(two[k], one[k], rtol=1e-12, atol=1e-9) for k in one)
+
+
+def test_models_from_a_common_init_are_reported_as_near_identity(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16, 16)
+    base = randomize_model(tiny_resnet(8).eval(), seed=1)
+    ms = []
+    for s in range(3):  # FedAvg-like clients: small drifts from one global model
+        m = randomize_model(tiny_resnet(8).eval(), seed=1)
+        g = torch.Generator().manual_seed(10 + s)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        ms.append(m)
+    with caplog.at_level(logging.WARNING, logger="mergekit_vision.merge_many"):
+        merged, rep = merge_many(ms, [x], iterations=5, repair=False, progress=False, return_report=True)
+    assert rep.near_identity is True and rep.sweeps == 0  # the sweeps are skipped, not run for nothing
+    assert max(rep.moved()) <= 0.05
+    assert "nearly) identity" in caplog.text and "nearly) identity" in rep.summary()
+    assert base is not None and merged is not None
+
+
+def test_errors_name_the_problem():
+    x = torch.randn(8, 1, 16, 16)
+    a, b = tiny_resnet(8).eval(), tiny_resnet(8).eval()
+    with pytest.raises(ConfigError, match="weights has 3 entries"):
+        merge_many([a, b], [x], weights=[1, 1, 1], progress=False)
+    with pytest.raises(ConfigError, match="non-negative"):
+        merge_many([a, b], [x], weights=[1, -1], progress=False)
+    with pytest.raises(ConfigError, match="reference"):
+        merge_many([a, b], [x], reference=2, progress=False)
+    with pytest.raises(ConfigError, match="iterations"):
+        merge_many([a, b], [x], iterations=-1, progress=False)
+    with pytest.raises(ConfigError, match="unknown method"):
+        merge_many([a, b], [x], method="zip", progress=False)
+    with pytest.raises(DataError, match="calibration data"):
+        merge_many([a, b], progress=False)
+    with pytest.raises(ArchitectureMismatchError, match=r"models\[1\]"):
+        merge_many([a, tiny_resnet(4)], [x], progress=False)
+    # data-free: weight matching without REPAIR traces on an example batch
+    assert merge_many([a, b], method="weight", repair=False, example=x[:1], progress=False) is not None
