@@ -94,6 +94,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     config = _load_config(args)
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():  # found before the models are loaded, not after the merge
+        raise ConfigError(f"OUT_DIR '{out}' is a file; give a folder path (it is created if missing)")
     timings: Dict[str, float] = {}
     a, b, calib, evaluation, sources = _load_inputs(config, timings)
 

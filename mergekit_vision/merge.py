@@ -23,6 +23,7 @@ from .match import ChannelMoments, PairCollector, match_from_correlations, match
 from .match.stats import channels_last_2d
 from .permute import permute_state_dict
 from .repair import CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_reset, permute_channel_stats
+from .repair.correct import ChannelAffine, foldable_addends
 from .repair.sites import bn_eval
 from .report import GroupReport, MergeReport, SiteReport
 from .spec import PermutationSpec
@@ -31,7 +32,7 @@ from .trace import trace_permutation_spec
 logger = logging.getLogger(__name__)
 
 METHODS = ("activation", "weight", "none")
-REPAIR_MODES = ("repair", "reset", "none")
+REPAIR_MODES = ("repair", "reset", "stream", "none")
 
 
 # ---- input checks ------------------------------------------------------------------------
@@ -110,6 +111,7 @@ def merge(
     weight_iters: int = 100,
     seed: int = 0,
     diagnostic_batches: int = 4,
+    fold_stream: bool = True,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result.
 
@@ -117,7 +119,13 @@ def merge(
     and dtype (``merged.merge_report`` holds the report; ``return_report=True`` returns it too).
     ``calib_loader``: any re-iterable of batches (Tensor, (x, y) tuples, a DataLoader); no labels needed.
     ``method``: "activation" (correlation matching), "weight" (data-free), "none" (naive average).
-    ``repair``: True/"repair", "reset" (re-estimate BatchNorm statistics only), False/"none".
+    ``repair``: True/"repair", "reset" (re-estimate BatchNorm statistics only), False/"none", or
+    "stream": as "repair" plus a correction on every residual add (the REPAIR authors' ImageNet ResNet
+    variant). A stream correction folds exactly into the addends when each is a BatchNorm or biased
+    conv used only by the add (projection shortcuts); otherwise (identity shortcuts) it is kept as an
+    explicit ``ChannelAffine`` module and the result is a ``torch.fx.GraphModule`` with those extra
+    modules (``fold_stream=False`` keeps every stream correction explicit). The default, "repair",
+    always returns exactly ``model_a``'s architecture.
     """
     from . import __version__
 
@@ -166,7 +174,7 @@ def merge(
 
     # ---- pass 1: A and B together -> matching moments and REPAIR targets --------------------
     collector = PairCollector(spec) if method == "activation" else None
-    target_sites = sites if mode == "repair" else []  # RESET needs no endpoint statistics
+    target_sites = sites if mode in ("repair", "stream") else []  # RESET needs no endpoint statistics
     site_stats: Dict[str, List[ChannelMoments]] = {s.node: [ChannelMoments(), ChannelMoments()] for s in target_sites}
     n_calib = 0
     if collector is not None or target_sites:
@@ -219,32 +227,43 @@ def merge(
             sb_ = ChannelMoments(sb_.n, permute_channel_stats(sb_.s, s, perms), permute_channel_stats(sb_.ss, s, perms))
             targets[s.node] = Target((1 - alpha) * sa_.mean + alpha * sb_.mean, (1 - alpha) * sa_.std + alpha * sb_.std)
         # the uncorrected interpolated net runs alongside on a few batches: the variance-collapse diagnostic
-        raw = copy.deepcopy(merged) if diagnostic_batches and mode == "repair" else None
+        raw = copy.deepcopy(merged) if diagnostic_batches and mode in ("repair", "stream") else None
         models = [merged] + ([raw] if raw is not None else [])
         fix = CorrectionPass(sites, [dict(m.named_modules()) for m in models], targets, mode)
         lock = Lockstep(models, gm.graph)
         with _timer(timings, "pass_repair"), torch.no_grad():
             for i, x in enumerate(_batches(calib_loader, desc=f"{mode} statistics", progress=progress, **batches)):
                 active = [0, 1] if (raw is not None and i < diagnostic_batches) else [0]
-                lock.run(x, override=fix.overrides(), active=active)
+                lock.run(x, hooks=fix.hooks(), override=fix.overrides(), active=active)
         with _timer(timings, "fuse"), torch.no_grad():
             mods = dict(merged.named_modules())
+            explicit: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]] = {}
             for s in sites:
-                m = mods[s.module]
                 note = None
                 if mode == "reset":
-                    fuse_reset(m, fix.measured[s.node])
+                    fuse_reset(mods[s.module], fix.measured[s.node])
+                elif s.kind == "add":
+                    a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
+                    addends = foldable_addends(s, gm, mods)
+                    if addends is None or not fold_stream:
+                        explicit[s.node] = (a_, c_, s.dim)
+                        note = "kept as an explicit ChannelAffine module (does not fold exactly)"
+                    else:
+                        for i, m in enumerate(addends):
+                            fuse_affine(m, a_, c_ if i == 0 else torch.zeros_like(c_), "add")
                 else:
                     a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
-                    note = fuse_affine(m, a_, c_, s.kind)
+                    note = fuse_affine(mods[s.module], a_, c_, s.kind)
                 before = None
                 if fix.raw[s.node].n:
                     before = float((fix.raw[s.node].var / targets[s.node].std.pow(2).clamp_min(1e-12)).mean())
                 report.sites[s.node] = SiteReport(kind=s.kind, module=s.module, var_ratio_before=before, note=note)
         if raw is not None:
             with _timer(timings, "diagnostics"), torch.no_grad():
-                _measure_after(merged, gm, sites, targets, report, calib_loader, diagnostic_batches, batches)
+                _measure_after(merged, gm, sites, targets, report, calib_loader, diagnostic_batches, batches, explicit)
         del raw
+        if explicit:
+            merged = _with_affines(merged, gm, explicit)
 
     merged = merged.to(out_device).eval()
     check_finite(merged, "the merged model")
@@ -300,10 +319,43 @@ def _site_recorders(sites, site_stats, mods):
     return hooks, overrides
 
 
-def _measure_after(merged, gm, sites, targets, report, loader, n_batches, batches):
+def _with_affines(merged: nn.Module, gm, explicit) -> nn.Module:
+    """The merged model as a GraphModule with a ChannelAffine after each add site that did not fold."""
+    graph = copy.deepcopy(gm.graph)
+    holder = nn.Module()
+    for name, (a_, c_, dim) in explicit.items():
+        holder.add_module(name, ChannelAffine(a_.to(dtype_of(merged)), c_.to(dtype_of(merged)), dim))
+    merged.add_module("repair_affine", holder)
+    for node in list(graph.nodes):
+        if node.name in explicit:
+            with graph.inserting_after(node):
+                new = graph.call_module(f"repair_affine.{node.name}", (node,))
+            node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+    graph.lint()
+    out = torch.fx.GraphModule(merged, graph, class_name=type(merged).__name__)
+    return out
+
+
+def dtype_of(model: nn.Module) -> torch.dtype:
+    return next(iter(model.parameters())).dtype
+
+
+def _measure_after(merged, gm, sites, targets, report, loader, n_batches, batches, explicit=None):
     stats = {s.node: ChannelMoments() for s in sites}
     mods = dict(merged.named_modules())
     lock = Lockstep([merged], gm.graph)
+    explicit = explicit or {}
+
+    def add_hook(node, values):
+        site = next(s for s in sites if s.node == node.name)
+        v = values[0]
+        if node.name in explicit:
+            a_, c_, dim = explicit[node.name]
+            shape = [1] * v.dim()
+            shape[dim] = -1
+            v = v * a_.to(v.dtype).view(shape) + c_.to(v.dtype).view(shape)
+        stats[site.node].update(channels_last_2d(v, site.dim))
+        return [v]
 
     def make(site):
         def override(node, k, args, kwargs):
@@ -316,11 +368,12 @@ def _measure_after(merged, gm, sites, targets, report, loader, n_batches, batche
             return z
         return override
 
-    over = {s.node: make(s) for s in sites}
+    over = {s.node: make(s) for s in sites if s.kind != "add"}
+    hooks = {s.node: add_hook for s in sites if s.kind == "add"}
     kw = dict(batches)
     kw["max_batches"] = min(n_batches, kw["max_batches"] or n_batches)
     for x in iter_inputs(loader, **kw):
-        lock.run(x, override=over)
+        lock.run(x, hooks=hooks, override=over)
     for s in sites:
         t = targets[s.node]
         report.sites[s.node].var_ratio_after = float((stats[s.node].var / t.std.pow(2).clamp_min(1e-12)).mean())

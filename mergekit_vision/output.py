@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from torch import nn
 
+from .errors import ExportError
 from .export import CONFIG_NAME, save_sharded, timm_config, write_json_atomic, write_text_atomic
 from .report import MergeReport
 
@@ -39,6 +40,8 @@ def write_output_folder(out_dir: Union[str, Path], merged: nn.Module, config: An
     from . import __version__
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output folder '{out}' is a file; give a folder path (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     # README.md marks a finished folder: an earlier run's card goes first, so a re-run that is
     # interrupted never pairs new weights with an old card.

@@ -167,3 +167,25 @@ def test_errors_are_clear():
         merge(a, copy.deepcopy(a), [torch.randn(8, 1, 32, 32)])
     with pytest.raises(DataError, match="calibration data"):
         merge(a, copy.deepcopy(a), None)
+
+
+def test_stream_repair_folds_exactly_where_it_can():
+    """repair="stream" corrects every residual add; projection-shortcut adds fold into both addends'
+    BatchNorms, identity-shortcut adds stay explicit ChannelAffine modules. Folded == explicit."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32)
+    a = randomize_model(create_model("resnet20", norm="bn").eval(), seed=1)
+    b = randomize_model(create_model("resnet20", norm="bn").eval(), seed=2)
+    with torch.no_grad():
+        same = merge(a, a, [x], repair="stream", progress=False)
+        assert _rel(same(x), a(x)) < 1e-4
+        folded, rep = merge(a, b, [x], repair="stream", progress=False, return_report=True)
+        explicit = merge(a, b, [x], repair="stream", fold_stream=False, progress=False)
+        assert _rel(folded(x), explicit(x)) < 1e-5
+        adds = {k: s for k, s in rep.sites.items() if s.kind == "add"}
+        assert len(adds) == 9 and all(abs(s.var_ratio_after - 1) < 1e-3 for s in adds.values())
+        n_affine = sum(1 for n in folded.graph.nodes if str(n.target).startswith("repair_affine."))
+        assert n_affine == 7  # 9 blocks, 2 with projection shortcuts
+        assert sum(1 for n in explicit.graph.nodes if str(n.target).startswith("repair_affine.")) == 9
+        # the default keeps the architecture exactly
+        assert type(merge(a, b, [x], progress=False)) is type(a)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..match.stats import ChannelMoments, channels_last_2d
-from .sites import Site, bn_eval, bn_post
+from .sites import Site, bn_eval, bn_post, is_batchnorm
 
 _TINY = 1e-12
 
@@ -65,7 +65,17 @@ class CorrectionPass:
         self.raw: Dict[str, ChannelMoments] = {s.node: ChannelMoments() for s in sites}
 
     def overrides(self):
-        return {name: self._bn if s.kind == "bn" else self._conv for name, s in self.sites.items()}
+        return {name: self._bn if s.kind == "bn" else self._conv for name, s in self.sites.items() if s.kind != "add"}
+
+    def hooks(self):
+        return {name: self._add for name, s in self.sites.items() if s.kind == "add"}
+
+    def _add(self, node, values):
+        site = self.sites[node.name]
+        self.measured[site.node].update(channels_last_2d(values[0], site.dim))
+        if len(values) > 1:
+            self.raw[site.node].update(channels_last_2d(values[1], site.dim))
+        return [renormalize(values[0], site.dim, self.targets[site.node])] + list(values[1:])
 
     def _bn(self, node, k, args, kwargs):
         site = self.sites[node.name]
@@ -106,6 +116,40 @@ def fuse_affine(module: nn.Module, a: torch.Tensor, c: torch.Tensor, kind: str) 
     if torch.any(c.abs() > 0):
         return "no bias to hold the shift: only the scale was fused"
     return None
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel: a REPAIR correction that cannot be folded exactly."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, dim: int = 1):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("scale", scale.clone())
+        self.register_buffer("shift", shift.clone())
+
+    def forward(self, x):
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.scale.view(shape) + self.shift.view(shape)
+
+
+def foldable_addends(site: Site, gm, modules: Dict[str, nn.Module]) -> Optional[List[nn.Module]]:
+    """The modules producing each addend of an add site, if a per-channel affine on the sum folds into
+    them exactly (BatchNorm or biased conv/linear outputs used only by this add)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for name in site.inputs:
+        n = nodes[name]
+        if n.op != "call_module" or len(n.users) != 1:
+            return None
+        m = modules[n.target]
+        if is_batchnorm(m) and type(m).__name__.startswith("BatchNorm") and m.weight is not None:
+            out.append(m)
+        elif isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d)) and m.bias is not None:
+            out.append(m)
+        else:
+            return None
+    return out
 
 
 @torch.no_grad()

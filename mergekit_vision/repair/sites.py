@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -32,10 +34,15 @@ class Site:
     dim: int            # channel dim of the value
     channels: int
     segments: List[Tuple[int, int, int, str]] = field(default_factory=list)  # (start, offset, length, group)
+    inputs: List[str] = field(default_factory=list)  # "add" sites: the addend nodes
+
+
+ADD_TARGETS = {operator.add, torch.add, operator.iadd}
 
 
 def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Site]:
-    """Sites in graph order. ``mode`` is "repair" (BN + unnormalized conv/linear) or "reset" (BN only)."""
+    """Sites in graph order. ``mode`` is "repair" (BN + unnormalized conv/linear), "reset" (BN only) or
+    "stream" (as "repair", plus every residual add: the REPAIR authors' variant for ImageNet ResNets)."""
     modules = dict(gm.named_modules())
     taps: Dict[Tuple[str, int], List[Tuple[int, int, int, str, bool]]] = {}
     for g in spec.groups:
@@ -43,6 +50,14 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
             taps.setdefault((t.node, t.dim), []).append((t.start, t.offset, t.length, g.name, g.reason == "model output"))
     sites: List[Site] = []
     for n in gm.graph.nodes:
+        if mode == "stream" and _is_add(n):
+            for d in (1, -1, 2, 3):
+                segs = taps.get((n.name, d))
+                if segs and not any(s[4] for s in segs):
+                    sites.append(Site(n.name, "", "add", d, sum(s[2] for s in segs), [s[:4] for s in segs],
+                                      [a.name for a in n.args[:2]]))
+                    break
+            continue
         if n.op != "call_module":
             continue
         m = modules[n.target]
@@ -51,7 +66,7 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
                 continue
             key = (n.args[0].name, 1)
             kind = "bn"
-        elif isinstance(m, CONV_TYPES) and mode == "repair":
+        elif isinstance(m, CONV_TYPES) and mode in ("repair", "stream"):
             users = list(n.users)
             if users and all(u.op == "call_module" and is_batchnorm(modules[u.target]) for u in users):
                 continue  # the BatchNorm that follows is the site
@@ -72,6 +87,11 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
             continue  # channels not fully tracked, or the model output (logits are not repaired)
         sites.append(Site(n.name, n.target, kind, key[1], channels, [s[:4] for s in segs]))
     return sites
+
+
+def _is_add(n: fx.Node) -> bool:
+    is_add = (n.op == "call_function" and n.target in ADD_TARGETS) or (n.op == "call_method" and n.target in ("add", "add_"))
+    return is_add and len(n.args) >= 2 and all(isinstance(a, fx.Node) for a in n.args[:2])
 
 
 def bn_eval(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
