@@ -236,10 +236,15 @@ def save_safetensors(
     """Write every parameter and buffer (keys exactly as in `state_dict()`) to one safetensors file.
 
     `metadata` values that are not str are stored as JSON text and decoded by `load_safetensors`.
+    A model returned by `merge` also records its provenance (method, alpha, repair mode, calibration
+    size, library version, the sources' sha256) unless `metadata` overrides those keys.
     The file loads directly with `timm.create_model(name, pretrained=True,
     pretrained_cfg_overlay=dict(file=path))` or `model.load_state_dict(safetensors.torch.load_file(path))`.
     """
     path = Path(path)
+    report = getattr(model_or_state_dict, "merge_report", None)
+    if report is not None:  # a merged model carries its provenance; explicit metadata wins
+        metadata = {**report.provenance(), **dict(metadata or {})}
     tensors = _prepare_tensors(_state_dict_of(model_or_state_dict))
     _write_safetensors(tensors, path, _encode_metadata(metadata))
     _logger.info("Saved %d tensors (%s) to %s", len(tensors), _format_size(_nbytes(tensors)), path)

@@ -6,6 +6,7 @@ permute B -> interpolate -> one pass over the interpolated net with corrections 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -58,6 +59,20 @@ def check_finite(model: nn.Module, name: str) -> None:
     for k, v in model.state_dict().items():
         if v.is_floating_point() and v.numel() and not torch.isfinite(v.sum(dtype=torch.float64)):
             raise NumericalError(f"{name} has NaN or inf values in {k!r}; fix or re-train the checkpoint before merging.")
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """A content hash of the weights (keys, shapes, dtypes, values): which checkpoints were merged."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def source_info(model: nn.Module, role: str) -> Dict[str, str]:
+    name = getattr(model, "pretrained_cfg", {}).get("architecture") if hasattr(model, "pretrained_cfg") else None
+    return {"role": role, "architecture": name or type(model).__name__, "sha256": state_dict_sha256(model)}
 
 
 def _repair_mode(repair: Union[bool, str, None]) -> str:
@@ -147,7 +162,8 @@ def merge(
     out_device, dtype = p0.device, p0.dtype
     work = torch.device(device) if device is not None else out_device
     timings: Dict[str, float] = {}
-    report = MergeReport(method=method, alpha=alpha, repair=mode, version=__version__)
+    report = MergeReport(method=method, alpha=alpha, repair=mode, version=__version__,
+                         sources=[source_info(model_a, "model_a"), source_info(model_b, "model_b")])
     batches = dict(max_batches=max_batches, max_samples=max_samples, device=work, dtype=dtype)
 
     # never touch the inputs: every stage works on copies

@@ -40,6 +40,12 @@ class MergeReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def provenance(self) -> Dict[str, Any]:
+        """What a weights file should say about how it was made (safetensors metadata)."""
+        return {"merge_method": self.method, "alpha": self.alpha, "repair": self.repair,
+                "calibration_samples": self.calibration_samples, "mergekit_vision_version": self.version,
+                "sources": self.sources}
+
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 

@@ -189,3 +189,23 @@ def test_stream_repair_folds_exactly_where_it_can():
         assert sum(1 for n in explicit.graph.nodes if str(n.target).startswith("repair_affine.")) == 9
         # the default keeps the architecture exactly
         assert type(merge(a, b, [x], progress=False)) is type(a)
+
+
+def test_merged_model_saves_with_provenance_and_round_trips(tmp_path):
+    from mergekit_vision import load_safetensors, save_safetensors
+    from mergekit_vision.export import load_into
+
+    torch.manual_seed(0)
+    a = randomize_model(create_model("tiny_resnet").eval(), seed=1)
+    b = randomize_model(create_model("tiny_resnet").eval(), seed=2)
+    x = torch.randn(32, 1, 16, 16)
+    merged = merge(a, b, [x], progress=False)
+    path = save_safetensors(merged, tmp_path / "m.safetensors")
+    sd, meta = load_safetensors(path)
+    assert meta["merge_method"] == "activation" and meta["repair"] == "repair" and meta["alpha"] == 0.5
+    assert meta["calibration_samples"] == 32 and len(meta["sources"]) == 2
+    assert meta["sources"][0]["sha256"] != meta["sources"][1]["sha256"]
+    assert all(torch.equal(v, merged.state_dict()[k]) for k, v in sd.items())
+    fresh = load_into(create_model("tiny_resnet").eval(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), merged(x))
