@@ -79,11 +79,18 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
         if not tmp.is_file():
             raise ExportError(f"Nothing was written to the temporary file for '{path}'.")
         _fsync_file(tmp)  # data on disk before the rename makes it visible
+        os.chmod(tmp, 0o666 & ~_umask())  # writers that create 0600 files: the usual mode instead
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(path: Path) -> None:

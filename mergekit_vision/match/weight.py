@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 def _rows(t: torch.Tensor, m: Member) -> List[Tuple[int, torch.Tensor]]:
     """(group channel offset, rows) slices of ``t`` along the member's axis, one row per channel."""
-    x = t.detach().to(torch.float64).movedim(m.axis, 0)
+    t = t.detach() if t.dtype in (torch.float32, torch.float64) else t.detach().float()
+    x = t.movedim(m.axis, 0)
     if m.groups == 1:
         rows = x[m.start:m.start + m.length * m.inner].reshape(m.length, -1)
         return [(m.offset, rows)]
@@ -25,7 +26,7 @@ def _rows(t: torch.Tensor, m: Member) -> List[Tuple[int, torch.Tensor]]:
     ipg = t.shape[m.axis]
     opg = t.shape[0] // m.groups
     out = []
-    w = t.detach().to(torch.float64)
+    w = t
     blocks = defaultdict(list)
     for j in range(m.length):
         c = m.start + j
@@ -53,7 +54,8 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
         improved = False
         for gi in torch.randperm(len(groups), generator=gen).tolist():
             g = groups[gi]
-            score = torch.zeros(g.size, g.size, dtype=torch.float64)
+            dtype = torch.float64 if sd_a[g.members[0].key].dtype == torch.float64 else torch.float32
+            score = torch.zeros(g.size, g.size, dtype=dtype)
             for m in g.members:
                 others = [(mm, perms[gn]) for gn, mm in index[m.key] if gn != g.name and mm.axis != m.axis]
                 wb = sd_b[m.key]
@@ -63,11 +65,11 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
                 for (ax, grp), mems in by_axis.items():
                     wb = permute_tensor(wb, ax, grp, mems)
                 for (oa, ra), (ob, rb) in zip(_rows(sd_a[m.key], m), _rows(wb, m)):
-                    score[oa:oa + ra.shape[0], oa:oa + ra.shape[0]] += ra @ rb.T
+                    score[oa:oa + ra.shape[0], oa:oa + ra.shape[0]].addmm_(ra, rb.T)
             old = perms[g.name]
             new = solve_assignment(score, g.blocks)
             ar = torch.arange(g.size)
-            old_val, new_val = score[ar, old].sum().item(), score[ar, new].sum().item()
+            old_val, new_val = score[ar, old].double().sum().item(), score[ar, new].double().sum().item()
             if new_val > old_val + 1e-12 * max(1.0, abs(old_val)):
                 perms[g.name] = new
                 improved = True
