@@ -104,6 +104,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     with _stage(timings, "merge"):
         merged, report = merge(a, b, calib, alpha=config.alpha, method=config.method, repair=config.repair,
                                device=config.device, progress=not args.quiet, return_report=True, seed=config.seed)
+    extra = [k for k in merged.state_dict() if k not in a.state_dict()]
+    if extra:  # repair: stream keeps corrections that do not fold as extra modules
+        raise ConfigError(f"repair: {config.repair!r} left {len(extra)} tensors that {config.models[0].model!r} has "
+                          f"no place for (e.g. {extra[0]!r}), so the folder would not load into it; nothing was "
+                          "written. Use repair: repair (or reset) for a model of exactly the input architecture.")
     metrics = None
     if evaluation is not None:
         with _stage(timings, "evaluate"):
