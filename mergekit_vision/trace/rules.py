@@ -865,10 +865,21 @@ for _t in ELEMENTWISE_MODULES:
 
 def _register_timm_modules() -> None:
     """timm's own leaf modules that have a plain channel rule; the others stay opaque."""
+    global ELEMENTWISE_MODULES
     try:
         from timm import layers as tl
+        from timm.layers import activations as ta, activations_me as tam
     except Exception:
         return
+    # timm's activation modules are pointwise functions (PReLU, which has a per-channel weight, is not here)
+    pointwise = [getattr(mod, n, None) for mod, names in (
+        (ta, ("GELU", "GELUTanh", "HardMish", "HardSigmoid", "HardSwish", "Mish", "QuickGELU", "Sigmoid", "Swish",
+              "Tanh")),
+        (tam, ("HardMishMe", "HardSigmoidMe", "HardSwishMe", "MishMe", "SwishMe"))) for n in names]
+    pointwise = tuple(t for t in pointwise if isinstance(t, type))
+    ELEMENTWISE_MODULES = ELEMENTWISE_MODULES + pointwise
+    for t in pointwise:
+        MODULE_RULES.setdefault(t, identity_module)
     for name, rule in (
         ("BatchNormAct2d", batchnorm_module), ("SyncBatchNormAct", batchnorm_module),
         ("FrozenBatchNormAct2d", batchnorm_module), ("FrozenBatchNorm2d", batchnorm_module),
