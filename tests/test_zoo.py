@@ -46,9 +46,11 @@ def _input_size(model, name):
 
 
 def _check(model, name, size):
-    x = torch.randn(2, 3, size, size)
+    giant = sum(p.numel() for p in model.parameters()) > 100e6
+    x = torch.randn(1 if giant else 2, 3, size, size)
     try:
-        res = check_spec(model, x)
+        # the test owns its model: giants are checked in place (float64 copies would not fit in memory)
+        res = check_spec(model, x, copy_model=not giant)
     except TraceError as exc:  # fx cannot trace it: the error must say where and what to do
         assert "leaf_modules=" in str(exc) or "autowrap" in str(exc), str(exc)
         pytest.xfail(f"fx cannot trace {name}: {str(exc)[:200]}")
