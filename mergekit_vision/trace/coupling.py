@@ -4,6 +4,7 @@ resolve the linked channel ranges into a ``PermutationSpec``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -169,6 +170,20 @@ def _group_name(members: Sequence[Member], order: Dict[Tuple[str, int], int], nd
     return name
 
 
+def _join_runs(items, same, step):
+    """Join consecutive ``Member``/``Tap`` records that continue each other: same ``same(x)``, and both
+    the positions (``start``, in steps of ``step(x)``) and the group channels (``offset``) contiguous."""
+    out: list = []
+    for it in items:
+        if out:
+            q = out[-1]
+            if same(q) == same(it) and q.start + q.length * step(q) == it.start and q.offset + q.length == it.offset:
+                out[-1] = dataclasses.replace(q, length=q.length + it.length)
+                continue
+        out.append(it)
+    return out
+
+
 def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationSpec:
     """Atoms -> components -> display groups (components from one element's equal blocks are shown
     as one group with ``blocks``) -> members and taps in group coordinates."""
@@ -232,32 +247,12 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
                 taps[gi].append(Tap(node, dim, op, pos, goff, n))
             pos += n
 
-    def member_key(m):
-        return (m.key, m.axis, m.inner, m.groups)
-
     for gi in members:
-        ms = sorted(set(members[gi]), key=lambda m: (m.key, m.axis, m.start))
-        merged: List[Member] = []
-        for m in ms:
-            if merged:
-                q = merged[-1]
-                if member_key(q) == member_key(m) and q.start + q.length * q.inner == m.start \
-                        and q.offset + q.length == m.offset:
-                    merged[-1] = Member(q.key, q.axis, q.start, q.offset, q.length + m.length, q.inner, q.groups)
-                    continue
-            merged.append(m)
-        members[gi] = merged
+        members[gi] = _join_runs(sorted(set(members[gi]), key=lambda m: (m.key, m.axis, m.start)),
+                                 lambda m: (m.key, m.axis, m.inner, m.groups), lambda m: m.inner)
     for gi in taps:
-        ts = sorted(set(taps[gi]), key=lambda t: (t.node, t.dim, t.start))
-        merged_t: List[Tap] = []
-        for t in ts:
-            if merged_t:
-                q = merged_t[-1]
-                if (q.node, q.dim) == (t.node, t.dim) and q.start + q.length == t.start and q.offset + q.length == t.offset:
-                    merged_t[-1] = Tap(q.node, q.dim, q.op, q.start, q.offset, q.length + t.length)
-                    continue
-            merged_t.append(t)
-        taps[gi] = merged_t
+        taps[gi] = _join_runs(sorted(set(taps[gi]), key=lambda t: (t.node, t.dim, t.start)),
+                              lambda t: (t.node, t.dim), lambda t: 1)
 
     # frozen reasons, and a (key, axis) position claimed by two groups freezes both
     reasons: Dict[int, List[str]] = {gi: [r for c in comps for r in A.reasons.get(c, [])]
