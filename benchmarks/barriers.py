@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    logging.getLogger("mergekit_vision").setLevel(logging.WARNING)  # one summary per curve, not per merge
     torch.set_num_threads(args.threads)
     from mergekit_vision.data import load_cifar10
     from mergekit_vision.evaluate import Curve, interpolation_curve, plot_curve
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
                               train_samples=meta_a["train_samples"], seconds=time.perf_counter() - t0)
             logger.info("%s (%.0fs)\n%s", key, curve.meta["seconds"], curve.table())
             plot_curve(curve, out / "img" / f"{key}.png",
-                       title=f"{config}, seeds {sa}/{sb}, {meta_a['epochs']} epochs")
+                       title=f"{config}, seeds {sa}/{sb}, epochs: {meta_a['epochs']}")
             results[key] = curve.to_dict()
             write_json_atomic(json_path, results)
     # the table covers every curve in barriers.json: runs of other configurations accumulate

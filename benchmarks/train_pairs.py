@@ -6,8 +6,8 @@ test accuracy of every cached checkpoint. Machine: 2-core x86_64 CPU shared with
 
     python benchmarks/train_pairs.py --data ../shared/data/cifar10 --config resnet20_bn_w1 --seeds 0 1 \
         --epochs 30 --out checkpoints/
-    python benchmarks/train_pairs.py --data PATH --config resnet20_bn_w1 --seeds 0 --epochs 1 \
-        --max-train 2560 --out /tmp/ckpt      # a timing/smoke run on 2,560 images
+    python benchmarks/train_pairs.py --data PATH --config resnet20_bn_w1 vgg11_none --time-only 20
+                                              # seconds per epoch, measured on 20 steps (no checkpoint)
 
 ``--data`` is the folder given to ``torchvision.datasets.CIFAR10(root)`` or the offline .npz copy.
 Writes ``{out}/{config}_s{seed}.safetensors`` (metadata: the config, seed, epochs and accuracy) and
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -44,11 +45,19 @@ def _timm_resnet18_cifar() -> nn.Module:
     return m
 
 
-def _mkv(name: str, **kw) -> Callable[[], nn.Module]:
+def _mkv(name: str, kaiming: bool = False, **kw) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         from mergekit_vision.models import create_model
 
-        return create_model(name, **kw)
+        m = create_model(name, **kw)
+        if kaiming:
+            # Without normalization, PyTorch's default conv init shrinks the signal ~250x over VGG-11's
+            # eight convs and SGD stalls at chance; He init keeps it at unit scale.
+            for mod in m.modules():
+                if isinstance(mod, nn.Conv2d):
+                    nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+                    nn.init.zeros_(mod.bias)
+        return m
     return build
 
 
@@ -60,7 +69,7 @@ CONFIGS: Dict[str, dict] = {
     "resnet20_bn_w4": dict(build=_mkv("resnet20", width=4, norm="bn"), lr=0.1),
     "resnet20_ln_w1": dict(build=_mkv("resnet20", width=1, norm="ln"), lr=0.05),
     "resnet20_ln_w4": dict(build=_mkv("resnet20", width=4, norm="ln"), lr=0.05),
-    "vgg11_none": dict(build=_mkv("vgg11", width=1, norm="none"), lr=0.02),
+    "vgg11_none": dict(build=_mkv("vgg11", kaiming=True, width=1, norm="none"), lr=0.02),
     "timm_resnet18": dict(build=_timm_resnet18_cifar, lr=0.1),
 }
 
@@ -110,6 +119,24 @@ def train_one(config: str, seed: int, train, test, *, epochs: int, batch_size: i
     return meta
 
 
+def time_epoch(config: str, train, *, batch_size: int, lr: float, steps: int) -> float:
+    """Seconds per 50,000-image epoch, from ``steps`` training steps (nothing is saved)."""
+    from mergekit_vision.training import train_classifier
+
+    n = min(len(train), steps * batch_size)
+    sub = (train.tensors[0][:n], train.tensors[1][:n])
+    torch.manual_seed(0)
+    model = build(config)
+    warm = (sub[0][:3 * batch_size], sub[1][:3 * batch_size])
+    train_classifier(model, warm, epochs=1, batch_size=batch_size, lr=lr, seed=0, augment="crop_flip")  # warm-up
+    t0 = time.perf_counter()
+    train_classifier(model, sub, epochs=1, batch_size=batch_size, lr=lr, seed=1, augment="crop_flip")
+    per_epoch = (time.perf_counter() - t0) * 50000 / n
+    logger.info("%s: %.0f s per 50k-image epoch (%d steps of %d, %d thread(s))", config, per_epoch,
+                math.ceil(n / batch_size), batch_size, torch.get_num_threads())
+    return per_epoch
+
+
 def load_checkpoint(out: Path, config: str, seed: int) -> nn.Module:
     from mergekit_vision.export import load_into
 
@@ -121,7 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="CIFAR-10: torchvision's root folder or the .npz copy")
     p.add_argument("--config", nargs="+", required=True, help=f"one or more of: {', '.join(CONFIGS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--epochs", type=int, default=None, help="required unless --time-only")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the config's)")
     p.add_argument("--max-train", type=int, default=None, help="train on the first N images only (smoke runs)")
@@ -129,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--force", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    p.add_argument("--time-only", type=int, default=None, metavar="STEPS",
+                   help="only measure seconds per epoch from STEPS training steps (after 3 warm-up steps)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     if args.verbose:
@@ -136,12 +165,20 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from mergekit_vision.data import load_cifar10
 
-    train = load_cifar10(args.data, "train", max_samples=args.max_train)
-    test = load_cifar10(args.data, "test")
-    out = Path(args.out)
     for config in args.config:
         if config not in CONFIGS:
             raise SystemExit(f"unknown config {config!r}; valid: {', '.join(CONFIGS)}")
+    train = load_cifar10(args.data, "train", max_samples=args.max_train)
+    if args.time_only:
+        for config in args.config:
+            time_epoch(config, train, batch_size=args.batch_size, steps=args.time_only,
+                       lr=args.lr if args.lr is not None else CONFIGS[config]["lr"])
+        return 0
+    if args.epochs is None:
+        raise SystemExit("--epochs is required (or --time-only STEPS)")
+    test = load_cifar10(args.data, "test")
+    out = Path(args.out)
+    for config in args.config:
         for seed in args.seeds:
             train_one(config, seed, train, test, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr if args.lr is not None else CONFIGS[config]["lr"], out=out, force=args.force,

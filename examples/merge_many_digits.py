@@ -1,7 +1,10 @@
 """Star alignment vs iterative MergeMany for merging K independently trained models (the default's evidence).
 
-Result (digits 16x16, tiny_resnet width 32, seeds 0..3, K=4; 1 CPU thread of an AMD EPYC; see
-docs/recipes/merge_many.md for the full table): RESULT_PLACEHOLDER
+Result: 4 tiny_resnets (width 32, digits 16x16, 99% each) merge at 89.3% (seeds 0-3) and 90.7% (seeds
+4-7) with activation MergeMany + REPAIR, vs 89.6% / 80.0% for star alignment to model 0 (74.7-90.0%
+depending on the reference) and 9.6% for the naive average. Machine: 2-core AMD EPYC VM shared with
+other jobs, 1 thread, torch 2.14.1 CPU; ~6 min per run with cached models. Full table:
+docs/recipes/merge_many.md.
 
     python examples/merge_many_digits.py --seeds 0 1 2 3 --out merge_many_digits.json
 

@@ -107,7 +107,7 @@ class Curve:
                 mid = "      -" if b["mid"] is None else fmt.format(scale * b["mid"])
                 row += f" |     {mid} {fmt.format(scale * b['max'])}"
                 if metric == "acc" and has_red:
-                    r = self.reduction(mode) if mode != "naive" else None
+                    r = self.reduction(mode) if mode not in ("naive", "aligned") else None
                     row += " |" + ("        -" if r is None else f"   {100 * r:5.1f}%")
                 lines.append(row)
         for mode, note in self.notes.items():
@@ -304,7 +304,7 @@ def plot_curve(curve: Curve, path: Union[str, Path], *, metric: str = "acc", tit
     if metric == "acc":
         ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower center" if metric == "acc" else "upper center")
+    ax.legend(fontsize=8, loc="best")
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

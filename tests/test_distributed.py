@@ -20,6 +20,15 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 WORLD = 2
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: extra threads only contend for the shared cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _setup():
     torch.manual_seed(0)
     x = torch.randn(96, 1, 16, 16)

@@ -19,6 +19,15 @@ from mergekit_vision.training import evaluate, train_classifier  # noqa: E402
 CLIENTS = 3
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: extra threads only contend for the shared cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model():
     return tiny_resnet(8, in_chans=1)
 
@@ -92,3 +101,24 @@ def test_oneshot_merge_from_client_statistics_equals_merge_on_pooled_data():
     merged = state_dict_of(ctx.state["merged"])
     for k, v in ref.state_dict().items():
         assert torch.allclose(merged[k].double(), v.double(), rtol=1e-5, atol=1e-6), k
+
+
+def test_a_client_without_the_statistics_handler_gets_a_clear_error():
+    from flwr.clientapp import ClientApp
+
+    from mergekit_vision.errors import DataError
+    from mergekit_vision.merge_many import StatisticsRequest, plan_calibration
+    from mergekit_vision.recipes.flower import FlowerCollector
+
+    app, seen = ServerApp(), {}
+
+    @app.main()
+    def main(grid, context):
+        m = _model().eval()
+        plan = plan_calibration(m, torch.zeros(1, 1, 16, 16))
+        with pytest.raises(DataError, match="answer_statistics_query") as err:
+            FlowerCollector(grid)([m, m], plan, StatisticsRequest(pairs=((0, 1),)))
+        seen["error"] = str(err.value)
+
+    run_inprocess(app, ClientApp(), 2)  # a ClientApp that registers nothing
+    assert "none of 2 clients answered" in seen["error"]

@@ -12,6 +12,15 @@ from mergekit_vision.models import create_model, tiny_resnet
 from mergekit_vision.testing import randomize_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: extra threads only contend for the shared cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rel(y, ref):
     return float((y - ref).norm() / ref.norm())
 
@@ -144,6 +153,8 @@ def test_errors_name_the_problem():
         merge_many([a, b], [x], iterations=-1, progress=False)
     with pytest.raises(ConfigError, match="unknown method"):
         merge_many([a, b], [x], method="zip", progress=False)
+    with pytest.raises(ConfigError, match="stream"):
+        merge_many([a, b], [x], repair="stream", progress=False)
     with pytest.raises(DataError, match="calibration data"):
         merge_many([a, b], progress=False)
     with pytest.raises(ArchitectureMismatchError, match=r"models\[1\]"):

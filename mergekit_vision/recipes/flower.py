@@ -159,7 +159,7 @@ class AlignedFedAvg(FedAvg):
     separate QUERY messages rather than as extra records of the train replies.
     """
 
-    def __init__(self, model_fn: ModelFn, *, method: str = "activation", repair: Any = True, iterations: int = 0,
+    def __init__(self, model_fn: ModelFn, *, method: str = "activation", repair: Any = True, iterations: Optional[int] = None,
                  reference: str = "global", calib_loader: Any = None, example: Optional[torch.Tensor] = None,
                  query_timeout: Optional[float] = None, merge_kwargs: Optional[Mapping[str, Any]] = None,
                  **fedavg_kwargs: Any):
@@ -179,7 +179,7 @@ class AlignedFedAvg(FedAvg):
 
     def summary(self) -> None:
         super().summary()
-        logger.info("aligned averaging: method=%s repair=%s iterations=%d reference=%s", self.method, self.repair,
+        logger.info("aligned averaging: method=%s repair=%s iterations=%s reference=%s", self.method, self.repair,
                     self.iterations, self.reference)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -200,7 +200,7 @@ class AlignedFedAvg(FedAvg):
         collect = None
         if self.calib_loader is None:
             collect = FlowerCollector(self._grid, [m.metadata.src_node_id for m in valid], timeout=self.query_timeout)
-        kw = dict(progress=False, **self.merge_kwargs)
+        kw = {"progress": False, **self.merge_kwargs}
         merged, report = merge_many(models, self.calib_loader, weights=weights, method=self.method,
                                     reference=reference, iterations=self.iterations, repair=self.repair,
                                     collect=collect, example=self.example, return_report=True, **kw)
@@ -214,7 +214,7 @@ class AlignedFedAvg(FedAvg):
 
 # ---- one-shot: independent training, one merge -------------------------------------------
 def oneshot_server_app(model_fn: ModelFn, *, example: torch.Tensor, min_nodes: int = 2, method: str = "activation",
-                       repair: Any = True, iterations: int = 0, weighted_by_key: str = "num-examples",
+                       repair: Any = True, iterations: Optional[int] = None, weighted_by_key: str = "num-examples",
                        train_config: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None,
                        on_merged: Optional[Callable[[nn.Module, MergeManyReport, List[nn.Module]], None]] = None,
                        merge_kwargs: Optional[Mapping[str, Any]] = None) -> ServerApp:
