@@ -7,7 +7,8 @@ RESULT: see docs/results.md ("Barriers"): the tables and plots there were produc
 
 For each configuration with at least two cached seeds, each pair of seeds (first two by default, all
 with --all-pairs): ``mergekit_vision.evaluate.interpolation_curve`` on the CIFAR-10 test set, modes
-naive / aligned / aligned + RESET / aligned + REPAIR, matching and statistics on ``--calib`` training
+naive / aligned / aligned + RESET / aligned + REPAIR / aligned + REPAIR with residual-stream
+corrections (``repair="stream"``), matching and statistics on ``--calib`` training
 images (a fixed random subset, no augmentation). Writes ``{out}/barriers.md`` (the table),
 ``{out}/barriers.json`` (every curve) and ``{out}/img/{config}_s{a}_s{b}.png``.
 Barrier = mean endpoint accuracy minus midpoint accuracy; reduction = 1 - barrier(REPAIR) / barrier(aligned).
@@ -66,33 +67,39 @@ def _pm(values, scale=100.0, fmt="{:.1f}") -> str:
     return fmt.format(mean) + " ± " + fmt.format(statistics.pstdev(values) * scale)
 
 
+CORRECTED = ("reset", "repair", "stream")
+TITLES = {"reset": "+ RESET", "repair": "+ REPAIR", "stream": "+ REPAIR (streams)"}
+
+
 def summarize(config, curves) -> dict:
-    mid = lambda c, m: c.values(m)[c.alphas.index(0.5)] if m in c.acc else None  # noqa: E731
-    get = lambda m: [mid(c, m) for c in curves if m in c.acc]  # noqa: E731
-    ends = [c.mean_endpoint() for c in curves]
-    red = lambda m: [c.reduction(m) for c in curves if m in c.acc and c.reduction(m) is not None]  # noqa: E731
-    return dict(config=config, pairs=len(curves), endpoints=ends, naive=get("naive"), aligned=get("aligned"),
-                reset=get("reset"), repair=get("repair"),
-                barrier_aligned=[c.barrier("aligned")["mid"] for c in curves],
-                barrier_repair=[c.barrier("repair")["mid"] for c in curves if "repair" in c.acc],
-                reduction_reset=red("reset"), reduction_repair=red("repair"),
-                epochs=sorted({c.meta.get("epochs") for c in curves}))
+    """Midpoint accuracies, barriers and reductions of every mode, as lists over the pairs."""
+    row = dict(config=config, pairs=len(curves), epochs=sorted({c.meta.get("epochs") for c in curves}),
+               endpoints=[c.mean_endpoint() for c in curves])
+    for mode in ("naive", "aligned") + CORRECTED:
+        have = [c for c in curves if mode in c.acc]
+        row[mode] = [c.acc[mode][c.alphas.index(0.5)] for c in have]
+        row[f"barrier_{mode}"] = [c.barrier(mode)["mid"] for c in have]
+        row[f"reduction_{mode}"] = [c.reduction(mode) for c in have if c.reduction(mode) is not None]
+    return row
 
 
 def markdown(rows) -> str:
-    out = ["| configuration | pairs | epochs | endpoints (mean) | naive | aligned | + RESET | + REPAIR | "
-           "barrier aligned → REPAIR | reduction RESET / REPAIR | paper: endpoints, aligned, corrected, reduction | "
-           "target |", "|" + "---|" * 12]
+    corrected = [m for m in CORRECTED if any(r[m] for r in rows)]
+    head = (["configuration", "pairs", "epochs", "endpoints (mean)", "naive", "aligned"]
+            + [TITLES[m] for m in corrected] + ["barrier aligned"] + [f"barrier {TITLES[m]}" for m in corrected]
+            + [f"reduction {TITLES[m]}" for m in corrected]
+            + ["paper: endpoints, aligned, corrected, reduction", "target reduction"])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         paper = PAPER.get(r["config"])
-        ptxt = f"{paper[0]}, {paper[1]}, {paper[2]}, {100 * paper[3]:.0f}%" if paper else "-"
         tgt = TARGET.get(r["config"])
-        out.append(
-            f"| {r['config']} | {r['pairs']} | {','.join(map(str, r['epochs']))} | {_pm(r['endpoints'])} | "
-            f"{_pm(r['naive'])} | {_pm(r['aligned'])} | {_pm(r['reset'])} | {_pm(r['repair'])} | "
-            f"{_pm(r['barrier_aligned'])} → {_pm(r['barrier_repair'])} | "
-            f"{_pm(r['reduction_reset'], fmt='{:.0f}%')} / {_pm(r['reduction_repair'], fmt='{:.0f}%')} | {ptxt} | "
-            f"{'≥ %d%%' % round(100 * tgt) if tgt else '-'} |")
+        cells = ([r["config"], str(r["pairs"]), ",".join(map(str, r["epochs"])), _pm(r["endpoints"]), _pm(r["naive"]),
+                  _pm(r["aligned"])] + [_pm(r[m]) for m in corrected] + [_pm(r["barrier_aligned"])]
+                 + [_pm(r[f"barrier_{m}"]) for m in corrected]
+                 + [_pm(r[f"reduction_{m}"], fmt="{:.0f}%") for m in corrected]
+                 + [f"{paper[0]}, {paper[1]}, {paper[2]}, {100 * paper[3]:.0f}%" if paper else "-",
+                    "≥ %d%%" % round(100 * tgt) if tgt else "-"])
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -107,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=5000, help="training images for matching and statistics")
     p.add_argument("--eval-samples", type=int, default=None, help="test images (default: all 10,000)")
     p.add_argument("--method", default="activation", choices=["activation", "weight"])
+    p.add_argument("--modes", nargs="+", default=["naive", "aligned", "reset", "repair", "stream"])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
@@ -137,6 +145,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             a, b = load_checkpoint(ckpt, config, sa), load_checkpoint(ckpt, config, sb)
             curve = interpolation_curve(a, b, test, calib_loader=calib, alphas=args.alphas, method=args.method,
+                                        modes=args.modes,
                                         max_samples=args.eval_samples, progress=False)
             curve.meta.update(config=config, seeds=[sa, sb], epochs=meta_a["epochs"],
                               train_samples=meta_a["train_samples"], seconds=time.perf_counter() - t0)

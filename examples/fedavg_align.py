@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05, help="local learning rate, decayed to 0 within each round")
     ap.add_argument("--calib-per-client", type=int, default=256)
     ap.add_argument("--target", type=float, default=0.35, help="accuracy for 'rounds to target'")
+    ap.add_argument("--strategies", nargs="+", default=None,
+                    help="run only the strategies whose name contains one of these words (e.g. FedAvg RESET)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/fedavg")
@@ -87,10 +89,15 @@ def main() -> None:
         "AlignedFedAvg (activation)": lambda: AlignedFedAvg(
             build, method="activation", repair=False, example=torch.zeros(1, 3, 32, 32), fraction_evaluate=0.0,
             min_train_nodes=args.clients, min_available_nodes=args.clients),
+        "AlignedFedAvg (activation + RESET)": lambda: AlignedFedAvg(
+            build, method="activation", repair="reset", example=torch.zeros(1, 3, 32, 32), fraction_evaluate=0.0,
+            min_train_nodes=args.clients, min_available_nodes=args.clients),
         "AlignedFedAvg (activation + REPAIR)": lambda: AlignedFedAvg(
             build, method="activation", repair=True, example=torch.zeros(1, 3, 32, 32), fraction_evaluate=0.0,
             min_train_nodes=args.clients, min_available_nodes=args.clients),
     }
+    if args.strategies:
+        strategies = {n: f for n, f in strategies.items() if any(w in n for w in args.strategies)}
     results = {"args": vars(args), "sizes": [len(p) for p in parts], "runs": {}}
     for epochs in args.local_epochs:
         for name, make in strategies.items():

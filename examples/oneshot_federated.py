@@ -1,7 +1,12 @@
 """One-shot federated merge: K clients train from *different* inits on Dirichlet non-IID splits, the
 server merges them once (clients send only calibration statistics).
 
-Result: RESULT_PLACEHOLDER
+Result (CIFAR-10, first 10k train / 2k test images, resnet20 width 1, Dirichlet alpha=0.5, 8 epochs):
+K=4 clients merged with activation alignment + REPAIR reach 32.0% vs mean client 39.3%, logit ensemble
+53.4%, naive average 9.8% (20.9% with BN re-estimation), centralized 68.4%; K=8: 24.9% vs 31.4% /
+51.9% / 9.9% (19.9%). At this scale the one-shot merge stays below the mean client (ensemble gap
+closed: -51% / -32%). Machine: 2-core AMD EPYC VM shared with other jobs, 1 thread, torch 2.14.1 CPU,
+37 min. Details: docs/recipes/oneshot_federated.md.
 
     python examples/oneshot_federated.py --data ../shared/data/cifar10 --clients 4 8 --out runs/oneshot
 
@@ -111,7 +116,7 @@ def main() -> None:
     keys = ["mean client", "logit ensemble"] + list(MERGES)
     for key in keys:
         lines.append(f"| {key} | " + " | ".join(f"{100 * results['runs'][str(k)][key]:.1f}%" for k in args.clients) + " |")
-    lines.append(f"| centralized (union of the clients' data) | "
+    lines.append("| centralized (union of the clients' data) | "
                  + " | ".join(f"{100 * results['centralized']:.1f}%" for _ in args.clients) + " |")
     best = "aligned + REPAIR (activation, MergeMany)"
     lines.append(f"| ensemble gap closed by {best} | " + " | ".join(
