@@ -33,6 +33,7 @@ MODES: Dict[str, Tuple[bool, Union[bool, str]]] = {
     "aligned": (True, False),
     "reset": (True, "reset"),
     "repair": (True, True),
+    "stream": (True, "stream"),  # REPAIR plus a correction on every residual add; not in the default modes
 }
 METRICS = ("acc", "loss")
 
@@ -181,7 +182,8 @@ def interpolation_curve(
 
     Modes: "naive" (plain average, no matching), "aligned" (B matched to A once with ``method``,
     the permutation reused at every alpha), "reset" (aligned + BatchNorm statistics re-estimated;
-    skipped, with a note, when the models have no BatchNorm), "repair" (aligned + REPAIR).
+    skipped, with a note, when the models have no BatchNorm), "repair" (aligned + REPAIR), and, on
+    request, "stream" (aligned + REPAIR with residual-stream corrections, ``merge(repair="stream")``).
     ``eval_loader``: labelled data (as :func:`mergekit_vision.training.evaluate` takes it), cut to
     ``max_samples``. ``calib_loader``: data for matching and REPAIR/RESET statistics, cut to
     ``calib_samples``; None uses the evaluation inputs (transductive: pass training data for a
@@ -272,8 +274,9 @@ def _count(data: Any) -> Optional[int]:
     return None
 
 
-_COLORS = {"naive": "#7f7f7f", "aligned": "#1f77b4", "reset": "#ff7f0e", "repair": "#2ca02c"}
-_LABELS = {"naive": "naive average", "aligned": "aligned", "reset": "aligned + RESET", "repair": "aligned + REPAIR"}
+_COLORS = {"naive": "#7f7f7f", "aligned": "#1f77b4", "reset": "#ff7f0e", "repair": "#2ca02c", "stream": "#d62728"}
+_LABELS = {"naive": "naive average", "aligned": "aligned", "reset": "aligned + RESET", "repair": "aligned + REPAIR",
+           "stream": "aligned + REPAIR (+ streams)"}
 
 
 def plot_curve(curve: Curve, path: Union[str, Path], *, metric: str = "acc", title: Optional[str] = None) -> Path:

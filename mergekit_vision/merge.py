@@ -23,7 +23,8 @@ from .interpolate import interpolate_state_dicts
 from .match import ChannelMoments, PairCollector, match_from_correlations, match_weights
 from .match.stats import channels_last_2d
 from .permute import permute_state_dict
-from .repair import CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_reset, permute_channel_stats
+from .repair import (CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction, fuse_reset,
+                     permute_channel_stats)
 from .repair.correct import ChannelAffine, foldable_addends
 from .repair.sites import bn_eval
 from .report import GroupReport, MergeReport, SiteReport
@@ -267,6 +268,9 @@ def merge(
                     else:
                         for i, m in enumerate(addends):
                             fuse_affine(m, a_, c_ if i == 0 else torch.zeros_like(c_), "add")
+                elif s.kind == "bn":
+                    a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
+                    fuse_bn_correction(mods[s.module], a_, c_, fix.inputs[s.node])
                 else:
                     a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
                     note = fuse_affine(mods[s.module], a_, c_, s.kind)

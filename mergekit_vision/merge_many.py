@@ -20,7 +20,7 @@ from torch import nn
 
 from .data import iter_inputs
 from .engine import Lockstep, shared_graph
-from .errors import ConfigError, DataError, MergeVisionError
+from .errors import ConfigError, DataError
 from .interpolate import weighted_average
 from .match import ChannelMoments, CrossMoments, match_from_correlations, match_weights, solve_assignment
 from .match.activation import tap_plan
@@ -28,8 +28,8 @@ from .match.stats import channels_last_2d
 from .merge import (METHODS, _batches, _chain, _check_values, _repair_mode, _site_recorders, _timer,
                     check_finite, check_same_architecture)
 from .permute import permute_state_dict
-from .repair import CorrectionPass, Site, Target, affine_correction, find_sites, fuse_affine, fuse_reset, \
-    permute_channel_stats
+from .repair import (CorrectionPass, Site, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction,
+                     fuse_reset, permute_channel_stats)
 from .report import GroupReport, SiteReport
 from .spec import PermutationSpec
 from .trace import trace_permutation_spec
@@ -211,6 +211,7 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
             lock.run(x, hooks=fix.hooks(), override=fix.overrides())
             st.samples += x.shape[0]
         st.channels = {(node, 0): m for node, m in fix.measured.items()}
+        st.channels.update({(f"{node}:input", 0): m for node, m in fix.inputs.items()})
         return st
 
     hooks: Dict[str, Any] = {}
@@ -474,6 +475,9 @@ def merge_many(
                 note = None
                 if mode == "reset":
                     fuse_reset(m, got)
+                elif s.kind == "bn":
+                    fuse_bn_correction(m, *affine_correction(got, targets[s.node]),
+                                       measured.channels[(f"{s.node}:input", 0)])
                 else:
                     note = fuse_affine(m, *affine_correction(got, targets[s.node]), s.kind)
                 report.sites[s.node] = SiteReport(kind=s.kind, module=s.module, note=note)

@@ -142,7 +142,7 @@ def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
 def train_classifier(model: nn.Module, dataset: Any, *, epochs: int, batch_size: int = 128, lr: float = 0.1,
                      momentum: float = 0.9, weight_decay: float = 5e-4, label_smoothing: float = 0.0,
                      warmup: float = 0.2, seed: int = 0, augment: Any = None, device: Device = None,
-                     progress: bool = False) -> nn.Module:
+                     progress: bool = False, precision: str = "fp32", channels_last: bool = False) -> nn.Module:
     """Train ``model`` in place on ``dataset`` with cross-entropy and return it (in train mode).
 
     ``dataset``: a TensorDataset or an (x, y) pair of tensors (fast path: batches are sliced from the
@@ -152,7 +152,13 @@ def train_classifier(model: nn.Module, dataset: Any, *, epochs: int, batch_size:
     before building the model). On CPU the run is deterministic for a fixed seed and thread count.
     ``augment``: None, True / "crop_flip" (random crop, padding 4, + horizontal flip; for 32x32
     images), "flip", "crop", or a callable fn(batch, generator).
+    ``precision``: "fp32", or "bf16" (autocast mixed precision; weights, optimizer state and gradients
+    stay float32) -- about 2x faster on CPUs with AVX-512 BF16/AMX and on GPUs. ``channels_last``
+    trains in NHWC memory layout (faster convolutions on CPU); the model is returned in the default
+    layout either way.
     """
+    if precision not in ("fp32", "bf16"):
+        raise MergeVisionError(f"train_classifier: precision must be 'fp32' or 'bf16', got {precision!r}.")
     if epochs < 1 or batch_size < 1:
         raise MergeVisionError(f"train_classifier: epochs and batch_size must be >= 1, got {epochs}, {batch_size}.")
     aug = _resolve_augment(augment)
@@ -173,6 +179,9 @@ def train_classifier(model: nn.Module, dataset: Any, *, epochs: int, batch_size:
         model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    dev_type = next((p.device.type for p in params), "cpu")
     model.train()
     step = 0
     t0 = time.perf_counter()
@@ -196,10 +205,13 @@ def train_classifier(model: nn.Module, dataset: Any, *, epochs: int, batch_size:
                 if aug is not None:
                     x = aug(x, gen)
                 x, y = x.to(device) if device is not None else x, y.to(device) if device is not None else y
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step, total, lr, warmup)
-                out = model(x)
-                loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+                with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    out = model(x)
+                    loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
                 if not torch.isfinite(loss):
                     raise NumericalError(f"train_classifier: loss is {loss.item()} at epoch {epoch}, step {step}; "
                                          f"lower lr (now {lr}) or check the data for NaN/inf.")
@@ -217,6 +229,8 @@ def train_classifier(model: nn.Module, dataset: Any, *, epochs: int, batch_size:
     finally:
         if bar is not None:
             bar.close()
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
     logger.info("trained %d epochs (%d steps) in %.1fs", epochs, total, time.perf_counter() - t0)
     return model
 

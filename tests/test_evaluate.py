@@ -102,6 +102,15 @@ def test_correction_removes_most_of_the_barrier(curve):
         assert mode in text
 
 
+def test_stream_mode_on_request(pair, digits):
+    train, test = digits
+    c = interpolation_curve(*pair, test, calib_loader=[train.tensors[0][:256]], alphas=(0.0, 0.5),
+                            modes=("aligned", "stream"), max_samples=200, progress=False)
+    assert c.modes == ["aligned", "stream"]
+    assert c.acc["stream"][0] == c.endpoints["a"]["acc"]
+    assert c.barrier("stream")["mid"] < 0.5 * c.barrier("aligned")["mid"]
+
+
 def test_barrier_math_on_a_hand_made_curve():
     c = Curve(alphas=[0.0, 0.25, 0.5, 0.75, 1.0],
               acc={"aligned": [0.9, 0.5, 0.2, 0.6, 0.8], "repair": [0.9, 0.8, 0.7, 0.75, 0.8]},

@@ -9,7 +9,8 @@ from torch import nn
 from mergekit_vision import merge, permute, random_perms, trace_permutation_spec
 from mergekit_vision.errors import ArchitectureMismatchError, ConfigError, DataError, NumericalError
 from mergekit_vision.models import create_model
-from mergekit_vision.repair.correct import fuse_affine
+from mergekit_vision.match.stats import ChannelMoments, channels_last_2d
+from mergekit_vision.repair.correct import fuse_affine, fuse_bn_correction
 from mergekit_vision.testing import randomize_model
 
 
@@ -101,6 +102,45 @@ def test_fuse_affine_matches_explicit_affine():
             assert torch.allclose(fused(inp), ref, atol=1e-5)
         nobias = nn.Conv2d(3, 5, 1, bias=False)
         assert "shift" in fuse_affine(nobias, a, c, "conv")
+
+
+def test_bn_correction_holds_in_eval_and_in_train_mode():
+    """The BatchNorm fold keeps the eval function a*BN(x)+c and moves the running statistics to the
+    input's, so train mode (batch statistics) computes the same thing on data like the calibration data."""
+    torch.manual_seed(0)
+    bn = randomize_model(nn.BatchNorm2d(5)).eval()
+    x = torch.randn(32, 5, 8, 8) * torch.rand(5)[None, :, None, None] * 3 + torch.randn(5)[None, :, None, None]
+    a, c = torch.rand(5) + 0.5, torch.randn(5)
+    stats = ChannelMoments()
+    stats.update(channels_last_2d(x, 1))
+    with torch.no_grad():
+        ref = bn(x) * a[None, :, None, None] + c[None, :, None, None]
+        fused = copy.deepcopy(bn)
+        fuse_bn_correction(fused, a, c, stats)
+        assert _rel(fused(x), ref) < 1e-5
+        assert torch.allclose(fused.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+        # train mode: equal up to the unbiased (n/(n-1)) running variance; the old fold is off by O(1)
+        assert _rel(fused.train()(x), ref) < 1e-3
+        old = copy.deepcopy(bn)
+        fuse_affine(old, a, c, "bn")
+        assert _rel(old.train()(x), ref) > 0.1
+
+
+def test_repaired_model_keeps_its_function_in_train_mode():
+    """A REPAIRed merge that trains again (fine-tuning, the next federated round) normalizes with batch
+    statistics: on the calibration batch it must compute what it computes in eval mode."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32)
+    a = randomize_model(create_model("resnet20", norm="bn").eval(), seed=1)
+    b = randomize_model(create_model("resnet20", norm="bn").eval(), seed=2)
+    merged = merge(a, b, [x], repair=True, progress=False)
+    with torch.no_grad():
+        ev = merged.eval()(x)
+        for mod in merged.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.momentum = 0.0  # train-mode forward without touching the running statistics
+        tr = merged.train()(x)
+    assert _rel(tr, ev) < 1e-3
 
 
 def test_repair_equals_reset_for_batchnorm_nets():

@@ -161,3 +161,20 @@ def test_errors_name_the_problem():
         merge_many([a, tiny_resnet(4)], [x], progress=False)
     # data-free: weight matching without REPAIR traces on an example batch
     assert merge_many([a, b], method="weight", repair=False, example=x[:1], progress=False) is not None
+
+
+def test_recipe_helpers_split_and_gossip():
+    from mergekit_vision.recipes.federated import GossipTrainer, dirichlet_split
+
+    y = torch.arange(600) % 10
+    parts = dirichlet_split(y, 4, 0.3, seed=1)
+    assert sorted(torch.cat(parts).tolist()) == list(range(600))  # a partition: every sample once
+    assert all(len(p) >= 10 for p in parts)
+    assert all(torch.equal(a, b) for a, b in zip(parts, dirichlet_split(y, 4, 0.3, seed=1)))
+    x = torch.randn(64, 1, 16, 16)
+    nodes = [tiny_resnet(4), tiny_resnet(4)]
+    trainer = GossipTrainer(nodes, [(x[:32], y[:32]), (x[32:], y[32:64])], total_steps=2, batch_size=8,
+                            gossip_prob=1.0)
+    trainer.run(1)  # one step each, then the pair averages: both hold the same weights
+    assert trainer.gossip_events == 1
+    assert all(torch.equal(v, nodes[1].state_dict()[k]) for k, v in nodes[0].state_dict().items())

@@ -4,9 +4,8 @@ ensemble, cached local training, and sparse random gossip between nodes training
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

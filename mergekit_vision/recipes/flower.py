@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 try:
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, \
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, \
         RecordDict
     from flwr.clientapp import ClientApp
     from flwr.common.serde import message_from_proto, message_to_proto
@@ -143,7 +143,7 @@ class FlowerCollector:
 
 # ---- the strategy: FedAvg with aligned (and REPAIRed) averaging -------------------------------
 class AlignedFedAvg(FedAvg):
-    """FedAvg whose aggregation aligns the client models before averaging them (and REPAIRs the average).
+    """FedAvg whose aggregation aligns the client models before averaging them (and corrects the average).
 
     ``model_fn()`` builds the architecture. ``reference="global"`` aligns every client to the global
     model it started from (weight 0: the global model only sets the channel order, so rounds stay in
@@ -154,12 +154,19 @@ class AlignedFedAvg(FedAvg):
     ``self.reports[server_round]``; the aggregated train metrics gain ``"align-moved"`` (largest fraction
     of channels any client's assignment moved) and ``"align-near-identity"`` (1 when nothing moved).
 
+    ``repair`` defaults to ``"reset"`` (BatchNorm statistics re-estimated on the clients' data), not
+    REPAIR: REPAIR folds its corrections into the BatchNorm affines *relative to the running
+    statistics*, which is exact for inference but wrong once the next round trains in train mode
+    (BatchNorm then normalizes with batch statistics and the folded scales blow up); measured in
+    docs/recipes/fedavg_align.md, where FedAvg + REPAIR collapsed to chance after two rounds.
+
     Flower's FedAvg checks that every train reply holds exactly one ArrayRecord and one MetricRecord
     carrying ``weighted_by_key``; that check runs here too, which is why the statistics travel in
     separate QUERY messages rather than as extra records of the train replies.
     """
 
-    def __init__(self, model_fn: ModelFn, *, method: str = "activation", repair: Any = True, iterations: Optional[int] = None,
+    def __init__(self, model_fn: ModelFn, *, method: str = "activation", repair: Any = "reset",
+                 iterations: Optional[int] = None,
                  reference: str = "global", calib_loader: Any = None, example: Optional[torch.Tensor] = None,
                  query_timeout: Optional[float] = None, merge_kwargs: Optional[Mapping[str, Any]] = None,
                  **fedavg_kwargs: Any):
