@@ -21,7 +21,6 @@ from .engine import Lockstep, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
 from .match import ChannelMoments, PairCollector, match_from_correlations, match_weights
-from .match.stats import channels_last_2d
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction, fuse_reset,
                      permute_channel_stats)
@@ -328,13 +327,13 @@ def _site_recorders(sites, site_stats, mods):
         stats = site_stats[site.node]
         if site.kind == "bn":
             def override(node, k, args, kwargs, site=site, stats=stats):
-                stats[k].update(channels_last_2d(bn_eval(mods[k][site.module], args[0]), site.dim))
+                stats[k].observe(bn_eval(mods[k][site.module], args[0]), site.dim)
                 return NotImplemented
             overrides[site.node] = override
         else:
             def hook(node, values, site=site, stats=stats):
                 for k, v in enumerate(values):
-                    stats[k].update(channels_last_2d(v, site.dim))
+                    stats[k].observe(v, site.dim)
             hooks[site.node] = hook
     return hooks, overrides
 
@@ -374,17 +373,17 @@ def _measure_after(merged, gm, sites, targets, report, loader, n_batches, batche
             shape = [1] * v.dim()
             shape[dim] = -1
             v = v * a_.to(v.dtype).view(shape) + c_.to(v.dtype).view(shape)
-        stats[site.node].update(channels_last_2d(v, site.dim))
+        stats[site.node].observe(v, site.dim)
         return [v]
 
     def make(site):
         def override(node, k, args, kwargs):
             m = mods[site.module]
             if site.kind == "bn":
-                stats[site.node].update(channels_last_2d(bn_eval(m, args[0]), site.dim))
+                stats[site.node].observe(bn_eval(m, args[0]), site.dim)
                 return NotImplemented
             z = m(*args, **kwargs)
-            stats[site.node].update(channels_last_2d(z, site.dim))
+            stats[site.node].observe(z, site.dim)
             return z
         return override
 

@@ -24,7 +24,6 @@ from .errors import ConfigError, DataError
 from .interpolate import weighted_average
 from .match import ChannelMoments, CrossMoments, match_from_correlations, match_weights, solve_assignment
 from .match.activation import tap_plan
-from .match.stats import channels_last_2d
 from .merge import (METHODS, _batches, _chain, _check_values, _repair_mode, _site_recorders, _timer,
                     check_finite, check_same_architecture)
 from .permute import permute_state_dict
@@ -221,9 +220,9 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
 
         def record_pairs(node, values):
             for gname, t in taps[node.name]:
-                views = {k: channels_last_2d(values[k], t.dim, t.start, t.length) for p in pairs for k in p}
                 for i, j in pairs:
-                    st.cross.setdefault((gname, t.node, i, j), CrossMoments()).update(views[i], views[j])
+                    st.cross.setdefault((gname, t.node, i, j), CrossMoments()).observe(
+                        values[i], values[j], t.dim, t.start, t.length)
 
         hooks = {node: record_pairs for node in taps}
     overrides: Dict[str, Any] = {}

@@ -13,7 +13,7 @@ import torch
 
 from ..spec import PermutationGroup, PermutationSpec, Tap
 from .assignment import solve_assignment
-from .stats import CrossMoments, channels_last_2d
+from .stats import CrossMoments
 
 ACT_OPS = {
     "relu", "relu_", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu", "selu", "celu", "relu6", "softplus",
@@ -62,7 +62,7 @@ class PairCollector:
         for gname, t in self.plan[node.name]:
             key = (gname, t.node)
             mom = self.moments.setdefault(key, CrossMoments())
-            mom.update(channels_last_2d(a, t.dim, t.start, t.length), channels_last_2d(b, t.dim, t.start, t.length))
+            mom.observe(a, b, t.dim, t.start, t.length)
         return None
 
     def correlations(self) -> Dict[str, torch.Tensor]:

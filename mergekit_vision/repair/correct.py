@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..match.stats import ChannelMoments, channels_last_2d
+from ..match.stats import ChannelMoments, channel_sums
 from .sites import Site, bn_eval, bn_post, is_batchnorm
 
 _TINY = 1e-12
@@ -32,14 +32,23 @@ def interpolate_targets(stats_a: ChannelMoments, stats_b: ChannelMoments, alpha:
     return Target((1 - alpha) * stats_a.mean + alpha * stats_b.mean, (1 - alpha) * stats_a.std + alpha * stats_b.std)
 
 
-def renormalize(z: torch.Tensor, dim: int, target: Target) -> torch.Tensor:
-    """Per-channel renormalization of ``z`` to the target on this batch's own statistics."""
-    zf = z.movedim(dim, -1)
-    red = tuple(range(zf.dim() - 1))
-    mean = zf.mean(red, keepdim=True)
-    std = zf.var(red, unbiased=False, keepdim=True).add(1e-10).sqrt()
-    out = (zf - mean) / std * target.std.to(z.dtype) + target.mean.to(z.dtype)
-    return out.movedim(-1, dim)
+def renormalize(z: torch.Tensor, dim: int, target: Target, sums=None) -> torch.Tensor:
+    """Per-channel renormalization of ``z`` to the target on this batch's own statistics
+    (``sums``: this batch's ``channel_sums(z, dim)`` if already computed)."""
+    n, s, ss = sums if sums is not None else channel_sums(z, dim)
+    mean = s.double() / n
+    var = (ss.double() / n - mean * mean).clamp_min(0)
+    scale = target.std.double() / (var + 1e-10).sqrt()
+    shift = target.mean.double() - mean * scale
+    shape = [1] * z.dim()
+    shape[dim] = -1
+    return torch.addcmul(shift.to(z.dtype).view(shape), z, scale.to(z.dtype).view(shape))
+
+
+def _observe(moments: ChannelMoments, x: torch.Tensor, dim: int):
+    sums = channel_sums(x, dim)
+    moments.add_sums(*sums)
+    return sums
 
 
 def affine_correction(measured: ChannelMoments, target: Target) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -75,36 +84,36 @@ class CorrectionPass:
 
     def _add(self, node, values):
         site = self.sites[node.name]
-        self.measured[site.node].update(channels_last_2d(values[0], site.dim))
+        sums = _observe(self.measured[site.node], values[0], site.dim)
         if len(values) > 1:
-            self.raw[site.node].update(channels_last_2d(values[1], site.dim))
-        return [renormalize(values[0], site.dim, self.targets[site.node])] + list(values[1:])
+            self.raw[site.node].observe(values[1], site.dim)
+        return [renormalize(values[0], site.dim, self.targets[site.node], sums)] + list(values[1:])
 
     def _bn(self, node, k, args, kwargs):
         site = self.sites[node.name]
         m = self.modules[k][site.module]
         x = args[0]
         if k == 1:  # uncorrected model: diagnostic only
-            self.raw[site.node].update(channels_last_2d(bn_eval(m, x), site.dim))
+            self.raw[site.node].observe(bn_eval(m, x), site.dim)
             return NotImplemented
         if self.mode == "reset":
-            self.measured[site.node].update(channels_last_2d(x, site.dim))
+            self.measured[site.node].observe(x, site.dim)
             z = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
             return bn_post(m, z)
-        self.inputs[site.node].update(channels_last_2d(x, site.dim))
+        self.inputs[site.node].observe(x, site.dim)
         z = bn_eval(m, x)
-        self.measured[site.node].update(channels_last_2d(z, site.dim))
-        return bn_post(m, renormalize(z, site.dim, self.targets[site.node]))
+        sums = _observe(self.measured[site.node], z, site.dim)
+        return bn_post(m, renormalize(z, site.dim, self.targets[site.node], sums))
 
     def _conv(self, node, k, args, kwargs):
         site = self.sites[node.name]
         m = self.modules[k][site.module]
         z = m(*args, **kwargs)
         if k == 1:
-            self.raw[site.node].update(channels_last_2d(z, site.dim))
+            self.raw[site.node].observe(z, site.dim)
             return z
-        self.measured[site.node].update(channels_last_2d(z, site.dim))
-        return renormalize(z, site.dim, self.targets[site.node])
+        sums = _observe(self.measured[site.node], z, site.dim)
+        return renormalize(z, site.dim, self.targets[site.node], sums)
 
 
 @torch.no_grad()
