@@ -20,7 +20,7 @@ from .data import iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
-from .match import ChannelMoments, PairCollector, match_from_correlations, match_weights
+from .match import LINEAGE_THRESHOLD, ChannelMoments, PairCollector, lineage_cosine, match_from_correlations, match_weights
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction, fuse_reset,
                      permute_channel_stats)
@@ -127,6 +127,7 @@ def merge(
     seed: int = 0,
     diagnostic_batches: int = 4,
     fold_stream: bool = True,
+    lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result.
 
@@ -141,6 +142,10 @@ def merge(
     explicit ``ChannelAffine`` module and the result is a ``torch.fx.GraphModule`` with those extra
     modules (``fold_stream=False`` keeps every stream correction explicit). The default, "repair",
     always returns exactly ``model_a``'s architecture.
+    ``lineage_threshold``: when the models' conv/linear weights, compared unpermuted, have a median
+    cosine similarity at least this (fine-tunes of one checkpoint, FedAvg clients, gossip nodes), their
+    channels already correspond: matching is skipped, the report says so (``matching_skipped``,
+    ``lineage_cosine``) and REPAIR still runs. None always matches.
     """
     from . import __version__
 
@@ -164,6 +169,12 @@ def merge(
     timings: Dict[str, float] = {}
     report = MergeReport(method=method, alpha=alpha, repair=mode, version=__version__,
                          sources=[source_info(model_a, "model_a"), source_info(model_b, "model_b")])
+    report.lineage_cosine = lineage_cosine(model_a.state_dict(), model_b.state_dict())
+    if method != "none" and lineage_threshold is not None and report.lineage_cosine >= lineage_threshold:
+        report.matching_skipped = (f"shared lineage: median weight cosine {report.lineage_cosine:.3f} >= "
+                                   f"lineage_threshold={lineage_threshold}; the channels already correspond")
+        logger.info("merge: %s; matching skipped (lineage_threshold=None forces it)", report.matching_skipped)
+        method = "none"
     batches = dict(max_batches=max_batches, max_samples=max_samples, device=work, dtype=dtype)
 
     # never touch the inputs: every stage works on copies

@@ -22,7 +22,8 @@ from .data import iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ConfigError, DataError
 from .interpolate import weighted_average
-from .match import ChannelMoments, CrossMoments, match_from_correlations, match_weights, solve_assignment
+from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cosine, match_from_correlations,
+                    match_weights, solve_assignment)
 from .match.activation import tap_plan
 from .merge import (METHODS, _batches, _chain, _check_values, _repair_mode, _site_recorders, _timer,
                     check_finite, check_same_architecture)
@@ -272,6 +273,8 @@ class MergeManyReport:
     start: Optional[str] = None           # the sweeps' start kept: "star" or "identity" (activation), "star" (weight)
     changes_per_sweep: List[int] = field(default_factory=list)  # models whose assignment changed
     near_identity: Optional[bool] = None  # every model's permutation (nearly) identity: nothing to align
+    lineage_cosines: List[float] = field(default_factory=list)  # each model vs the reference, unpermuted weights
+    matching_skipped: Optional[str] = None  # why no matching ran although method asked for it
     calibration_samples: int = 0
     groups: Dict[str, List[GroupReport]] = field(default_factory=dict)  # group -> one report per model
     sites: Dict[str, SiteReport] = field(default_factory=dict)
@@ -302,7 +305,9 @@ class MergeManyReport:
                  + f", calibration={self.calibration_samples} samples"]
         if self.groups:
             lines.append("  channels moved per model: " + ", ".join(f"{100 * m:.0f}%" for m in self.moved()))
-        if self.near_identity:
+        if self.matching_skipped:
+            lines.append(f"  matching skipped: {self.matching_skipped}")
+        elif self.near_identity:
             lines.append("  every permutation is (nearly) identity: the models already share one coordinate "
                          "system (e.g. FedAvg or gossip from a common init); alignment changes nothing here, "
                          "method='none' gives the same merge without matching")
@@ -339,6 +344,7 @@ def merge_many(
     diagnostic_batches: int = 4,
     collect: Optional[Collect] = None,
     example: Optional[torch.Tensor] = None,
+    lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeManyReport]]:
     """Align ``models`` into one coordinate system, average them with ``weights`` and REPAIR the result.
 
@@ -355,7 +361,11 @@ def merge_many(
     :class:`LocalCollector`, :func:`mergekit_vision.distributed.merge_many_distributed` and
     :mod:`mergekit_vision.recipes.flower`. ``example``: an input batch to trace with when no
     ``calib_loader`` is given. Returns a new model of ``models[0]``'s class, in eval mode, on its
-    device; ``merged.merge_report`` holds a :class:`MergeManyReport`.
+    device; ``merged.merge_report`` holds a :class:`MergeManyReport`. ``lineage_threshold``: when every
+    model's conv/linear weights have a median cosine at least this with the reference's, compared
+    unpermuted (FedAvg clients of one global model, gossip nodes, fine-tunes of one checkpoint), the
+    models already share one coordinate system: matching is skipped and the report says why
+    (``matching_skipped``, ``lineage_cosines``). None always matches.
     """
     from . import __version__
 
@@ -394,6 +404,15 @@ def merge_many(
     timings: Dict[str, float] = {}
     report = MergeManyReport(method=method, repair=mode, weights=w, reference=ref, iterations=iterations,
                              version=__version__)
+    ref_sd = models[ref].state_dict()
+    report.lineage_cosines = [1.0 if k == ref else lineage_cosine(ref_sd, m.state_dict()) for k, m in enumerate(models)]
+    if method != "none" and k_models > 1 and lineage_threshold is not None \
+            and min(report.lineage_cosines) >= lineage_threshold:
+        report.matching_skipped = (f"shared lineage: every model's median weight cosine with the reference is "
+                                   f">= {min(report.lineage_cosines):.3f} (lineage_threshold={lineage_threshold}); "
+                                   "the channels already correspond")
+        logger.info("merge_many: %s; matching skipped (lineage_threshold=None forces it)", report.matching_skipped)
+        method = "none"
     ms = [copy.deepcopy(m).to(work).eval() for m in models]  # never touch the inputs
     gather = collect or LocalCollector(calib_loader, max_batches=max_batches, max_samples=max_samples,
                                        device=work, progress=progress)
@@ -434,6 +453,8 @@ def merge_many(
             else:
                 perms[k] = match_weights(spec, sds[ref], sds[k], max_iter=weight_iters, seed=seed)
     report.near_identity = _near_identity(spec, perms) if method != "none" and k_models > 1 else None
+    if report.matching_skipped:
+        report.near_identity = True  # identity by the lineage test, without matching
     skip = bool(report.near_identity)  # star found nothing to align: the sweeps would not either
 
     # ---- MergeMany: each model to the weighted average of the others ------------------------
@@ -447,7 +468,7 @@ def merge_many(
         logger.info("merge_many: %d sweeps from the %s start (%s)", report.sweeps, report.start,
                     "converged" if report.converged else "not converged")
         report.near_identity = _near_identity(spec, perms)
-    if report.near_identity:
+    if report.near_identity and not report.matching_skipped:
         logger.warning("merge_many: every model's permutation is (nearly) identity (at most %.0f%% of any "
                        "group's channels moved): the models already share one coordinate system, as after "
                        "FedAvg or gossip from a common init.%s", 100 * IDENTITY_TOL,

@@ -36,6 +36,8 @@ class MergeReport:
     timings: Dict[str, float] = field(default_factory=dict)
     sources: List[Dict[str, Any]] = field(default_factory=list)
     version: str = ""
+    lineage_cosine: Optional[float] = None  # median cosine of the unpermuted conv/linear weights
+    matching_skipped: Optional[str] = None  # why no matching ran although method asked for it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +59,8 @@ class MergeReport:
     def summary(self) -> str:
         lines = [f"merge: method={self.method} alpha={self.alpha} repair={self.repair} "
                  f"calibration={self.calibration_samples} samples"]
+        if self.matching_skipped:
+            lines.append(f"  matching skipped: {self.matching_skipped}")
         if self.mean_corr is not None:
             lines.append(f"  matched correlation (mean over {len(self.groups)} groups): {self.mean_corr:.3f}")
         before = [s.var_ratio_before for s in self.sites.values() if s.var_ratio_before is not None]

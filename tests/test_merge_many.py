@@ -132,12 +132,37 @@ def test_models_from_a_common_init_are_reported_as_near_identity(caplog):
             for p in m.parameters():
                 p.add_(0.01 * torch.randn(p.shape, generator=g))
         ms.append(m)
+    # by default the lineage test sees one coordinate system and skips the matching
+    merged, rep = merge_many(ms, [x], iterations=5, repair=False, progress=False, return_report=True)
+    assert min(rep.lineage_cosines) > 0.9 and rep.matching_skipped and "shared lineage" in rep.summary()
+    assert rep.near_identity is True and max(rep.moved()) == 0.0
+    naive = merge_many(ms, [x], method="none", repair=False, progress=False)
+    assert all(torch.equal(v, naive.state_dict()[k]) for k, v in merged.state_dict().items())
+    # forced matching finds (nearly) identity and says so
     with caplog.at_level(logging.WARNING, logger="mergekit_vision.merge_many"):
-        merged, rep = merge_many(ms, [x], iterations=5, repair=False, progress=False, return_report=True)
+        merged, rep = merge_many(ms, [x], iterations=5, repair=False, progress=False, return_report=True,
+                                 lineage_threshold=None)
+    assert rep.matching_skipped is None
     assert rep.near_identity is True and rep.sweeps == 0  # the sweeps are skipped, not run for nothing
     assert max(rep.moved()) <= 0.05
     assert "nearly) identity" in caplog.text and "nearly) identity" in rep.summary()
     assert base is not None and merged is not None
+
+
+def test_lineage_test_separates_related_from_independent_models():
+    from mergekit_vision.match import LINEAGE_THRESHOLD, lineage_cosine
+
+    a = randomize_model(tiny_resnet(8).eval(), seed=1)
+    b = randomize_model(tiny_resnet(8).eval(), seed=2)
+    assert abs(lineage_cosine(a.state_dict(), b.state_dict())) < 0.1  # independent
+    x = torch.randn(64, 1, 16, 16)
+    spec = trace_permutation_spec(a, x[:1])
+    pb = permute(a, spec, random_perms(spec, torch.Generator().manual_seed(0)))
+    assert lineage_cosine(a.state_dict(), pb.state_dict()) < LINEAGE_THRESHOLD  # a permuted copy: matched
+    merged, rep = merge(a, pb, [x], repair=False, progress=False, return_report=True)
+    assert rep.matching_skipped is None and _rel(merged(x), a(x)) < 1e-5
+    merged, rep = merge(a, a, [x], repair=False, progress=False, return_report=True)
+    assert rep.lineage_cosine == pytest.approx(1.0) and "shared lineage" in rep.matching_skipped
 
 
 def test_errors_name_the_problem():

@@ -154,11 +154,10 @@ class AlignedFedAvg(FedAvg):
     ``self.reports[server_round]``; the aggregated train metrics gain ``"align-moved"`` (largest fraction
     of channels any client's assignment moved) and ``"align-near-identity"`` (1 when nothing moved).
 
-    ``repair`` defaults to ``"reset"`` (BatchNorm statistics re-estimated on the clients' data), not
-    REPAIR: REPAIR folds its corrections into the BatchNorm affines *relative to the running
-    statistics*, which is exact for inference but wrong once the next round trains in train mode
-    (BatchNorm then normalizes with batch statistics and the folded scales blow up); measured in
-    docs/recipes/fedavg_align.md, where FedAvg + REPAIR collapsed to chance after two rounds.
+    ``repair`` defaults to ``"reset"`` (BatchNorm statistics re-estimated on the clients' data): for
+    clients of one global model it is what helped in docs/recipes/fedavg_align.md. Clients of one
+    global model share its channel order, so ``merge_many``'s lineage test (``lineage_threshold``, via
+    ``merge_kwargs``) normally skips the matching and reports ``align-near-identity`` = 1.
 
     Flower's FedAvg checks that every train reply holds exactly one ArrayRecord and one MetricRecord
     carrying ``weighted_by_key``; that check runs here too, which is why the statistics travel in
