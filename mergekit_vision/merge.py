@@ -280,7 +280,7 @@ def merge(
                             fuse_affine(m, a_, c_ if i == 0 else torch.zeros_like(c_), "add")
                 elif s.kind == "bn":
                     a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
-                    fuse_bn_correction(mods[s.module], a_, c_, fix.inputs[s.node])
+                    fuse_bn_correction(mods[s.module], a_, c_, fix.measured[s.node])
                 else:
                     a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
                     note = fuse_affine(mods[s.module], a_, c_, s.kind)

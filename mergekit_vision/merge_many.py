@@ -30,7 +30,7 @@ from .merge import (METHODS, _batches, _chain, _check_values, _repair_mode, _sit
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Site, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction,
                      fuse_reset, permute_channel_stats)
-from .report import GroupReport, SiteReport
+from .report import GroupReport, SiteReport, summary_tail
 from .spec import PermutationSpec
 from .trace import trace_permutation_spec
 
@@ -211,7 +211,6 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
             lock.run(x, hooks=fix.hooks(), override=fix.overrides())
             st.samples += x.shape[0]
         st.channels = {(node, 0): m for node, m in fix.measured.items()}
-        st.channels.update({(f"{node}:input", 0): m for node, m in fix.inputs.items()})
         return st
 
     hooks: Dict[str, Any] = {}
@@ -311,15 +310,7 @@ class MergeManyReport:
             lines.append("  every permutation is (nearly) identity: the models already share one coordinate "
                          "system (e.g. FedAvg or gossip from a common init); alignment changes nothing here, "
                          "method='none' gives the same merge without matching")
-        before = [s.var_ratio_before for s in self.sites.values() if s.var_ratio_before is not None]
-        after = [s.var_ratio_after for s in self.sites.values() if s.var_ratio_after is not None]
-        if before:
-            lines.append(f"  variance ratio merged/target over {len(before)} sites: before REPAIR "
-                         f"{sum(before) / len(before):.3f}, min {min(before):.3f}"
-                         + (f"; after {sum(after) / len(after):.3f}" if after else ""))
-        if self.timings:
-            lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
-        return "\n".join(lines)
+        return "\n".join(lines + summary_tail(self.sites, self.timings))
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
@@ -496,8 +487,7 @@ def merge_many(
                 if mode == "reset":
                     fuse_reset(m, got)
                 elif s.kind == "bn":
-                    fuse_bn_correction(m, *affine_correction(got, targets[s.node]),
-                                       measured.channels[(f"{s.node}:input", 0)])
+                    fuse_bn_correction(m, *affine_correction(got, targets[s.node]), got)
                 else:
                     note = fuse_affine(m, *affine_correction(got, targets[s.node]), s.kind)
                 report.sites[s.node] = SiteReport(kind=s.kind, module=s.module, note=note)

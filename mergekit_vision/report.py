@@ -24,6 +24,20 @@ class SiteReport:
     note: Optional[str] = None
 
 
+def summary_tail(sites: Dict[str, "SiteReport"], timings: Dict[str, float]) -> List[str]:
+    """The summary lines every merge report ends with: variance collapse before/after REPAIR, timings."""
+    lines = []
+    before = [s.var_ratio_before for s in sites.values() if s.var_ratio_before is not None]
+    after = [s.var_ratio_after for s in sites.values() if s.var_ratio_after is not None]
+    if before:
+        lines.append(f"  variance ratio merged/target over {len(before)} sites: before REPAIR "
+                     f"{sum(before) / len(before):.3f}, min {min(before):.3f}"
+                     + (f"; after {sum(after) / len(after):.3f}" if after else ""))
+    if timings:
+        lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return lines
+
+
 @dataclass
 class MergeReport:
     method: str
@@ -63,12 +77,4 @@ class MergeReport:
             lines.append(f"  matching skipped: {self.matching_skipped}")
         if self.mean_corr is not None:
             lines.append(f"  matched correlation (mean over {len(self.groups)} groups): {self.mean_corr:.3f}")
-        before = [s.var_ratio_before for s in self.sites.values() if s.var_ratio_before is not None]
-        after = [s.var_ratio_after for s in self.sites.values() if s.var_ratio_after is not None]
-        if before:
-            lines.append(f"  variance ratio merged/target over {len(before)} sites: before REPAIR "
-                         f"{sum(before) / len(before):.3f}, min {min(before):.3f}"
-                         + (f"; after {sum(after) / len(after):.3f}" if after else ""))
-        if self.timings:
-            lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
-        return "\n".join(lines)
+        return "\n".join(lines + summary_tail(self.sites, self.timings))

@@ -14,19 +14,11 @@ from mergekit_vision.merge_many import Statistics
 from mergekit_vision.models import tiny_resnet
 from mergekit_vision.testing import randomize_model
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with the gloo backend is not available in this torch build")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with the gloo backend is not available in this torch build")]
 
 WORLD = 2
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: extra threads only contend for the shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _setup():

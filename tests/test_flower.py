@@ -18,14 +18,7 @@ from mergekit_vision.training import evaluate, train_classifier  # noqa: E402
 
 CLIENTS = 3
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: extra threads only contend for the shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model():

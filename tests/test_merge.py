@@ -111,9 +111,9 @@ def test_bn_correction_holds_in_eval_and_in_train_mode():
     bn = randomize_model(nn.BatchNorm2d(5)).eval()
     x = torch.randn(32, 5, 8, 8) * torch.rand(5)[None, :, None, None] * 3 + torch.randn(5)[None, :, None, None]
     a, c = torch.rand(5) + 0.5, torch.randn(5)
-    stats = ChannelMoments()
-    stats.update(channels_last_2d(x, 1))
+    stats = ChannelMoments()  # what the correction pass measures: the BatchNorm's output
     with torch.no_grad():
+        stats.update(channels_last_2d(bn(x), 1))
         ref = bn(x) * a[None, :, None, None] + c[None, :, None, None]
         fused = copy.deepcopy(bn)
         fuse_bn_correction(fused, a, c, stats)

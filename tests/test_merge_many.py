@@ -11,14 +11,7 @@ from mergekit_vision.merge_many import Statistics, collect_statistics, plan_cali
 from mergekit_vision.models import create_model, tiny_resnet
 from mergekit_vision.testing import randomize_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: extra threads only contend for the shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(y, ref):

@@ -71,9 +71,6 @@ class CorrectionPass:
         self.targets = targets
         self.mode = mode
         self.measured: Dict[str, ChannelMoments] = {s.node: ChannelMoments() for s in sites}
-        # REPAIR at a BatchNorm: the statistics of its *input* too, to fold into train-mode-correct form
-        self.inputs: Dict[str, ChannelMoments] = {s.node: ChannelMoments() for s in sites
-                                                  if s.kind == "bn" and mode != "reset"}
         self.raw: Dict[str, ChannelMoments] = {s.node: ChannelMoments() for s in sites}
 
     def overrides(self):
@@ -100,7 +97,6 @@ class CorrectionPass:
             self.measured[site.node].observe(x, site.dim)
             z = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
             return bn_post(m, z)
-        self.inputs[site.node].observe(x, site.dim)
         z = bn_eval(m, x)
         sums = _observe(self.measured[site.node], z, site.dim)
         return bn_post(m, renormalize(z, site.dim, self.targets[site.node], sums))
@@ -132,37 +128,37 @@ def fuse_affine(module: nn.Module, a: torch.Tensor, c: torch.Tensor, kind: str) 
 
 
 @torch.no_grad()
-def fuse_bn_correction(module: nn.Module, a: torch.Tensor, c: torch.Tensor, inputs: ChannelMoments) -> None:
-    """Fold ``z -> a*z + c`` on a BatchNorm's output so that it holds in eval *and* in train mode.
+def fuse_bn_correction(module: nn.Module, a: torch.Tensor, c: torch.Tensor, measured: ChannelMoments) -> None:
+    """Fold ``z -> a*z + c`` on a BatchNorm's output ``z`` so that it holds in eval *and* in train mode.
 
     Scaling gamma and beta alone is exact in eval mode but keeps the interpolated running statistics,
     which describe some other distribution than the one the layer now sees; as soon as the model trains
     again (fine-tuning, the next FedAvg round) BatchNorm normalizes with batch statistics and the folded
-    scale is wrong. Here the running statistics become the measured input statistics (mu, sigma^2), and
-    the affine absorbs the rest: with s = gamma / sqrt(rv + eps) of the old layer,
-    gamma' = a*s*sqrt(sigma^2 + eps), beta' = a*s*(mu - rm) + a*beta + c. The eval function is the same
-    ``a*z + c``; in train mode a batch with the calibration statistics gets the same output too.
+    scale is wrong. Here the running statistics become the statistics of the layer's input x, recovered
+    exactly from those of ``z = s*(x - rm) + beta`` (``measured``; s = gamma / sqrt(rv + eps)):
+    mu_x = (mu_z - beta)/s + rm, var_x = var_z/s^2; the affine absorbs the rest:
+    gamma' = a*s*sqrt(var_x + eps), beta' = a*s*(mu_x - rm) + a*beta + c. The eval function is the same
+    ``a*z + c``; a train-mode batch with the calibration statistics gets the same output too. Channels
+    with s = 0 (z constant) keep their running statistics (any value is exact there).
     """
-    if getattr(module, "running_mean", None) is None or inputs.n == 0:
-        fuse_affine(module, a, c, "bn")  # no running statistics to move: batch statistics are always used
+    if getattr(module, "running_mean", None) is None or measured.n == 0 or module.weight is None \
+            or module.bias is None:
+        fuse_affine(module, a, c, "bn")  # batch statistics only, or no affine to move the statistics into
         return
     f64 = torch.float64
     rm, rv = module.running_mean.to(f64), module.running_var.to(f64)
-    gamma = module.weight.to(f64) if module.weight is not None else torch.ones_like(rm)
-    beta = module.bias.to(f64) if module.bias is not None else torch.zeros_like(rm)
+    gamma, beta = module.weight.to(f64), module.bias.to(f64)
     a, c = a.to(f64), c.to(f64)
     s = gamma / (rv + module.eps).sqrt()
-    n = inputs.n
-    mu = inputs.mean.to(f64)
-    var = inputs.var.to(f64) * n / max(n - 1, 1)  # torch's running_var convention (unbiased)
-    new_gamma = a * s * (var + module.eps).sqrt()
-    new_beta = a * s * (mu - rm) + a * beta + c
-    if module.weight is None or module.bias is None:
-        raise ValueError("fuse_bn_correction needs a BatchNorm with an affine (weight and bias)")
+    ok = s.abs() > _TINY
+    s_safe = torch.where(ok, s, torch.ones_like(s))
+    n = measured.n
+    mu = torch.where(ok, (measured.mean.to(f64) - beta) / s_safe + rm, rm)
+    var = torch.where(ok, measured.var.to(f64) / s_safe ** 2 * n / max(n - 1, 1), rv)  # torch's unbiased convention
     module.running_mean.copy_(mu.to(module.running_mean.dtype))
     module.running_var.copy_(var.to(module.running_var.dtype))
-    module.weight.copy_(new_gamma.to(module.weight.dtype))
-    module.bias.copy_(new_beta.to(module.bias.dtype))
+    module.weight.copy_((a * s * (var + module.eps).sqrt()).to(module.weight.dtype))
+    module.bias.copy_((a * s * (mu - rm) + a * beta + c).to(module.bias.dtype))
 
 
 class ChannelAffine(nn.Module):
