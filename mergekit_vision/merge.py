@@ -20,7 +20,8 @@ from .data import iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
-from .match import LINEAGE_THRESHOLD, ChannelMoments, PairCollector, lineage_cosine, match_from_correlations, match_weights
+from .match import (LINEAGE_THRESHOLD, TAP_POLICIES, ChannelMoments, PairCollector, lineage_cosine,
+                    match_from_correlations, match_weights)
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction, fuse_reset,
                      permute_channel_stats)
@@ -128,6 +129,7 @@ def merge(
     diagnostic_batches: int = 4,
     fold_stream: bool = True,
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
+    taps: str = "all",
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result.
 
@@ -146,11 +148,16 @@ def merge(
     cosine similarity at least this (fine-tunes of one checkpoint, FedAvg clients, gossip nodes), their
     channels already correspond: matching is skipped, the report says so (``matching_skipped``,
     ``lineage_cosine``) and REPAIR still runs. None always matches.
+    ``taps``: where activation matching looks, "all" (post-activation, residual-add and norm outputs)
+    or "lean" (no post-activation taps where a norm output is tapped: about half the statistics work
+    and memory on BatchNorm nets; see :mod:`mergekit_vision.match.activation`).
     """
     from . import __version__
 
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if taps not in TAP_POLICIES:
+        raise ConfigError(f"unknown taps {taps!r}; valid: {', '.join(TAP_POLICIES)}")
     mode = _repair_mode(repair)
     if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
@@ -200,7 +207,7 @@ def merge(
     report.frozen_groups = {g.name: g.reason for g in spec.groups if g.frozen}
 
     # ---- pass 1: A and B together -> matching moments and REPAIR targets --------------------
-    collector = PairCollector(spec) if method == "activation" else None
+    collector = PairCollector(spec, taps) if method == "activation" else None
     target_sites = sites if mode in ("repair", "stream") else []  # RESET needs no endpoint statistics
     site_stats: Dict[str, List[ChannelMoments]] = {s.node: [ChannelMoments(), ChannelMoments()] for s in target_sites}
     n_calib = 0

@@ -51,6 +51,22 @@ def test_matching_recovers_a_permutation(name, build, size):
         assert _rel(wm(x), a(x)) < 1e-5
 
 
+def test_lean_taps_recover_a_permutation_with_fewer_taps():
+    from mergekit_vision.match.activation import tap_plan
+
+    torch.manual_seed(0)
+    x = torch.randn(96, 3, 32, 32)
+    a, b, spec = _permuted_pair(create_model("resnet20", norm="bn"), x)
+    n_all = sum(map(len, tap_plan(spec, "all").values()))
+    n_lean = sum(map(len, tap_plan(spec, "lean").values()))
+    assert n_lean < 0.7 * n_all
+    with torch.no_grad():
+        merged = merge(a, b, list(x.split(48)), repair=False, taps="lean", progress=False)
+        assert _rel(merged(x), a(x)) < 1e-5
+    with pytest.raises(ConfigError, match="taps"):
+        merge(a, b, [x], taps="some", progress=False)
+
+
 def test_merge_with_itself_is_identity_with_and_without_repair():
     torch.manual_seed(0)
     a = randomize_model(create_model("resnet20", norm="bn").eval())
