@@ -11,6 +11,7 @@ own subprocess: its peak resident memory (ru_maxrss) is its own.
 
     python benchmarks/speed.py                              # the default sweep (long on 2 CPU cores)
     python benchmarks/speed.py --only resnet18:32:5000      # one configuration: model:pixels:images
+    python benchmarks/speed.py --only resnet50:32:5000:lean # the same with merge(taps="lean")
     python benchmarks/speed.py --json speed.json            # also keep the raw numbers
 
 Inputs are random tensors (speed does not depend on the pixels); models are timm's, randomly
@@ -52,7 +53,7 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int) -> dict:
+def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps: str = "all") -> dict:
     import timm
     import torch
 
@@ -82,7 +83,8 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int) -> d
     floor = {"a": forward_all(a), "b": forward_all(b)}
     peak_floor = _maxrss_mb()
     t0, w0 = clock(), time.perf_counter()
-    merged, report = merge(a, b, batches, method="activation", repair=True, progress=False, return_report=True)
+    merged, report = merge(a, b, batches, method="activation", repair=True, progress=False, return_report=True,
+                           taps=taps)
     t_merge, wall_merge = clock() - t0, time.perf_counter() - w0
     peak_merge = _maxrss_mb()
     floor["merged"] = forward_all(merged)
@@ -94,7 +96,7 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int) -> d
     parts["export"] = t_export
     floor_total = sum(floor.values())
     total = t_merge + t_export
-    return dict(model=model_name, pixels=pixels, images=n, batch=batch, threads=threads,
+    return dict(model=model_name, pixels=pixels, images=n, batch=batch, threads=threads, taps=taps,
                 params_m=sum(p.numel() for p in a.parameters()) / 1e6,
                 floor=floor, floor_s=floor_total, merge_s=t_merge, merge_wall_s=wall_merge, total_s=total, ratio=total / floor_total,
                 parts=parts, unaccounted_s=t_merge - sum(report.timings.values()),
@@ -103,11 +105,11 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int) -> d
 
 
 def table(rows) -> str:
-    head = ("| model | px | images | floor CPU s (A+B+merged) | merge+export CPU s | ratio | "
+    head = ("| model | px | images | taps | floor CPU s (A+B+merged) | merge+export CPU s | ratio | "
             + " | ".join(PARTS) + " | RSS after setup / peak floor / peak merge (MB) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['pixels']} | {r['images']} | {r['floor_s']:.1f} | {r['total_s']:.1f} | "
+        lines.append(f"| {r['model']} | {r['pixels']} | {r['images']} | {r.get('taps', 'all')} | {r['floor_s']:.1f} | {r['total_s']:.1f} | "
                      f"**{r['ratio']:.2f}** | " + " | ".join(f"{r['parts'].get(p, 0.0):.2f}" for p in PARTS)
                      + f" | {r['rss_setup_mb']:.0f} / {r['peak_floor_mb']:.0f} / {r['peak_merge_mb']:.0f} |")
     return "\n".join(lines)
@@ -123,9 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:  # one configuration, in this process
-        m, px, n = args.child.split(":")
+        m, px, n, *taps = args.child.split(":")
         bs = args.batch32 if int(px) <= 64 else args.batch224
-        print("RESULT " + json.dumps(run_one(m, int(px), int(n), bs, args.threads)), flush=True)
+        print("RESULT " + json.dumps(run_one(m, int(px), int(n), bs, args.threads, *taps)), flush=True)
         return 0
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s); "
           f"python {platform.python_version()}", flush=True)
