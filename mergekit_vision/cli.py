@@ -103,7 +103,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)
     with _stage(timings, "merge"):
         merged, report = merge(a, b, calib, alpha=config.alpha, method=config.method, repair=config.repair,
-                               device=config.device, progress=not args.quiet, return_report=True, seed=config.seed)
+                               device=config.device, progress=not args.quiet, return_report=True, seed=config.seed,
+                               taps=config.taps, lineage_threshold=config.lineage_threshold)
     extra = [k for k in merged.state_dict() if k not in a.state_dict()]
     if extra:  # repair: stream keeps corrections that do not fold as extra modules
         raise ConfigError(f"repair: {config.repair!r} left {len(extra)} tensors that {config.models[0].model!r} has "

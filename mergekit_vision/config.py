@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError
+from .match import LINEAGE_THRESHOLD
 from .merge import METHODS, REPAIR_MODES
 
 __all__ = ["ModelConfig", "CalibrationConfig", "EvaluationConfig", "MergeConfig", "load_config",
@@ -249,6 +250,8 @@ class MergeConfig(_Strict):
     method: str = "activation"
     alpha: float = 0.5
     repair: str = "repair"
+    taps: str = "all"
+    lineage_threshold: Optional[float] = Field(LINEAGE_THRESHOLD, ge=-1.0, le=1.0)
     calibration: CalibrationConfig
     evaluation: Optional[EvaluationConfig] = None
     device: str = "cpu"
@@ -269,6 +272,13 @@ class MergeConfig(_Strict):
     def _method(cls, v: str) -> str:
         if v not in METHODS:
             raise ValueError(f"must be one of {', '.join(METHODS)}, got {v!r}")
+        return v
+
+    @field_validator("taps")
+    @classmethod
+    def _taps(cls, v: str) -> str:
+        if v not in ("all", "lean"):
+            raise ValueError(f"must be all or lean, got {v!r}")
         return v
 
     @field_validator("alpha", mode="before")

@@ -206,6 +206,8 @@ def _edit(cfg: dict, case: str) -> dict:
         del cfg["calibration"]
     elif case == "mergekit_key":
         cfg["out_dtype"] = "bfloat16"
+    elif case == "taps":
+        cfg["taps"] = "few"
     return cfg
 
 
@@ -223,6 +225,7 @@ CONFIG_ERRORS = {
     "shard_size": "out_shard_size: Shard size '5 gigs' is not understood",
     "no_calibration": "calibration: missing — every merge traces the model",
     "mergekit_key": "out_dtype: unknown key — mergekit's 'out_dtype' is 'dtype' here",
+    "taps": "taps: must be all or lean, got 'few'",
 }
 
 
