@@ -1,11 +1,12 @@
 """FedAvg with alignment (+REPAIR) against plain FedAvg, in Flower (flwr 1.42 Message API).
 
 Result (CIFAR-10, first 5k train / 1k test images, 4 clients, resnet20 width 0.5, Dirichlet alpha=0.5,
-8 rounds): plain FedAvg 35.4% (E=1) / 39.8% (E=2); AlignedFedAvg (activation) 29.8% / 31.4% -- alignment
-hurts here (it moves 69-89% of a client's channels in round 1 though all clients share the global model);
-FedAvg + RESET without alignment 36.8% (E=1; 18.8% vs 9.5% after round 1); aligned + REPAIR collapses to
-11.5% (REPAIR's BN fusion is eval-only). Machine: 2-core AMD EPYC VM shared with other jobs, 1 thread,
-torch 2.14.1 CPU, flwr 1.42.0; 3-10 min per strategy. Details: docs/recipes/fedavg_align.md.
+8 rounds, E=1): plain FedAvg 35.4% (34.8% on a second run); AlignedFedAvg (activation) 34.1% -- its
+lineage test sees that the clients share the global model's channel order and skips the matching (before
+that test, matching moved 69-89% of the channels in round 1 and ended at 29.8%); + RESET 35.6%; + REPAIR
+31.5% (before REPAIR's train-consistent BN fold it collapsed to 11.5%). Machine: 2-core AMD EPYC VM
+shared with other jobs, 1 thread, torch 2.14.1 CPU, flwr 1.42.0; ~6 min per strategy. Details:
+docs/recipes/fedavg_align.md.
 
     pip install -e ".[federated]"
     python examples/fedavg_align.py --data ../shared/data/cifar10 --local-epochs 1 3 --out runs/fedavg
