@@ -68,19 +68,16 @@ class ChannelMoments:
     ss: Optional[torch.Tensor] = None
 
     def update(self, x2d: torch.Tensor) -> None:
+        """Add a (positions, channels) batch."""
         x = _work(x2d)
-        s, ss = x.sum(0).double(), (x * x).sum(0).double()
-        if self.s is None:
-            self.s, self.ss = s, ss
-        else:
-            self.s += s
-            self.ss += ss
-        self.n += x.shape[0]
+        self.add_sums(x.shape[0], x.sum(0), (x * x).sum(0))
 
-    def observe(self, x: torch.Tensor, dim: int) -> None:
-        """Add a batch with channel axis ``dim`` (any layout; same sums as ``update(channels_last_2d(x, dim))``)."""
-        n, s, ss = channel_sums(x, dim)
-        self.add_sums(n, s, ss)
+    def observe(self, x: torch.Tensor, dim: int) -> Tuple[int, torch.Tensor, torch.Tensor]:
+        """Add a batch with channel axis ``dim`` (any layout; same sums as ``update(channels_last_2d(x, dim))``);
+        returns the batch's own ``channel_sums``."""
+        sums = channel_sums(x, dim)
+        self.add_sums(*sums)
+        return sums
 
     def add_sums(self, n: int, s: torch.Tensor, ss: torch.Tensor) -> None:
         s, ss = s.double(), ss.double()
@@ -131,14 +128,9 @@ class CrossMoments:
     sab: Optional[torch.Tensor] = None
 
     def update(self, a2d: torch.Tensor, b2d: torch.Tensor) -> None:
+        """Add a batch of two (positions, C) activations."""
         a, b = _work(a2d), _work(b2d)
-        upd = tuple(t.double() for t in (a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b))
-        if self.sa is None:
-            self.sa, self.sb, self.saa, self.sbb, self.sab = upd
-        else:
-            for name, v in zip(("sa", "sb", "saa", "sbb", "sab"), upd):
-                getattr(self, name).add_(v)
-        self.n += a.shape[0]
+        self._add(a.shape[0], (a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b))
 
     def observe(self, a: torch.Tensor, b: torch.Tensor, dim: int, start: int = 0, length: Optional[int] = None) -> None:
         """Add a batch of two activations with channel axis ``dim``, channels ``start:start+length``
@@ -147,7 +139,10 @@ class CrossMoments:
             a, b = a.narrow(dim, start, length), b.narrow(dim, start, length)
         n, sa, saa = channel_sums(a, dim)
         _, sb, sbb = channel_sums(b, dim)
-        upd = tuple(t.double() for t in (sa, sb, saa, sbb, cross_sum(a, b, dim)))
+        self._add(n, (sa, sb, saa, sbb, cross_sum(a, b, dim)))
+
+    def _add(self, n: int, sums) -> None:
+        upd = tuple(t.double() for t in sums)
         if self.sa is None:
             self.sa, self.sb, self.saa, self.sbb, self.sab = upd
         else:

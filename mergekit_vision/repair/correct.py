@@ -45,12 +45,6 @@ def renormalize(z: torch.Tensor, dim: int, target: Target, sums=None) -> torch.T
     return torch.addcmul(shift.to(z.dtype).view(shape), z, scale.to(z.dtype).view(shape))
 
 
-def _observe(moments: ChannelMoments, x: torch.Tensor, dim: int):
-    sums = channel_sums(x, dim)
-    moments.add_sums(*sums)
-    return sums
-
-
 def affine_correction(measured: ChannelMoments, target: Target) -> Tuple[torch.Tensor, torch.Tensor]:
     """The per-channel ``(a, c)`` with ``a*z + c`` having the target mean and std."""
     std = measured.std
@@ -81,7 +75,7 @@ class CorrectionPass:
 
     def _add(self, node, values):
         site = self.sites[node.name]
-        sums = _observe(self.measured[site.node], values[0], site.dim)
+        sums = self.measured[site.node].observe(values[0], site.dim)
         if len(values) > 1:
             self.raw[site.node].observe(values[1], site.dim)
         return [renormalize(values[0], site.dim, self.targets[site.node], sums)] + list(values[1:])
@@ -98,7 +92,7 @@ class CorrectionPass:
             z = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
             return bn_post(m, z)
         z = bn_eval(m, x)
-        sums = _observe(self.measured[site.node], z, site.dim)
+        sums = self.measured[site.node].observe(z, site.dim)
         return bn_post(m, renormalize(z, site.dim, self.targets[site.node], sums))
 
     def _conv(self, node, k, args, kwargs):
@@ -108,7 +102,7 @@ class CorrectionPass:
         if k == 1:
             self.raw[site.node].observe(z, site.dim)
             return z
-        sums = _observe(self.measured[site.node], z, site.dim)
+        sums = self.measured[site.node].observe(z, site.dim)
         return renormalize(z, site.dim, self.targets[site.node], sums)
 
 
