@@ -21,7 +21,7 @@ from .engine import Lockstep, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
 from .match import (LINEAGE_THRESHOLD, TAP_POLICIES, ChannelMoments, PairCollector, lineage_cosine,
-                    match_from_correlations, match_weights)
+                    match_from_correlations, match_weights, shared_lineage)
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction, fuse_reset,
                      permute_channel_stats)
@@ -177,9 +177,8 @@ def merge(
     report = MergeReport(method=method, alpha=alpha, repair=mode, version=__version__,
                          sources=[source_info(model_a, "model_a"), source_info(model_b, "model_b")])
     report.lineage_cosine = lineage_cosine(model_a.state_dict(), model_b.state_dict())
-    if method != "none" and lineage_threshold is not None and report.lineage_cosine >= lineage_threshold:
-        report.matching_skipped = (f"shared lineage: median weight cosine {report.lineage_cosine:.3f} >= "
-                                   f"lineage_threshold={lineage_threshold}; the channels already correspond")
+    report.matching_skipped = shared_lineage([report.lineage_cosine], lineage_threshold) if method != "none" else None
+    if report.matching_skipped:
         logger.info("merge: %s; matching skipped (lineage_threshold=None forces it)", report.matching_skipped)
         method = "none"
     batches = dict(max_batches=max_batches, max_samples=max_samples, device=work, dtype=dtype)

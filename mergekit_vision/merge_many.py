@@ -23,7 +23,7 @@ from .engine import Lockstep, shared_graph
 from .errors import ConfigError, DataError
 from .interpolate import weighted_average
 from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cosine, match_from_correlations,
-                    match_weights, solve_assignment)
+                    match_weights, shared_lineage, solve_assignment)
 from .match.activation import tap_plan
 from .merge import (METHODS, _batches, _chain, _check_values, _repair_mode, _site_recorders, _timer,
                     check_finite, check_same_architecture)
@@ -397,11 +397,9 @@ def merge_many(
                              version=__version__)
     ref_sd = models[ref].state_dict()
     report.lineage_cosines = [1.0 if k == ref else lineage_cosine(ref_sd, m.state_dict()) for k, m in enumerate(models)]
-    if method != "none" and k_models > 1 and lineage_threshold is not None \
-            and min(report.lineage_cosines) >= lineage_threshold:
-        report.matching_skipped = (f"shared lineage: every model's median weight cosine with the reference is "
-                                   f">= {min(report.lineage_cosines):.3f} (lineage_threshold={lineage_threshold}); "
-                                   "the channels already correspond")
+    others = [c for k, c in enumerate(report.lineage_cosines) if k != ref]
+    report.matching_skipped = shared_lineage(others, lineage_threshold) if method != "none" else None
+    if report.matching_skipped:
         logger.info("merge_many: %s; matching skipped (lineage_threshold=None forces it)", report.matching_skipped)
         method = "none"
     ms = [copy.deepcopy(m).to(work).eval() for m in models]  # never touch the inputs

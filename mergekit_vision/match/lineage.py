@@ -42,3 +42,12 @@ def lineage_cosine(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Te
         return 0.0
     mid = len(cos) // 2
     return cos[mid] if len(cos) % 2 else 0.5 * (cos[mid - 1] + cos[mid])
+
+
+def shared_lineage(cosines, threshold) -> "str | None":
+    """Why matching can be skipped -- every model's :func:`lineage_cosine` with the reference is at
+    least ``threshold`` -- or None (also when ``threshold`` is None: always match)."""
+    if threshold is None or not cosines or min(cosines) < threshold:
+        return None
+    return (f"shared lineage: median weight cosine >= {min(cosines):.3f} (lineage_threshold={threshold}); "
+            "the channels already correspond")
