@@ -53,6 +53,15 @@ def _timm_resnet18_default_stem() -> nn.Module:
     return timm.create_model("resnet18", pretrained=False, num_classes=10)
 
 
+def _timm_resnet50_default_stem() -> nn.Module:
+    """timm's resnet50 as it is on 32x32 inputs (8x8 after the stem, 1x1 in the last stage): a trained
+    bottleneck pair at about twice a CIFAR ResNet-20's compute, for the tap-policy and weight-matching
+    measurements on 2,048-channel residual streams."""
+    import timm
+
+    return timm.create_model("resnet50", pretrained=False, num_classes=10)
+
+
 def _mkv(name: str, kaiming: bool = False, **kw) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         from mergekit_vision.models import create_model
@@ -80,6 +89,7 @@ CONFIGS: Dict[str, dict] = {
     "vgg11_none": dict(build=_mkv("vgg11", kaiming=True, width=1, norm="none"), lr=0.02),
     "timm_resnet18": dict(build=_timm_resnet18_cifar, lr=0.1),
     "timm_resnet18_stem4": dict(build=_timm_resnet18_default_stem, lr=0.1),
+    "timm_resnet50_stem4": dict(build=_timm_resnet50_default_stem, lr=0.1),
 }
 
 

@@ -277,8 +277,10 @@ class MergeConfig(_Strict):
     @field_validator("taps")
     @classmethod
     def _taps(cls, v: str) -> str:
-        if v not in ("all", "lean"):
-            raise ValueError(f"must be all or lean, got {v!r}")
+        from .match.activation import TAP_POLICIES
+
+        if v not in TAP_POLICIES:
+            raise ValueError(f"must be one of {', '.join(TAP_POLICIES)}, got {v!r}")
         return v
 
     @field_validator("alpha", mode="before")

@@ -21,12 +21,12 @@ from .engine import Lockstep, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
 from .match import (LINEAGE_THRESHOLD, TAP_POLICIES, ChannelMoments, PairCollector, lineage_cosine,
-                    match_from_correlations, match_weights, shared_lineage)
+                    match_from_correlations, match_weights, shared_lineage, WEIGHT_TOL)
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction, fuse_reset,
                      permute_channel_stats)
 from .repair.correct import ChannelAffine, foldable_addends
-from .repair.sites import bn_eval
+from .repair.sites import bn_eval, bn_post
 from .report import GroupReport, MergeReport, SiteReport
 from .spec import PermutationSpec
 from .trace import trace_permutation_spec
@@ -125,6 +125,7 @@ def merge(
     spec: Optional[PermutationSpec] = None,
     leaf_modules: Iterable = (),
     weight_iters: int = 100,
+    weight_tol: float = WEIGHT_TOL,
     seed: int = 0,
     diagnostic_batches: int = 4,
     fold_stream: bool = True,
@@ -150,7 +151,11 @@ def merge(
     ``lineage_cosine``) and REPAIR still runs. None always matches.
     ``taps``: where activation matching looks, "all" (post-activation, residual-add and norm outputs)
     or "lean" (no post-activation taps where a norm output is tapped: about half the statistics work
-    and memory on BatchNorm nets; see :mod:`mergekit_vision.match.activation`).
+    and memory on BatchNorm nets; see :mod:`mergekit_vision.match.activation`), or "blocks" (as lean,
+    and a residual stream observed once per block, at its adds: the cheapest on bottleneck ResNets).
+    ``weight_iters``, ``weight_tol``: method="weight" runs at most this many coordinate-descent sweeps
+    and stops early when a sweep adds less than ``weight_tol`` of the objective's improvement so far
+    (0: run to a fixed point).
     """
     from . import __version__
 
@@ -158,6 +163,9 @@ def merge(
         raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if taps not in TAP_POLICIES:
         raise ConfigError(f"unknown taps {taps!r}; valid: {', '.join(TAP_POLICIES)}")
+    if isinstance(weight_tol, bool) or not isinstance(weight_tol, (int, float)) or not weight_tol >= 0:
+        raise ConfigError(f"weight_tol must be a number >= 0 (0: run weight matching to a fixed point), "
+                          f"got {weight_tol!r}")
     mode = _repair_mode(repair)
     if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
@@ -214,9 +222,10 @@ def merge(
         lock = Lockstep([a, b], gm.graph)
         hooks: Dict[str, Any] = dict(collector.hooks()) if collector else {}
         site_hooks, site_over = _site_recorders(target_sites, site_stats,
-                                                [dict(a.named_modules()), dict(b.named_modules())])
+                                                [dict(a.named_modules()), dict(b.named_modules())],
+                                                collector.known_sums if collector else None)
         for name, h in site_hooks.items():
-            hooks[name] = _chain(hooks.get(name), h)
+            hooks[name] = _chain(h, hooks.get(name))  # the site's channel sums first: the tap reuses them
         with _timer(timings, "pass_ab"), torch.no_grad():
             for x in _batches(calib_loader, desc="calibrate A/B", progress=progress, **batches):
                 outs = lock.run(x, hooks, override=site_over)
@@ -232,7 +241,8 @@ def merge(
             corrs = collector.correlations()
             perms = match_from_correlations(spec, corrs)
         elif method == "weight":
-            perms = match_weights(spec, a.state_dict(), b.state_dict(), max_iter=weight_iters, seed=seed)
+            perms = match_weights(spec, a.state_dict(), b.state_dict(), max_iter=weight_iters, tol=weight_tol,
+                                  seed=seed)
     for g in spec.free_groups:
         gr = GroupReport(size=g.size, blocks=g.blocks)
         p = perms.get(g.name)
@@ -325,8 +335,8 @@ def align(model_a: nn.Module, model_b: nn.Module, calib_loader: Any = None, *, m
 
 
 def _chain(first, second):
-    if first is None:
-        return second
+    if first is None or second is None:
+        return second if first is None else first
 
     def both(node, values):
         r = first(node, values)
@@ -336,21 +346,31 @@ def _chain(first, second):
     return both
 
 
-def _site_recorders(sites, site_stats, mods):
-    """Hooks (conv sites) and overrides (BN sites: ``z`` is recomputed from the BN input, before any
-    fused activation) that record each endpoint's site value."""
+def _site_recorders(sites, site_stats, mods, known_sums=None):
+    """Hooks (conv sites) and overrides (BN sites: ``z`` is computed from the BN input, before any
+    fused activation, and the node's value made from it) that record each endpoint's site value.
+    ``known_sums[(node, k)] = (dim, sums)`` shares each value's channel sums with a matching tap."""
     hooks, overrides = {}, {}
     for site in sites:
         stats = site_stats[site.node]
         if site.kind == "bn":
             def override(node, k, args, kwargs, site=site, stats=stats):
-                stats[k].observe(bn_eval(mods[k][site.module], args[0]), site.dim)
-                return NotImplemented
+                m = mods[k][site.module]
+                z = bn_eval(m, args[0])
+                sums = stats[k].observe(z, site.dim)
+                if m.training or getattr(m, "running_mean", None) is None:
+                    return NotImplemented  # the module's own forward differs from its eval formula
+                out = bn_post(m, z)
+                if known_sums is not None and out is z:
+                    known_sums[(node.name, k)] = (site.dim, sums)
+                return out
             overrides[site.node] = override
         else:
             def hook(node, values, site=site, stats=stats):
                 for k, v in enumerate(values):
-                    stats[k].observe(v, site.dim)
+                    sums = stats[k].observe(v, site.dim)
+                    if known_sums is not None:
+                        known_sums[(node.name, k)] = (site.dim, sums)
             hooks[site.node] = hook
     return hooks, overrides
 

@@ -23,7 +23,7 @@ from .engine import Lockstep, shared_graph
 from .errors import ConfigError, DataError
 from .interpolate import weighted_average
 from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cosine, match_from_correlations,
-                    match_weights, shared_lineage, solve_assignment)
+                    match_weights, shared_lineage, WEIGHT_TOL, solve_assignment)
 from .match.activation import tap_plan
 from .merge import (METHODS, _batches, _chain, _check_values, _repair_mode, _site_recorders, _timer,
                     check_finite, check_same_architecture)
@@ -331,6 +331,7 @@ def merge_many(
     spec: Optional[PermutationSpec] = None,
     leaf_modules: Iterable = (),
     weight_iters: int = 100,
+    weight_tol: float = WEIGHT_TOL,
     seed: int = 0,
     diagnostic_batches: int = 4,
     collect: Optional[Collect] = None,
@@ -440,7 +441,8 @@ def merge_many(
                 corrs[k] = _pair_correlations(stats, ref, k)
                 perms[k] = match_from_correlations(spec, corrs[k])
             else:
-                perms[k] = match_weights(spec, sds[ref], sds[k], max_iter=weight_iters, seed=seed)
+                perms[k] = match_weights(spec, sds[ref], sds[k], max_iter=weight_iters, tol=weight_tol,
+                                         seed=seed)
     report.near_identity = _near_identity(spec, perms) if method != "none" and k_models > 1 else None
     if report.matching_skipped:
         report.near_identity = True  # identity by the lineage test, without matching
@@ -452,7 +454,7 @@ def merge_many(
             if method == "activation":
                 _activation_sweeps(stats, spec, perms, corrs, w, iterations, seed, report)
             else:
-                _weight_sweeps(sds, perms, w, spec, iterations, weight_iters, seed, report)
+                _weight_sweeps(sds, perms, w, spec, iterations, weight_iters, weight_tol, seed, report)
             _in_reference_order(spec, perms, corrs, ref)
         logger.info("merge_many: %d sweeps from the %s start (%s)", report.sweeps, report.start,
                     "converged" if report.converged else "not converged")
@@ -616,7 +618,7 @@ def _in_reference_order(spec, perms, corrs, ref) -> None:
                 corrs[k][g.name] = corrs[k][g.name][q]
 
 
-def _weight_sweeps(sds, perms, w, spec, iterations, weight_iters, seed, report):
+def _weight_sweeps(sds, perms, w, spec, iterations, weight_iters, weight_tol, seed, report):
     """Git Re-Basin's MergeMany: each model weight-matched to the weighted average of the others,
     one model at a time (later models see earlier updates), starting from star alignment."""
     k_models = len(sds)
@@ -631,7 +633,8 @@ def _weight_sweeps(sds, perms, w, spec, iterations, weight_iters, seed, report):
             with torch.no_grad():
                 target = weighted_average([permute_state_dict(sds[j], spec, perms[j]) if perms[j] else sds[j]
                                            for j in others], wo)
-            new = match_weights(spec, target, sds[k], max_iter=weight_iters, seed=seed, init=perms[k] or None)
+            new = match_weights(spec, target, sds[k], max_iter=weight_iters, tol=weight_tol, seed=seed,
+                                init=perms[k] or None)
             if any(not torch.equal(new[g], perms[k].get(g, torch.arange(new[g].numel()))) for g in new):
                 changed += 1
             perms[k] = new

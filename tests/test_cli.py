@@ -225,7 +225,7 @@ CONFIG_ERRORS = {
     "shard_size": "out_shard_size: Shard size '5 gigs' is not understood",
     "no_calibration": "calibration: missing — every merge traces the model",
     "mergekit_key": "out_dtype: unknown key — mergekit's 'out_dtype' is 'dtype' here",
-    "taps": "taps: must be all or lean, got 'few'",
+    "taps": "taps: must be one of all, lean, blocks, got 'few'",
 }
 
 

@@ -51,20 +51,66 @@ def test_matching_recovers_a_permutation(name, build, size):
         assert _rel(wm(x), a(x)) < 1e-5
 
 
-def test_lean_taps_recover_a_permutation_with_fewer_taps():
-    from mergekit_vision.match.activation import tap_plan
+@pytest.mark.parametrize("policy", ["lean", "blocks"])
+def test_cheaper_tap_policies_recover_a_permutation_with_fewer_taps(policy):
+    from mergekit_vision.match.activation import ADD_OPS, tap_plan
 
     torch.manual_seed(0)
     x = torch.randn(96, 3, 32, 32)
     a, b, spec = _permuted_pair(create_model("resnet20", norm="bn"), x)
     n_all = sum(map(len, tap_plan(spec, "all").values()))
-    n_lean = sum(map(len, tap_plan(spec, "lean").values()))
-    assert n_lean < 0.7 * n_all
+    plan = tap_plan(spec, policy)
+    assert sum(map(len, plan.values())) < 0.7 * n_all
+    if policy == "blocks":  # each residual stream: one tap per block, at its add
+        per_group = {}
+        for taps in plan.values():
+            for gname, t in taps:
+                per_group.setdefault(gname, []).append(t.op)
+        streams = [ops for ops in per_group.values() if any(op in ADD_OPS for op in ops)]
+        assert len(streams) == 3 and all(set(ops) <= ADD_OPS and len(ops) == 3 for ops in streams)
     with torch.no_grad():
-        merged = merge(a, b, list(x.split(48)), repair=False, taps="lean", progress=False)
+        merged = merge(a, b, list(x.split(48)), repair=False, taps=policy, progress=False)
         assert _rel(merged(x), a(x)) < 1e-5
     with pytest.raises(ConfigError, match="taps"):
         merge(a, b, [x], taps="some", progress=False)
+
+
+@pytest.mark.parametrize("name", ["mkv_resnet20_bn", "mkv_vgg11_none"])
+def test_taps_reuse_repair_channel_sums_without_changing_the_result(name, monkeypatch):
+    """Where a tap is also a REPAIR site, the tap takes the site's channel sums: the merge is the same,
+    to the bit, as one where every statistic is computed on its own (float64 exposes aliasing too)."""
+    from mergekit_vision.match import activation
+
+    from mergekit_vision.match import stats
+
+    calls = []
+    real_sums = stats.channel_sums
+    monkeypatch.setattr(stats, "channel_sums", lambda *a, **k: calls.append(1) or real_sums(*a, **k))
+    build = dict((z[0], z[1]) for z in ZOO)[name]
+    a = randomize_model(build().double().eval(), seed=0)
+    b = randomize_model(build().double().eval(), seed=1)
+    x = torch.randn(64, 3, 32, 32, dtype=torch.float64)
+    shared, rep = merge(a, b, list(x.split(32)), progress=False, return_report=True)
+    n_shared = len(calls)
+
+    class Unshared(dict):
+        def __setitem__(self, key, value):
+            pass
+
+    made = []
+    original = activation.PairCollector.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.known_sums = Unshared()
+        made.append(self)
+
+    monkeypatch.setattr(activation.PairCollector, "__init__", init)
+    alone, rep2 = merge(a, b, list(x.split(32)), progress=False, return_report=True)
+    assert made and len(calls) - n_shared > n_shared  # the patched collector ran, and sharing saved work
+    sd = alone.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in shared.state_dict().items())
+    assert [g.mean_corr for g in rep.groups.values()] == [g.mean_corr for g in rep2.groups.values()]
 
 
 def test_merge_with_itself_is_identity_with_and_without_repair():

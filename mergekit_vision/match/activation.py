@@ -32,21 +32,24 @@ NORM_OPS = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "LayerNorm
 PRODUCER_OPS = {"Conv1d", "Conv2d", "Conv3d", "Linear", "conv1d", "conv2d", "conv3d", "linear"}
 
 
-TAP_POLICIES = ("all", "lean")
+TAP_POLICIES = ("all", "lean", "blocks")
 
 
 def select_taps(group: PermutationGroup, policy: str = "all") -> List[Tap]:
     """Post-activation, residual-add and norm outputs; without a norm, the producer's own output too
     (the pre-activation view keeps ReLU-silenced channels matchable). ``policy="lean"``: without the
-    post-activation outputs where a norm output is tapped."""
+    post-activation outputs where a norm output is tapped. ``policy="blocks"``: as lean, and a residual
+    stream is observed once per block, at its adds (the stream as the next block receives it)."""
     if policy not in TAP_POLICIES:
         raise ValueError(f"unknown tap policy {policy!r}; valid: {', '.join(TAP_POLICIES)}")
     full = [t for t in group.taps if t.offset == 0 and t.length == group.size]
     chosen = [t for t in full if t.op in ACT_OPS or t.op in ADD_OPS or t.op in NORM_OPS]
     has_norm = any(t.op in NORM_OPS for t in chosen)
-    if not has_norm:
+    if policy == "blocks" and any(t.op in ADD_OPS for t in chosen):
+        chosen = [t for t in chosen if t.op in ADD_OPS]
+    elif not has_norm:
         chosen += [t for t in full if t.op in PRODUCER_OPS]
-    elif policy == "lean":
+    elif policy != "all":
         chosen = [t for t in chosen if t.op not in ACT_OPS]
     return chosen or full
 
@@ -61,21 +64,30 @@ def tap_plan(spec: PermutationSpec, policy: str = "all") -> Dict[str, List[Tuple
 
 
 class PairCollector:
-    """Lockstep hooks accumulating A/B cross-moments at every planned tap."""
+    """Lockstep hooks accumulating A/B cross-moments at every planned tap.
+
+    ``known_sums[(node, k)] = (dim, channel_sums)``, filled by another hook on the same node just
+    before this one (REPAIR's endpoint statistics), saves recomputing model ``k``'s channel sums."""
 
     def __init__(self, spec: PermutationSpec, policy: str = "all"):
         self.plan = tap_plan(spec, policy)
         self.moments: Dict[Tuple[str, str], CrossMoments] = {}
+        self.known_sums: Dict[Tuple[str, int], tuple] = {}
 
     def hooks(self):
         return {node: self._hook for node in self.plan}
 
     def _hook(self, node, values):
         a, b = values[0], values[1]
+        known = [self.known_sums.pop((node.name, k), None) for k in (0, 1)]
         for gname, t in self.plan[node.name]:
             key = (gname, t.node)
             mom = self.moments.setdefault(key, CrossMoments())
-            mom.observe(a, b, t.dim, t.start, t.length)
+            sums = None
+            if all(kn is not None and kn[0] % a.dim() == t.dim % a.dim() for kn in known) and t.start == 0 \
+                    and t.length in (0, a.shape[t.dim]):
+                sums = (known[0][1], known[1][1])
+            mom.observe(a, b, t.dim, t.start, t.length, sums=sums)
         return None
 
     def correlations(self) -> Dict[str, torch.Tensor]:

@@ -80,9 +80,8 @@ class ChannelMoments:
         return sums
 
     def add_sums(self, n: int, s: torch.Tensor, ss: torch.Tensor) -> None:
-        s, ss = s.double(), ss.double()
-        if self.s is None:
-            self.s, self.ss = s, ss
+        if self.s is None:  # own copies: the batch's sums may be shared with other accumulators
+            self.s, self.ss = s.to(torch.float64, copy=True), ss.to(torch.float64, copy=True)
         else:
             self.s += s
             self.ss += ss
@@ -132,21 +131,23 @@ class CrossMoments:
         a, b = _work(a2d), _work(b2d)
         self._add(a.shape[0], (a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b))
 
-    def observe(self, a: torch.Tensor, b: torch.Tensor, dim: int, start: int = 0, length: Optional[int] = None) -> None:
+    def observe(self, a: torch.Tensor, b: torch.Tensor, dim: int, start: int = 0, length: Optional[int] = None,
+                sums: Optional[Tuple[tuple, tuple]] = None) -> None:
         """Add a batch of two activations with channel axis ``dim``, channels ``start:start+length``
-        (same sums as ``update`` on the channels-last views, computed without copying them)."""
+        (same sums as ``update`` on the channels-last views, computed without copying them).
+        ``sums``: the two values' ``channel_sums`` over all their channels, if already computed."""
         if length is not None and (start != 0 or length != a.shape[dim]):
             a, b = a.narrow(dim, start, length), b.narrow(dim, start, length)
-        n, sa, saa = channel_sums(a, dim)
-        _, sb, sbb = channel_sums(b, dim)
+            sums = None
+        n, sa, saa = sums[0] if sums is not None else channel_sums(a, dim)
+        _, sb, sbb = sums[1] if sums is not None else channel_sums(b, dim)
         self._add(n, (sa, sb, saa, sbb, cross_sum(a, b, dim)))
 
     def _add(self, n: int, sums) -> None:
-        upd = tuple(t.double() for t in sums)
-        if self.sa is None:
-            self.sa, self.sb, self.saa, self.sbb, self.sab = upd
+        if self.sa is None:  # own copies: the batch's sums may be shared with other accumulators
+            self.sa, self.sb, self.saa, self.sbb, self.sab = (t.to(torch.float64, copy=True) for t in sums)
         else:
-            for name, v in zip(("sa", "sb", "saa", "sbb", "sab"), upd):
+            for name, v in zip(("sa", "sb", "saa", "sbb", "sab"), sums):
                 getattr(self, name).add_(v)
         self.n += n
 

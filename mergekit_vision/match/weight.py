@@ -14,6 +14,13 @@ from .assignment import solve_assignment
 
 logger = logging.getLogger(__name__)
 
+# Stop when a sweep adds less than this fraction of the improvement made so far. Measured in
+# docs/results.md ("Weight matching against rebasin"): permuted copies are recovered exactly in two
+# sweeps whatever the tolerance; on trained pairs it stops within the spread of the fixed point's own
+# dependence on the sweep order; on random networks, where coordinate descent creeps on for 100+ sweeps,
+# it stops after ~10.
+WEIGHT_TOL = 1e-3
+
 
 def _rows(t: torch.Tensor, m: Member) -> List[Tuple[int, torch.Tensor]]:
     """(group channel offset, rows) slices of ``t`` along the member's axis, one row per channel."""
@@ -40,9 +47,14 @@ def _rows(t: torch.Tensor, m: Member) -> List[Tuple[int, torch.Tensor]]:
 
 
 def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], *,
-                  max_iter: int = 100, seed: int = 0, init: Optional[Dict[str, torch.Tensor]] = None
-                  ) -> Dict[str, torch.Tensor]:
-    """Permutations of B's free groups that maximize sum of <W_A, P W_B> over all members."""
+                  max_iter: int = 100, seed: int = 0, init: Optional[Dict[str, torch.Tensor]] = None,
+                  tol: float = WEIGHT_TOL, history: Optional[List[float]] = None) -> Dict[str, torch.Tensor]:
+    """Permutations of B's free groups that maximize sum of <W_A, P W_B> over all members.
+
+    Sweeps over the groups in a seeded random order until a sweep changes nothing, or adds at most
+    ``tol`` times the improvement made so far (0 = run to a fixed point), or ``max_iter`` sweeps.
+    ``history``, if given, receives the objective's total improvement after each sweep.
+    """
     groups = spec.free_groups
     perms = {g.name: (init[g.name].clone() if init and g.name in init else torch.arange(g.size)) for g in groups}
     index: Dict[str, List[Tuple[str, Member]]] = defaultdict(list)
@@ -50,8 +62,10 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
         for m in g.members:
             index[m.key].append((g.name, m))
     gen = torch.Generator().manual_seed(seed)
+    gained = 0.0
     for it in range(max_iter):
         improved = False
+        sweep_gain = 0.0
         for gi in torch.randperm(len(groups), generator=gen).tolist():
             g = groups[gi]
             dtype = torch.float64 if sd_a[g.members[0].key].dtype == torch.float64 else torch.float32
@@ -73,7 +87,11 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
             if new_val > old_val + 1e-12 * max(1.0, abs(old_val)):
                 perms[g.name] = new
                 improved = True
-        logger.debug("weight matching sweep %d: %s", it, "improved" if improved else "converged")
-        if not improved:
+                sweep_gain += new_val - old_val
+        gained += sweep_gain
+        if history is not None:
+            history.append(gained)
+        logger.debug("weight matching sweep %d: objective +%.4g (+%.4g in all)", it, sweep_gain, gained)
+        if not improved or sweep_gain <= tol * gained:
             break
     return perms
