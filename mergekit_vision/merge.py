@@ -26,7 +26,7 @@ from .permute import permute_state_dict
 from .repair import (CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction, fuse_reset,
                      permute_channel_stats)
 from .repair.correct import ChannelAffine, foldable_addends
-from .repair.sites import bn_eval, bn_post
+from .repair.sites import bn_eval, bn_forward
 from .report import GroupReport, MergeReport, SiteReport
 from .spec import PermutationSpec
 from .trace import trace_permutation_spec
@@ -358,9 +358,7 @@ def _site_recorders(sites, site_stats, mods, known_sums=None):
                 m = mods[k][site.module]
                 z = bn_eval(m, args[0])
                 sums = stats[k].observe(z, site.dim)
-                if m.training or getattr(m, "running_mean", None) is None:
-                    return NotImplemented  # the module's own forward differs from its eval formula
-                out = bn_post(m, z)
+                out = bn_forward(m, z)
                 if known_sums is not None and out is z:
                     known_sums[(node.name, k)] = (site.dim, sums)
                 return out
@@ -417,8 +415,9 @@ def _measure_after(merged, gm, sites, targets, report, loader, n_batches, batche
         def override(node, k, args, kwargs):
             m = mods[site.module]
             if site.kind == "bn":
-                stats[site.node].observe(bn_eval(m, args[0]), site.dim)
-                return NotImplemented
+                z = bn_eval(m, args[0])
+                stats[site.node].observe(z, site.dim)
+                return bn_forward(m, z)
             z = m(*args, **kwargs)
             stats[site.node].observe(z, site.dim)
             return z

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..match.stats import ChannelMoments, channel_sums
-from .sites import Site, bn_eval, bn_post, is_batchnorm
+from .sites import Site, bn_eval, bn_forward, bn_post, is_batchnorm
 
 _TINY = 1e-12
 
@@ -85,8 +85,9 @@ class CorrectionPass:
         m = self.modules[k][site.module]
         x = args[0]
         if k == 1:  # uncorrected model: diagnostic only
-            self.raw[site.node].observe(bn_eval(m, x), site.dim)
-            return NotImplemented
+            z = bn_eval(m, x)
+            self.raw[site.node].observe(z, site.dim)
+            return bn_forward(m, z)
         if self.mode == "reset":
             self.measured[site.node].observe(x, site.dim)
             z = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)

@@ -108,6 +108,14 @@ def bn_post(m: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def bn_forward(m: nn.Module, z: torch.Tensor):
+    """The module's output made from its eval-mode normalization ``z`` (no second BatchNorm), or
+    ``NotImplemented`` where its own forward would differ (train mode, no running statistics)."""
+    if m.training or getattr(m, "running_mean", None) is None:
+        return NotImplemented
+    return bn_post(m, z)
+
+
 def permute_channel_stats(v: torch.Tensor, site: Site, perms: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Reorder a per-channel statistic of model B at ``site`` by the groups' permutations."""
     out = v.clone()
