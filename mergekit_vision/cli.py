@@ -104,7 +104,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     with _stage(timings, "merge"):
         merged, report = merge(a, b, calib, alpha=config.alpha, method=config.method, repair=config.repair,
                                device=config.device, progress=not args.quiet, return_report=True, seed=config.seed,
-                               taps=config.taps, lineage_threshold=config.lineage_threshold)
+                               taps=config.taps, weight_tol=config.weight_tol,
+                               lineage_threshold=config.lineage_threshold)
     extra = [k for k in merged.state_dict() if k not in a.state_dict()]
     if extra:  # repair: stream keeps corrections that do not fold as extra modules
         raise ConfigError(f"repair: {config.repair!r} left {len(extra)} tensors that {config.models[0].model!r} has "

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError
-from .match import LINEAGE_THRESHOLD
+from .match import LINEAGE_THRESHOLD, WEIGHT_TOL
 from .merge import METHODS, REPAIR_MODES
 
 __all__ = ["ModelConfig", "CalibrationConfig", "EvaluationConfig", "MergeConfig", "load_config",
@@ -251,6 +251,7 @@ class MergeConfig(_Strict):
     alpha: float = 0.5
     repair: str = "repair"
     taps: str = "all"
+    weight_tol: float = Field(WEIGHT_TOL, ge=0.0)
     lineage_threshold: Optional[float] = Field(LINEAGE_THRESHOLD, ge=-1.0, le=1.0)
     calibration: CalibrationConfig
     evaluation: Optional[EvaluationConfig] = None

@@ -208,6 +208,8 @@ def _edit(cfg: dict, case: str) -> dict:
         cfg["out_dtype"] = "bfloat16"
     elif case == "taps":
         cfg["taps"] = "few"
+    elif case == "weight_tol":
+        cfg["weight_tol"] = -0.1
     return cfg
 
 
@@ -226,6 +228,7 @@ CONFIG_ERRORS = {
     "no_calibration": "calibration: missing — every merge traces the model",
     "mergekit_key": "out_dtype: unknown key — mergekit's 'out_dtype' is 'dtype' here",
     "taps": "taps: must be one of all, lean, blocks, got 'few'",
+    "weight_tol": "weight_tol: input should be greater than or equal to 0, got -0.1",
 }
 
 

@@ -113,6 +113,33 @@ def test_taps_reuse_repair_channel_sums_without_changing_the_result(name, monkey
     assert [g.mean_corr for g in rep.groups.values()] == [g.mean_corr for g in rep2.groups.values()]
 
 
+def test_weight_matching_tolerance_stops_early_and_keeps_exact_recovery():
+    from mergekit_vision.match.weight import match_weights
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    a = randomize_model(create_model("resnet20", norm="bn", width=2).eval(), seed=0)
+    b = randomize_model(create_model("resnet20", norm="bn", width=2).eval(), seed=1)
+    spec = trace_permutation_spec(a, x[:1])
+    runs = {}
+    for tol in (0.0, 1e-2):
+        history = []
+        match_weights(spec, a.state_dict(), b.state_dict(), tol=tol, history=history)
+        runs[tol] = history
+        assert all(y >= x_ for x_, y in zip(history, history[1:]))  # coordinate ascent never loses
+    full, early = runs[0.0], runs[1e-2]
+    assert len(early) < len(full) and early == full[:len(early)]  # the same path, cut short
+    assert early[-1] > 0.95 * full[-1]
+    gains = [y - x_ for x_, y in zip(early, early[1:])]
+    assert gains[-1] <= 1e-2 * early[-1] < min(gains[:-1])
+    pa, pb, _ = _permuted_pair(create_model("resnet20", norm="bn", width=2), x)
+    with torch.no_grad():
+        merged = merge(pa, pb, [x], method="weight", weight_tol=0.5, repair=False, progress=False)
+        assert _rel(merged(x), pa(x)) < 1e-5  # a loose tolerance still recovers a permuted copy
+    with pytest.raises(ConfigError, match="weight_tol"):
+        merge(pa, pb, [x], method="weight", weight_tol=-1, progress=False)
+
+
 def test_merge_with_itself_is_identity_with_and_without_repair():
     torch.manual_seed(0)
     a = randomize_model(create_model("resnet20", norm="bn").eval())

@@ -5,9 +5,11 @@ next layers see), and at its producers' outputs when no norm shows it before the
 pre-activation view keeps channels that a ReLU silences on the calibration data matchable.
 Correlations of all chosen taps of a group are averaged. ``taps="lean"`` drops the post-activation
 taps of groups that a norm already shows (the norm output carries the same channels before the
-nonlinearity): about half the cross-moment work and memory on BatchNorm ResNets, which matters for wide
-streams (ResNet-50's 2048 channels at small spatial size), at a measured cost of 0.3 points of REPAIR
-midpoint accuracy on a CIFAR ResNet-20 pair (docs/results.md).
+nonlinearity): about half the cross-moment work and memory on BatchNorm ResNets. ``taps="blocks"``
+also observes a residual stream once per block, at its adds: a tap costs positions x C^2, and a
+bottleneck's stream is 4x wider than the 1x1 convolution writing it, so on ResNet-50 the stream taps
+of "all" cost more than the network's own forward. Accuracy and cost of each on trained pairs:
+docs/results.md ("Tap policies").
 """
 from __future__ import annotations
 
