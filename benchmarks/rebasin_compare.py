@@ -72,7 +72,8 @@ def _pair(name: str, kind: str, pixels: int, ckpt=None):
 def _objective(m1, m2) -> float:
     """sum over parameters of <W_1, W_2>, relative to sum of |W_1| |W_2| (1: identical up to scale)."""
     p2 = dict(m2.named_parameters())
-    dots = [(float((v.double() * p2[k].double()).sum()), float(v.double().norm() * p2[k].double().norm()))
+    dots = [(float((v.detach().double() * p2[k].detach().double()).sum()),
+             float(v.detach().double().norm() * p2[k].detach().double().norm()))
             for k, v in m1.named_parameters()]
     return sum(d for d, _ in dots) / sum(n for _, n in dots)
 

@@ -69,37 +69,59 @@ def checked_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> D
     return out
 
 
-def permute_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
-    spec: PermutationSpec,
-    perms: Mapping[str, torch.Tensor],
-) -> Dict[str, torch.Tensor]:
-    """A new state dict with every member of every group in ``perms`` permuted; others shared."""
+def _by_axis(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]):
+    """(key, axis, conv groups) -> [(member, group perm)] for every non-identity permutation."""
     by_axis = defaultdict(list)
     for name, perm in checked_perms(spec, perms).items():
         if torch.equal(perm, torch.arange(perm.numel())):
             continue
         for m in spec[name].members:
             by_axis[(m.key, m.axis, m.groups)].append((m, perm))
+    return by_axis
+
+
+def _missing(key: str) -> SpecError:
+    return SpecError(f"the spec names {key!r}, which the state dict does not have; trace the spec from "
+                     "the same architecture")
+
+
+def permute_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    perms: Mapping[str, torch.Tensor],
+) -> Dict[str, torch.Tensor]:
+    """A new state dict with every member of every group in ``perms`` permuted; others shared."""
     out = OrderedDict(state_dict)
     if hasattr(state_dict, "_metadata"):  # module versions (torchvision's MNASNet checks them on load)
         out._metadata = state_dict._metadata
-    for (key, axis, groups), members in by_axis.items():
+    for (key, axis, groups), members in _by_axis(spec, perms).items():
         if key not in out:
-            raise SpecError(f"the spec names {key!r}, which the state dict does not have; trace the spec from "
-                            "the same architecture")
+            raise _missing(key)
         out[key] = permute_tensor(out[key], axis, groups, members)
     return out
 
 
 def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A new model of the same class with the permutations applied; ``model`` is not touched."""
+    """A new model of the same class with the permutations applied; ``model`` is not touched.
+
+    Tensors are permuted one at a time into the copy: peak memory is two models and the largest
+    tensor, not three or four models (it matters for billion-parameter checks in float64)."""
+    by_key = defaultdict(list)
+    for (key, axis, groups), members in _by_axis(spec, perms).items():
+        by_key[key].append((axis, groups, members))
+    source = model.state_dict()
+    missing = [k for k in by_key if k not in source]
+    if missing:
+        raise _missing(missing[0])
     new = copy.deepcopy(model)
-    sd = permute_state_dict(model.state_dict(), spec, perms)
-    cloned = OrderedDict((k, v.clone()) for k, v in sd.items())
-    cloned._metadata = getattr(sd, "_metadata", None)  # type: ignore[attr-defined]
+    target = new.state_dict()  # detached tensors sharing the copy's storage
     with torch.no_grad():
-        new.load_state_dict(cloned)
+        for key, axes in by_key.items():
+            t = source[key]
+            for axis, groups, members in axes:
+                t = permute_tensor(t, axis, groups, members)
+            target[key].copy_(t)
+            del t
     return new
 
 
