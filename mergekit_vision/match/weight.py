@@ -61,6 +61,12 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
     for g in groups:
         for m in g.members:
             index[m.key].append((g.name, m))
+    # a group's score matrix depends only on its neighbours' permutations (the other axes of the tensors
+    # it shares): when none of them changed since its last assignment, that assignment stands (skip the LSA)
+    neighbours = {g.name: sorted({gn for m in g.members for gn, mm in index[m.key] if gn != g.name and mm.axis != m.axis})
+                  for g in groups}
+    version = {g.name: 0 for g in groups}
+    solved_at: Dict[str, Tuple[int, ...]] = {}
     gen = torch.Generator().manual_seed(seed)
     gained = 0.0
     for it in range(max_iter):
@@ -68,6 +74,10 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
         sweep_gain = 0.0
         for gi in torch.randperm(len(groups), generator=gen).tolist():
             g = groups[gi]
+            seen = tuple(version[n] for n in neighbours[g.name])
+            if solved_at.get(g.name) == seen:
+                continue
+            solved_at[g.name] = seen
             dtype = torch.float64 if sd_a[g.members[0].key].dtype == torch.float64 else torch.float32
             score = torch.zeros(g.size, g.size, dtype=dtype)
             for m in g.members:
@@ -86,6 +96,7 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
             old_val, new_val = score[ar, old].double().sum().item(), score[ar, new].double().sum().item()
             if new_val > old_val + 1e-12 * max(1.0, abs(old_val)):
                 perms[g.name] = new
+                version[g.name] += 1
                 improved = True
                 sweep_gain += new_val - old_val
         gained += sweep_gain
