@@ -49,6 +49,12 @@ def main(argv=None) -> int:
     p.add_argument("--taps", nargs="*", default=["all", "lean", "blocks"])
     p.add_argument("--weight", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure weight matching (convergence and the tolerance)")
+    p.add_argument("--weight-tols", type=float, nargs="*", default=None,
+                   help="weight_tol values for the weight-matching merges (default: 0 and the library's default)")
+    p.add_argument("--order-seeds", type=int, nargs="+", default=[0],
+                   help="sweep-order seeds (merge's seed=) for the weight-matching merges")
+    p.add_argument("--convergence", action=argparse.BooleanOptionalAction, default=True,
+                   help="record weight matching's objective per sweep from three order seeds")
     p.add_argument("--calib", type=int, default=5000, help="training images for matching and statistics")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="append JSON lines here")
@@ -77,7 +83,7 @@ def main(argv=None) -> int:
         if not args.weight:
             continue
         sd_a, sd_b = a.state_dict(), b.state_dict()
-        for order_seed in (0, 1, 2):
+        for order_seed in (0, 1, 2) if args.convergence else ():
             history = []
             t0 = clock()
             match_weights(spec, sd_a, sd_b, seed=order_seed, tol=0.0, history=history)
@@ -88,12 +94,15 @@ def main(argv=None) -> int:
                                  sweeps_to_fixed_point=len(history), cpu_s=seconds, objective=history,
                                  default_tol=WEIGHT_TOL, default_stops_after=stop + 1,
                                  default_objective=history[stop], machine=machine))
-        for tol in (0.0, WEIGHT_TOL):
-            t0 = clock()
-            merged, report = merge(a, b, calib, method="weight", weight_tol=tol, progress=False, return_report=True)
-            seconds = clock() - t0
-            _emit(args.out, dict(kind="weight_merge", config=config, weight_tol=tol, acc=evaluate(merged, test)["acc"],
-                                 match_wall_s=report.timings["match"], merge_cpu_s=seconds, machine=machine))
+        for order_seed in args.order_seeds:
+            for tol in args.weight_tols if args.weight_tols is not None else (0.0, WEIGHT_TOL):
+                t0 = clock()
+                merged, report = merge(a, b, calib, method="weight", weight_tol=tol, seed=order_seed, progress=False,
+                                       return_report=True)
+                seconds = clock() - t0
+                _emit(args.out, dict(kind="weight_merge", config=config, weight_tol=tol, order_seed=order_seed,
+                                     acc=evaluate(merged, test)["acc"], match_wall_s=report.timings["match"],
+                                     merge_cpu_s=seconds, machine=machine))
     return 0
 
 
