@@ -24,7 +24,7 @@ from .errors import ConfigError, DataError
 from .interpolate import weighted_average
 from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cosine, match_from_correlations,
                     match_weights, shared_lineage, WEIGHT_TOL, solve_assignment)
-from .match.activation import tap_plan
+from .match.activation import TAP_POLICIES, tap_plan
 from .merge import (METHODS, _batches, _chain, _check_values, _repair_mode, _site_recorders, _timer,
                     check_finite, check_same_architecture)
 from .permute import permute_state_dict
@@ -166,7 +166,8 @@ class StatisticsRequest:
     ``pairs``: (i, j) model pairs whose cross-moments are taken at every matching tap; ``sites``: each
     model's moments at every REPAIR site; ``correction``: REPAIR's correction pass instead (model 0 run
     with every site renormalized to ``targets`` on its batch statistics; RESET: BatchNorms on batch
-    statistics), recording model 0's pre-correction moments; ``max_batches`` caps the pass.
+    statistics), recording model 0's pre-correction moments; ``max_batches`` caps the pass; ``taps``:
+    the matching tap policy (:data:`~mergekit_vision.match.TAP_POLICIES`).
     """
 
     pairs: Tuple[Tuple[int, int], ...] = ()
@@ -174,6 +175,7 @@ class StatisticsRequest:
     correction: bool = False
     targets: Optional[Dict[str, Target]] = None
     max_batches: Optional[int] = None
+    taps: str = "all"
 
     @property
     def empty(self) -> bool:
@@ -215,7 +217,7 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
 
     hooks: Dict[str, Any] = {}
     if req.pairs:
-        taps = tap_plan(plan.spec)
+        taps = tap_plan(plan.spec, req.taps)
         pairs = [tuple(p) for p in req.pairs]
 
         def record_pairs(node, values):
@@ -337,6 +339,7 @@ def merge_many(
     collect: Optional[Collect] = None,
     example: Optional[torch.Tensor] = None,
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
+    taps: str = "all",
 ) -> Union[nn.Module, Tuple[nn.Module, MergeManyReport]]:
     """Align ``models`` into one coordinate system, average them with ``weights`` and REPAIR the result.
 
@@ -375,6 +378,8 @@ def merge_many(
     ref = 0 if reference is None else reference
     if not isinstance(ref, int) or not 0 <= ref < k_models:
         raise ConfigError(f"reference must be a model index in 0..{k_models - 1}, got {reference!r}")
+    if taps not in TAP_POLICIES:
+        raise ConfigError(f"unknown taps {taps!r}; valid: {', '.join(TAP_POLICIES)}")
     if iterations is None:
         iterations = DEFAULT_SWEEPS
     if not isinstance(iterations, int) or iterations < 0:
@@ -424,7 +429,7 @@ def merge_many(
         pairs = tuple((i, j) for i in range(k_models) for j in range(i + 1, k_models))
     else:
         pairs = tuple((ref, k) for k in range(k_models) if k != ref) if method == "activation" else ()
-    first = StatisticsRequest(pairs=pairs, sites=mode == "repair")
+    first = StatisticsRequest(pairs=pairs, sites=mode == "repair", taps=taps)
     with _timer(timings, "statistics"):
         stats = gather(ms, plan, first) if not first.empty else Statistics()
     report.calibration_samples = stats.samples

@@ -115,3 +115,14 @@ def test_a_client_without_the_statistics_handler_gets_a_clear_error():
 
     run_inprocess(app, ClientApp(), 2)  # a ClientApp that registers nothing
     assert "none of 2 clients answered" in seen["error"]
+
+
+def test_statistics_request_travels_with_its_tap_policy():
+    from mergekit_vision.merge_many import StatisticsRequest, plan_calibration
+    from mergekit_vision.recipes.flower import _parse_request, _request_content
+
+    models = [_model(), _model()]
+    plan = plan_calibration(models[0], torch.randn(1, 1, 8, 8))
+    req = StatisticsRequest(pairs=((0, 1),), sites=True, taps="blocks", max_batches=3)
+    n, mode, back = _parse_request(_request_content(models, plan, req))
+    assert (n, mode, back.pairs, back.sites, back.taps, back.max_batches) == (2, plan.mode, ((0, 1),), True, "blocks", 3)

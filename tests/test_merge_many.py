@@ -65,6 +65,23 @@ def test_two_models_agree_with_merge(repair):
         assert torch.allclose(v.double(), got.state_dict()[k].double(), atol=1e-6), k
 
 
+def test_tap_policy_reaches_the_statistics_pass():
+    torch.manual_seed(0)
+    x = torch.randn(96, 1, 16, 16)
+    a, b = (randomize_model(tiny_resnet(8).eval(), seed=s) for s in (1, 2))
+    calib = list(x.split(32))
+    ref = merge(a, b, calib, taps="blocks", progress=False)
+    got = merge_many([a, b], calib, taps="blocks", progress=False)
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(v.double(), got.state_dict()[k].double(), atol=1e-6), k
+    plan = plan_calibration(a, x[:1])
+    keys = {p: {key[:2] for key in collect_statistics([a, b], calib, plan, pairs=[(0, 1)], taps=p).cross}
+            for p in ("all", "blocks")}
+    assert keys["blocks"] < keys["all"]
+    with pytest.raises(ConfigError, match="taps"):
+        merge_many([a, b], calib, taps="few", progress=False)
+
+
 def test_weights_are_honoured():
     torch.manual_seed(0)
     x = torch.randn(64, 1, 16, 16)

@@ -70,6 +70,7 @@ def _request_content(models: Sequence[nn.Module], plan: CalibrationPlan, request
         "correction": bool(request.correction),
         "mode": plan.mode,
         "max-batches": int(request.max_batches or 0),
+        "taps": request.taps,
     })
     if request.targets:
         content["targets"] = ArrayRecord.from_torch_state_dict(
@@ -87,7 +88,8 @@ def _parse_request(content: RecordDict) -> Tuple[int, str, StatisticsRequest]:
         targets = {k[:-len("/mean")]: Target(v, t[k[:-len("/mean")] + "/std"]) for k, v in t.items()
                    if k.endswith("/mean")}
     req = StatisticsRequest(pairs=pairs, sites=bool(cfg["sites"]), correction=bool(cfg["correction"]),
-                            targets=targets, max_batches=int(cfg["max-batches"]) or None)
+                            targets=targets, max_batches=int(cfg["max-batches"]) or None,
+                            taps=str(cfg["taps"]) if "taps" in cfg else "all")
     return int(cfg["num-models"]), str(cfg["mode"]), req
 
 
