@@ -263,3 +263,29 @@ def test_untraceable_names_module_and_fix():
     assert "inner (Gate)" in msg and "leaf_modules=" in msg
     spec = trace_permutation_spec(Untraceable(), torch.randn(1, 3, 4, 4), leaf_modules=["inner"])
     assert spec.free_groups == []
+
+
+def test_library_rules_register_when_the_library_is_imported_after_mergekit_vision():
+    """``import mergekit_vision`` imports neither timm nor torchvision; their rules (timm's
+    BatchNormAct2d, torchvision's stochastic depth) apply as soon as a model of theirs is traced."""
+    import subprocess
+    import sys
+
+    import timm
+
+    code = (
+        "import sys, torch, mergekit_vision\n"
+        "assert 'timm' not in sys.modules and 'torchvision' not in sys.modules, 'eager import'\n"
+        "import timm\n"
+        "m = timm.create_model('mobilenetv3_small_050', pretrained=False).eval()\n"
+        "spec = mergekit_vision.trace_permutation_spec(m, torch.randn(1, 3, 32, 32))\n"
+        "from timm.layers import BatchNormAct2d\n"
+        "from mergekit_vision.trace.rules import module_rule\n"
+        "assert module_rule(BatchNormAct2d(8)) is not None, 'timm rules not registered'\n"
+        "print(len(spec.free_groups), sum(g.size for g in spec.free_groups))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    here = trace_permutation_spec(timm.create_model("mobilenetv3_small_050", pretrained=False).eval(),
+                                  torch.randn(1, 3, 32, 32))
+    assert [int(v) for v in out] == [len(here.free_groups), sum(g.size for g in here.free_groups)]
+    assert len(here.free_groups) > 10

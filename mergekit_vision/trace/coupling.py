@@ -19,7 +19,8 @@ from ..errors import MergeVisionError, TraceError
 from ..spec import Member, PermutationGroup, PermutationSpec, Tap
 from .layout import Elements, Seg
 from .rules import (
-    FUNCTION_RULES, METHOD_RULES, Multi, RuleCall, fresh_layout, freeze_all, iter_layouts, module_rule, unknown,
+    FUNCTION_RULES, METHOD_RULES, Multi, RuleCall, ensure_library_rules, fresh_layout, freeze_all, iter_layouts,
+    module_rule, unknown,
 )
 from .tracer import trace_model
 
@@ -119,6 +120,7 @@ class CouplingPass(fx.Interpreter):
             self._check_declared(call, module, layout)
             return layout
         if n.op == "call_function":
+            ensure_library_rules()  # torchvision.ops functions: their rules register once it is imported
             rule = FUNCTION_RULES.get(n.target, unknown)
         else:  # call_method
             rule = METHOD_RULES.get(n.target, unknown)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -892,12 +893,26 @@ def _register_timm_modules() -> None:
             MODULE_RULES.setdefault(t, rule)
 
 
-_register_timm_modules()
 _TIMM_RULE_TYPES: set = set()
+_LIBRARY_RULES = {"timm": _register_timm_modules, "torchvision": None}  # filled below: torchvision's
+_registered: set = set()
+
+
+def ensure_library_rules() -> None:
+    """Register timm's and torchvision's rules once each library is imported: a model holding their
+    modules or functions has imported them, and ``import mergekit_vision`` does not pay for importing
+    them (most of its import time)."""
+    for name, register in _LIBRARY_RULES.items():
+        if name not in _registered and name in sys.modules:
+            _registered.add(name)
+            register()
+            _TIMM_RULE_TYPES.clear()
+
 
 
 def timm_rule_types() -> set:
     """timm module types with a rule here (kept as leaves when tracing)."""
+    ensure_library_rules()
     if not _TIMM_RULE_TYPES:
         _TIMM_RULE_TYPES.update(t for t in MODULE_RULES if t.__module__.startswith("timm."))
     return _TIMM_RULE_TYPES
@@ -1005,10 +1020,11 @@ def _norm_rule(call: RuleCall):
 METHOD_RULES["norm"] = _norm_rule
 
 
-_register_torchvision_ops()
+_LIBRARY_RULES["torchvision"] = _register_torchvision_ops
 
 
 def module_rule(module: nn.Module) -> Optional[Callable[[RuleCall], Any]]:
+    ensure_library_rules()
     for t in type(module).__mro__:
         if t in MODULE_RULES:
             return MODULE_RULES[t]
