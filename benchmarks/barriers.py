@@ -80,7 +80,8 @@ def summarize(config, curves) -> dict:
         have = [c for c in curves if mode in c.acc]
         row[mode] = [c.acc[mode][c.alphas.index(0.5)] for c in have]
         row[f"barrier_{mode}"] = [c.barrier(mode)["mid"] for c in have]
-        row[f"reduction_{mode}"] = [c.reduction(mode) for c in have if c.reduction(mode) is not None]
+        # a reduction is relative to the aligned-only midpoint: none where the curve has no "aligned" mode
+        row[f"reduction_{mode}"] = [r for c in have if "aligned" in c.acc and (r := c.reduction(mode)) is not None]
     return row
 
 
