@@ -161,11 +161,7 @@ def merge(
 
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if taps not in TAP_POLICIES:
-        raise ConfigError(f"unknown taps {taps!r}; valid: {', '.join(TAP_POLICIES)}")
-    if isinstance(weight_tol, bool) or not isinstance(weight_tol, (int, float)) or not weight_tol >= 0:
-        raise ConfigError(f"weight_tol must be a number >= 0 (0: run weight matching to a fixed point), "
-                          f"got {weight_tol!r}")
+    _check_matching_options(taps, weight_tol)
     mode = _repair_mode(repair)
     if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
@@ -332,6 +328,15 @@ def align(model_a: nn.Module, model_b: nn.Module, calib_loader: Any = None, *, m
         raise ConfigError(f"align needs a matching method; valid: activation, weight (got {method!r})")
     # merge at alpha=1 without correction is B permuted, bit for bit: 0*a + 1*b is exact in float64
     return merge(model_a, model_b, calib_loader, alpha=1.0, method=method, repair=False, **kwargs)
+
+
+def _check_matching_options(taps: str, weight_tol: float) -> None:
+    """The matching options merge and merge_many share: a known tap policy, a tolerance >= 0."""
+    if taps not in TAP_POLICIES:
+        raise ConfigError(f"unknown taps {taps!r}; valid: {', '.join(TAP_POLICIES)}")
+    if isinstance(weight_tol, bool) or not isinstance(weight_tol, (int, float)) or not weight_tol >= 0:
+        raise ConfigError(f"weight_tol must be a number >= 0 (0: run weight matching to a fixed point), "
+                          f"got {weight_tol!r}")
 
 
 def _chain(first, second):

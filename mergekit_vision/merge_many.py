@@ -24,9 +24,9 @@ from .errors import ConfigError, DataError
 from .interpolate import weighted_average
 from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cosine, match_from_correlations,
                     match_weights, shared_lineage, WEIGHT_TOL, solve_assignment)
-from .match.activation import TAP_POLICIES, tap_plan
-from .merge import (METHODS, _batches, _chain, _check_values, _repair_mode, _site_recorders, _timer,
-                    check_finite, check_same_architecture)
+from .match.activation import tap_plan
+from .merge import (METHODS, _batches, _chain, _check_matching_options, _check_values, _repair_mode,
+                    _site_recorders, _timer, check_finite, check_same_architecture)
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Site, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction,
                      fuse_reset, permute_channel_stats)
@@ -378,8 +378,7 @@ def merge_many(
     ref = 0 if reference is None else reference
     if not isinstance(ref, int) or not 0 <= ref < k_models:
         raise ConfigError(f"reference must be a model index in 0..{k_models - 1}, got {reference!r}")
-    if taps not in TAP_POLICIES:
-        raise ConfigError(f"unknown taps {taps!r}; valid: {', '.join(TAP_POLICIES)}")
+    _check_matching_options(taps, weight_tol)
     if iterations is None:
         iterations = DEFAULT_SWEEPS
     if not isinstance(iterations, int) or iterations < 0:

@@ -80,6 +80,8 @@ def test_tap_policy_reaches_the_statistics_pass():
     assert keys["blocks"] < keys["all"]
     with pytest.raises(ConfigError, match="taps"):
         merge_many([a, b], calib, taps="few", progress=False)
+    with pytest.raises(ConfigError, match="weight_tol"):
+        merge_many([a, b], calib, method="weight", weight_tol=-1, progress=False)
 
 
 def test_weights_are_honoured():
