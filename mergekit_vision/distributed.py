@@ -1,5 +1,5 @@
-"""Calibration statistics across data-parallel workers: each worker measures its shard, one
-``torch.distributed`` all-reduce pools the float64 sums, and every worker merges to the same model.
+"""Calibration statistics across data-parallel workers: each worker measures its shard, the shards'
+float64 moments are gathered with ``torch.distributed`` and pooled, and every worker merges to the same model.
 """
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ logger = logging.getLogger(__name__)
 
 def all_reduce_statistics(stats: Statistics, group: Any = None,
                           device: Optional[Union[str, torch.device]] = None) -> Statistics:
-    """The sum of ``stats`` over all ranks of ``group`` (default: the whole world), on every rank.
+    """The pooled ``stats`` of all ranks of ``group`` (default: the whole world), on every rank.
 
     All ranks must have run the same request on the same models (the statistics then have the same
-    names and shapes); the sums travel as one flat float64 buffer, on ``device`` (default: where the
-    statistics are; use CPU tensors for gloo and CUDA tensors for NCCL).
+    names and shapes). Moments about each shard's own mean do not add as plain sums, so every rank's
+    statistics travel as one flat float64 buffer (an all-gather, on ``device``, default where the
+    statistics are: CPU tensors for gloo, CUDA tensors for NCCL) and are pooled in rank order with
+    ``Statistics.__add__``: every rank computes the same result.
     """
     import torch.distributed as dist
 
@@ -35,7 +37,7 @@ def all_reduce_statistics(stats: Statistics, group: Any = None,
     names = list(tensors)
     dev = torch.device(device) if device is not None else next(iter(tensors.values())).device
     flat = torch.cat([t.reshape(-1).to(dev, torch.float64) for t in tensors.values()])
-    # the layouts must agree before the sums are: compare sizes and a fingerprint of the names
+    # the layouts must agree before the statistics are pooled: compare sizes and a fingerprint of the names
     sig = torch.tensor([float(flat.numel()), float(_fingerprint(names))], dtype=torch.float64, device=dev)
     lo, hi = sig.clone(), sig.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
@@ -44,12 +46,17 @@ def all_reduce_statistics(stats: Statistics, group: Any = None,
         raise DataError(f"rank {dist.get_rank(group)}: the workers' statistics differ in layout "
                         f"({int(sig[0])} numbers here, {int(lo[0])}..{int(hi[0])} across ranks). Every worker "
                         "must call the same merge with the same models, and every shard must be non-empty.")
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    out, i = {}, 0
-    for name, t in tensors.items():
-        out[name] = flat[i:i + t.numel()].reshape(t.shape).to(t.device)
-        i += t.numel()
-    return Statistics.from_tensors(out)
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, flat, group=group)
+    pooled = None
+    for buf in gathered:
+        out, i = {}, 0
+        for name, t in tensors.items():
+            out[name] = buf[i:i + t.numel()].reshape(t.shape).to(t.device)
+            i += t.numel()
+        part = Statistics.from_tensors(out)
+        pooled = part if pooled is None else pooled + part
+    return pooled
 
 
 def _fingerprint(names: Sequence[str]) -> int:

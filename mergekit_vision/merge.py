@@ -219,9 +219,9 @@ def merge(
         hooks: Dict[str, Any] = dict(collector.hooks()) if collector else {}
         site_hooks, site_over = _site_recorders(target_sites, site_stats,
                                                 [dict(a.named_modules()), dict(b.named_modules())],
-                                                collector.known_sums if collector else None)
+                                                collector.known_moments if collector else None)
         for name, h in site_hooks.items():
-            hooks[name] = _chain(h, hooks.get(name))  # the site's channel sums first: the tap reuses them
+            hooks[name] = _chain(h, hooks.get(name))  # the site's channel moments first: the tap reuses them
         with _timer(timings, "pass_ab"), torch.no_grad():
             for x in _batches(calib_loader, desc="calibrate A/B", progress=progress, **batches):
                 outs = lock.run(x, hooks, override=site_over)
@@ -263,7 +263,7 @@ def merge(
         targets = {}
         for s in target_sites:
             sa_, sb_ = site_stats[s.node]
-            sb_ = ChannelMoments(sb_.n, permute_channel_stats(sb_.s, s, perms), permute_channel_stats(sb_.ss, s, perms))
+            sb_ = ChannelMoments(sb_.n, permute_channel_stats(sb_.mean, s, perms), permute_channel_stats(sb_.m2, s, perms))
             targets[s.node] = Target((1 - alpha) * sa_.mean + alpha * sb_.mean, (1 - alpha) * sa_.std + alpha * sb_.std)
         # the uncorrected interpolated net runs alongside on a few batches: the variance-collapse diagnostic
         raw = copy.deepcopy(merged) if diagnostic_batches and mode in ("repair", "stream") else None
@@ -351,10 +351,10 @@ def _chain(first, second):
     return both
 
 
-def _site_recorders(sites, site_stats, mods, known_sums=None):
+def _site_recorders(sites, site_stats, mods, known_moments=None):
     """Hooks (conv sites) and overrides (BN sites: ``z`` is computed from the BN input, before any
     fused activation, and the node's value made from it) that record each endpoint's site value.
-    ``known_sums[(node, k)] = (dim, sums)`` shares each value's channel sums with a matching tap."""
+    ``known_moments[(node, k)] = (dim, moments)`` shares each value's channel moments with a matching tap."""
     hooks, overrides = {}, {}
     for site in sites:
         stats = site_stats[site.node]
@@ -362,18 +362,18 @@ def _site_recorders(sites, site_stats, mods, known_sums=None):
             def override(node, k, args, kwargs, site=site, stats=stats):
                 m = mods[k][site.module]
                 z = bn_eval(m, args[0])
-                sums = stats[k].observe(z, site.dim)
+                mom = stats[k].observe(z, site.dim)
                 out = bn_forward(m, z)
-                if known_sums is not None and out is z:
-                    known_sums[(node.name, k)] = (site.dim, sums)
+                if known_moments is not None and out is z:
+                    known_moments[(node.name, k)] = (site.dim, mom)
                 return out
             overrides[site.node] = override
         else:
             def hook(node, values, site=site, stats=stats):
                 for k, v in enumerate(values):
-                    sums = stats[k].observe(v, site.dim)
-                    if known_sums is not None:
-                        known_sums[(node.name, k)] = (site.dim, sums)
+                    mom = stats[k].observe(v, site.dim)
+                    if known_moments is not None:
+                        known_moments[(node.name, k)] = (site.dim, mom)
             hooks[site.node] = hook
     return hooks, overrides
 

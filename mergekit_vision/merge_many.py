@@ -2,9 +2,9 @@
 
 plan (spec, graph, REPAIR sites) -> statistics pass over all models in lockstep -> star assignments
 (every model to the reference) -> optional MergeMany sweeps -> weighted average -> REPAIR with targets
-sum_k w_k stat_k -> fuse. Every statistic is a float64 sum obtained through one ``collect`` function,
+sum_k w_k stat_k -> fuse. Every statistic is a float64 moment obtained through one ``collect`` function,
 so data-parallel workers (``distributed.py``) and federated clients (``recipes/flower.py``) can supply
-them: sums over shards add exactly.
+them: moments of shards pool exactly (``a + b``).
 """
 from __future__ import annotations
 
@@ -80,14 +80,14 @@ def plan_calibration(model: nn.Module, example: Optional[torch.Tensor], *, spec:
     return CalibrationPlan(spec, gm, sites, mode)
 
 
-# ---- statistics: float64 sums that add exactly across shards ------------------------------
-_CROSS = ("n", "sa", "sb", "saa", "sbb", "sab")
-_CHANNEL = ("n", "s", "ss")
+# ---- statistics: float64 moments that pool exactly across shards --------------------------
+_CROSS = ("n", "ma", "mb", "maa", "mbb", "mab")
+_CHANNEL = ("n", "mean", "m2")
 
 
 @dataclass
 class Statistics:
-    """What one calibration pass measured, as sums: ``a + b`` pools two data shards exactly.
+    """What one calibration pass measured, as pooled moments: ``a + b`` pools two data shards exactly.
 
     ``cross[(group, tap node, i, j)]``: cross-moments of models i and j at a matching tap;
     ``channels[(site node, k)]``: model k's per-channel moments at a REPAIR site; ``samples``: inputs seen.
@@ -117,10 +117,10 @@ class Statistics:
         """``{name: float64 tensor}``, names in a fixed (sorted) order; moments of no data are left out."""
         out: Dict[str, torch.Tensor] = {"samples": torch.tensor([float(self.samples)], dtype=torch.float64)}
         for (g, node, i, j), m in sorted(self.cross.items()):
-            if m.sa is not None:
+            if m.ma is not None:
                 out.update({f"cross/{g}/{node}/{i}/{j}/{f}": t for f, t in zip(_CROSS, m.as_tensors())})
         for (node, k), m in sorted(self.channels.items()):
-            if m.s is not None:
+            if m.mean is not None:
                 out.update({f"channels/{node}/{k}/{f}": t for f, t in zip(_CHANNEL, m.as_tensors())})
         return out
 
@@ -154,7 +154,7 @@ class Statistics:
         averaged over the group's taps (as :class:`~mergekit_vision.match.PairCollector` does)."""
         acc: Dict[str, List[torch.Tensor]] = {}
         for (g, _, a, b), m in self.cross.items():
-            if (a, b) == (i, j) and m.sa is not None:
+            if (a, b) == (i, j) and m.ma is not None:
                 acc.setdefault(g, []).append(m.correlation())
         return {g: torch.stack(cs).mean(0) for g, cs in acc.items()}
 
@@ -191,10 +191,10 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
                        request: Optional[StatisticsRequest] = None, *, max_batches: Optional[int] = None,
                        max_samples: Optional[int] = None, device: Optional[Union[str, torch.device]] = None,
                        progress: bool = False, **request_kwargs) -> Statistics:
-    """One lockstep pass of ``models`` over ``loader``: the sums ``request`` asks for.
+    """One lockstep pass of ``models`` over ``loader``: the moments ``request`` asks for.
 
     ``collect_statistics(models, shard, plan, pairs=[(0, 1)], sites=True)`` on each data shard, summed,
-    equals the same call on the whole data (float64 sums, equal up to rounding).
+    equals the same call on the whole data (float64 moments, equal up to rounding).
     """
     req = request if request is not None else StatisticsRequest(**request_kwargs)
     if req.max_batches is not None:
@@ -245,7 +245,7 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
 
 class LocalCollector:
     """The default ``collect``: passes over a local loader; ``reduce`` (e.g. an all-reduce across
-    data-parallel workers, see :mod:`mergekit_vision.distributed`) is applied to every pass's sums."""
+    data-parallel workers, see :mod:`mergekit_vision.distributed`) is applied to every pass's statistics."""
 
     def __init__(self, loader: Any, *, max_batches: Optional[int] = None, max_samples: Optional[int] = None,
                  device: Optional[Union[str, torch.device]] = None, progress: bool = False,

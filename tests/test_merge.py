@@ -76,16 +76,16 @@ def test_cheaper_tap_policies_recover_a_permutation_with_fewer_taps(policy):
 
 
 @pytest.mark.parametrize("name", ["mkv_resnet20_bn", "mkv_vgg11_none"])
-def test_taps_reuse_repair_channel_sums_without_changing_the_result(name, monkeypatch):
-    """Where a tap is also a REPAIR site, the tap takes the site's channel sums: the merge is the same,
+def test_taps_reuse_repair_channel_moments_without_changing_the_result(name, monkeypatch):
+    """Where a tap is also a REPAIR site, the tap takes the site's channel moments: the merge is the same,
     to the bit, as one where every statistic is computed on its own (float64 exposes aliasing too)."""
     from mergekit_vision.match import activation
 
     from mergekit_vision.match import stats
 
     calls = []
-    real_sums = stats.channel_sums
-    monkeypatch.setattr(stats, "channel_sums", lambda *a, **k: calls.append(1) or real_sums(*a, **k))
+    real_moments = stats.channel_moments
+    monkeypatch.setattr(stats, "channel_moments", lambda *a, **k: calls.append(1) or real_moments(*a, **k))
     build = dict((z[0], z[1]) for z in ZOO)[name]
     a = randomize_model(build().double().eval(), seed=0)
     b = randomize_model(build().double().eval(), seed=1)
@@ -102,7 +102,7 @@ def test_taps_reuse_repair_channel_sums_without_changing_the_result(name, monkey
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        self.known_sums = Unshared()
+        self.known_moments = Unshared()
         made.append(self)
 
     monkeypatch.setattr(activation.PairCollector, "__init__", init)

@@ -68,28 +68,28 @@ def tap_plan(spec: PermutationSpec, policy: str = "all") -> Dict[str, List[Tuple
 class PairCollector:
     """Lockstep hooks accumulating A/B cross-moments at every planned tap.
 
-    ``known_sums[(node, k)] = (dim, channel_sums)``, filled by another hook on the same node just
-    before this one (REPAIR's endpoint statistics), saves recomputing model ``k``'s channel sums."""
+    ``known_moments[(node, k)] = (dim, channel_moments)``, filled by another hook on the same node just
+    before this one (REPAIR's endpoint statistics), saves recomputing model ``k``'s channel moments."""
 
     def __init__(self, spec: PermutationSpec, policy: str = "all"):
         self.plan = tap_plan(spec, policy)
         self.moments: Dict[Tuple[str, str], CrossMoments] = {}
-        self.known_sums: Dict[Tuple[str, int], tuple] = {}
+        self.known_moments: Dict[Tuple[str, int], tuple] = {}
 
     def hooks(self):
         return {node: self._hook for node in self.plan}
 
     def _hook(self, node, values):
         a, b = values[0], values[1]
-        known = [self.known_sums.pop((node.name, k), None) for k in (0, 1)]
+        known = [self.known_moments.pop((node.name, k), None) for k in (0, 1)]
         for gname, t in self.plan[node.name]:
             key = (gname, t.node)
             mom = self.moments.setdefault(key, CrossMoments())
-            sums = None
+            moments = None
             if all(kn is not None and kn[0] % a.dim() == t.dim % a.dim() for kn in known) and t.start == 0 \
                     and t.length in (0, a.shape[t.dim]):
-                sums = (known[0][1], known[1][1])
-            mom.observe(a, b, t.dim, t.start, t.length, sums=sums)
+                moments = (known[0][1], known[1][1])
+            mom.observe(a, b, t.dim, t.start, t.length, moments=moments)
         return None
 
     def correlations(self) -> Dict[str, torch.Tensor]:

@@ -1,21 +1,44 @@
-"""Streamed sufficient statistics in float64: counts, sums, second and cross moments.
+"""Streamed sufficient statistics: counts, means and centred second and cross moments.
 
-They are plain sums, so statistics from data shards, workers or federated clients add exactly
-(``a + b``, or ``torch.distributed.all_reduce`` on ``as_tensors()``); means, variances and
-correlations are derived only at the end. Each batch's contribution is computed in the activations'
-own precision (at least float32: the matmul over positions dominates the cost of a merge) and
-accumulated across batches in float64.
+Each batch is reduced in the activations' own precision (at least float32: the matmul over positions
+dominates the cost of a merge) *about its own mean*, so no raw moment E[xy] is ever formed next to
+E[x]E[y]: a channel with a large mean or a nearly constant value keeps its variance and correlations
+instead of losing them to cancellation. Batches are then combined in float64 with the pairwise update
+of Chan, Golub and LeVeque (1979): ``n = n1 + n2``, ``mean = mean1 + d*n2/n`` and
+``M2 = M2_1 + M2_2 + d*d'*n1*n2/n`` with ``d = mean2 - mean1``. The same update pools statistics of
+data shards, workers or federated clients (``a + b``), exactly up to rounding and in any order.
+Correlations are formed at the end, with channels that carry no variance on the calibration data
+(constant relative to their own scale) given correlation 0, and clamped to [-1, 1].
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
+
+# A channel whose standard deviation is below this fraction of its RMS value is constant on the
+# calibration data: batches are reduced in (at least) float32, whose centring leaves rounding noise
+# of about 1e-7 of a value's magnitude, so a smaller spread is indistinguishable from none.
+REL_STD_TOL = 1e-5
+
+
+class BatchMoments(NamedTuple):
+    """One batch's per-channel moments about its own mean, in the activations' working precision."""
+
+    n: int
+    mean: torch.Tensor
+    m2: torch.Tensor  # sum over positions of (x - mean)^2
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _shape(x: torch.Tensor, dim: int) -> List[int]:
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return shape
 
 
 def channels_last_2d(x: torch.Tensor, dim: int, start: int = 0, length: Optional[int] = None) -> torch.Tensor:
@@ -26,17 +49,17 @@ def channels_last_2d(x: torch.Tensor, dim: int, start: int = 0, length: Optional
     return x.movedim(dim, -1).reshape(-1, x.shape[dim])
 
 
-def channel_sums(x: torch.Tensor, dim: int) -> Tuple[int, torch.Tensor, torch.Tensor]:
-    """Per-channel ``(count, sum, sum of squares)`` of ``x`` along channel axis ``dim``, reduced in
-    place over the other axes (no channels-last copy), in the activations' working precision."""
+def channel_moments(x: torch.Tensor, dim: int) -> BatchMoments:
+    """Per-channel ``(count, mean, centred sum of squares)`` of ``x`` along channel axis ``dim``,
+    reduced in place over the other axes (no channels-last copy) by torch's stable ``var_mean``."""
     x = _work(x.detach())
     c = x.shape[dim]
     n = x.numel() // c if c else 0
-    if x.dim() >= 3 and dim == 1 and x[0, 0].numel() > 1:  # NC...: reduce positions, then samples
-        v = x.flatten(2)
-        return n, v.sum(2).sum(0), v.square().sum(2).sum(0)
     dims = tuple(d for d in range(x.dim()) if d != dim % x.dim())
-    return n, x.sum(dims), x.square().sum(dims)
+    if not dims:  # a bare channel vector: one position
+        return BatchMoments(n, x.clone(), torch.zeros_like(x))
+    var, mean = torch.var_mean(x, dim=dims, correction=0)
+    return BatchMoments(n, mean, var * n)
 
 
 def cross_sum(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -59,56 +82,83 @@ def cross_sum(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     return a2 @ b2.T
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64, copy=True)  # own copies: a batch's moments may be shared with other accumulators
+
+
+def _pool(n1: float, n2: float, mean1: torch.Tensor, mean2: torch.Tensor) -> Tuple[float, torch.Tensor, float]:
+    """Chan et al.'s pairwise update: pooled count, the mean difference d and the weight n1*n2/n."""
+    n = n1 + n2
+    return n, mean2.to(torch.float64) - mean1, n1 * n2 / n
+
+
+def _spread(m2: torch.Tensor, n: float, mean: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(std, alive): the population std and whether the channel varies relative to its RMS value."""
+    var = m2 / n
+    std = var.sqrt()
+    rms = (var + mean * mean).sqrt()
+    return std, std > REL_STD_TOL * rms
+
+
 @dataclass
 class ChannelMoments:
-    """Per-channel count, sum and sum of squares (REPAIR statistics)."""
+    """Per-channel count, mean and centred sum of squares (REPAIR statistics), pooled in float64."""
 
     n: float = 0.0
-    s: Optional[torch.Tensor] = None
-    ss: Optional[torch.Tensor] = None
+    mean: Optional[torch.Tensor] = None
+    m2: Optional[torch.Tensor] = None
+
+    def observe(self, x: torch.Tensor, dim: int) -> BatchMoments:
+        """Add a batch with channel axis ``dim`` (any layout); returns the batch's own moments."""
+        mom = channel_moments(x, dim)
+        self.add_batch(mom)
+        return mom
 
     def update(self, x2d: torch.Tensor) -> None:
         """Add a (positions, channels) batch."""
-        x = _work(x2d)
-        self.add_sums(x.shape[0], x.sum(0), (x * x).sum(0))
+        self.observe(x2d, 1)
 
-    def observe(self, x: torch.Tensor, dim: int) -> Tuple[int, torch.Tensor, torch.Tensor]:
-        """Add a batch with channel axis ``dim`` (any layout; same sums as ``update(channels_last_2d(x, dim))``);
-        returns the batch's own ``channel_sums``."""
-        sums = channel_sums(x, dim)
-        self.add_sums(*sums)
-        return sums
-
-    def add_sums(self, n: int, s: torch.Tensor, ss: torch.Tensor) -> None:
-        if self.s is None:  # own copies: the batch's sums may be shared with other accumulators
-            self.s, self.ss = s.to(torch.float64, copy=True), ss.to(torch.float64, copy=True)
-        else:
-            self.s += s
-            self.ss += ss
-        self.n += n
+    def add_batch(self, mom: BatchMoments) -> None:
+        n2, mean2, m2 = mom
+        if not n2:
+            return
+        if self.mean is None or not self.n:
+            self.n, self.mean, self.m2 = float(n2), _f64(mean2), _f64(m2)
+            return
+        n, d, w = _pool(self.n, n2, self.mean, mean2)
+        self.m2 = self.m2 + m2.to(torch.float64) + d * d * w
+        self.mean = self.mean + d * (n2 / n)
+        self.n = n
 
     def __add__(self, other: "ChannelMoments") -> "ChannelMoments":
-        if self.s is None:
+        if self.mean is None or not self.n:
             return other
-        if other.s is None:
+        if other.mean is None or not other.n:
             return self
-        return ChannelMoments(self.n + other.n, self.s + other.s, self.ss + other.ss)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.s / self.n
+        out = ChannelMoments(self.n, self.mean.clone(), self.m2.clone())
+        out.add_batch(BatchMoments(other.n, other.mean, other.m2))
+        return out
 
     @property
     def var(self) -> torch.Tensor:
         """Population variance over all positions of all samples."""
-        return (self.ss / self.n - self.mean ** 2).clamp_min(0)
+        return self.m2 / self.n
 
     @property
     def std(self) -> torch.Tensor:
         return self.var.sqrt()
 
+    @property
+    def alive(self) -> torch.Tensor:
+        """Channels that vary on the calibration data (relative to their own scale)."""
+        return _spread(self.m2, self.n, self.mean)[1]
+
+    def permuted(self, index: torch.Tensor) -> "ChannelMoments":
+        """The moments with channels reordered, ``new[i] = old[index[i]]``."""
+        return ChannelMoments(self.n, self.mean[index], self.m2[index])
+
     def as_tensors(self) -> List[torch.Tensor]:
-        return [torch.tensor([self.n], dtype=torch.float64, device=self.s.device), self.s, self.ss]
+        return [torch.tensor([self.n], dtype=torch.float64, device=self.mean.device), self.mean, self.m2]
 
     @classmethod
     def from_tensors(cls, ts: List[torch.Tensor]) -> "ChannelMoments":
@@ -117,60 +167,80 @@ class ChannelMoments:
 
 @dataclass
 class CrossMoments:
-    """Moments of two (positions, C) activations observed together: enough for their correlation."""
+    """Moments of two (positions, C) activations observed together: enough for their correlation.
+
+    ``ma``/``mb`` are the means, ``maa``/``mbb`` the centred sums of squares, ``mab`` the centred
+    cross sum ``sum (a - ma)(b - mb)^T``, all float64."""
 
     n: float = 0.0
-    sa: Optional[torch.Tensor] = None
-    sb: Optional[torch.Tensor] = None
-    saa: Optional[torch.Tensor] = None
-    sbb: Optional[torch.Tensor] = None
-    sab: Optional[torch.Tensor] = None
+    ma: Optional[torch.Tensor] = None
+    mb: Optional[torch.Tensor] = None
+    maa: Optional[torch.Tensor] = None
+    mbb: Optional[torch.Tensor] = None
+    mab: Optional[torch.Tensor] = None
 
     def update(self, a2d: torch.Tensor, b2d: torch.Tensor) -> None:
         """Add a batch of two (positions, C) activations."""
-        a, b = _work(a2d), _work(b2d)
-        self._add(a.shape[0], (a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b))
+        self.observe(a2d, b2d, 1)
 
     def observe(self, a: torch.Tensor, b: torch.Tensor, dim: int, start: int = 0, length: Optional[int] = None,
-                sums: Optional[Tuple[tuple, tuple]] = None) -> None:
-        """Add a batch of two activations with channel axis ``dim``, channels ``start:start+length``
-        (same sums as ``update`` on the channels-last views, computed without copying them).
-        ``sums``: the two values' ``channel_sums`` over all their channels, if already computed."""
+                moments: Optional[Tuple[BatchMoments, BatchMoments]] = None) -> None:
+        """Add a batch of two activations with channel axis ``dim``, channels ``start:start+length``.
+        ``moments``: the two values' ``channel_moments`` over all their channels, if already computed."""
         if length is not None and (start != 0 or length != a.shape[dim]):
             a, b = a.narrow(dim, start, length), b.narrow(dim, start, length)
-            sums = None
-        n, sa, saa = sums[0] if sums is not None else channel_sums(a, dim)
-        _, sb, sbb = sums[1] if sums is not None else channel_sums(b, dim)
-        self._add(n, (sa, sb, saa, sbb, cross_sum(a, b, dim)))
+            moments = None
+        a, b = _work(a.detach()), _work(b.detach())
+        mom_a = moments[0] if moments is not None else channel_moments(a, dim)
+        mom_b = moments[1] if moments is not None else channel_moments(b, dim)
+        if not mom_a.n:
+            return
+        ac = a - mom_a.mean.to(a.dtype).view(_shape(a, dim))  # centred before the product: no cancellation
+        bc = b - mom_b.mean.to(b.dtype).view(_shape(b, dim))
+        self._add(mom_a.n, mom_a.mean, mom_b.mean, mom_a.m2, mom_b.m2, cross_sum(ac, bc, dim))
 
-    def _add(self, n: int, sums) -> None:
-        if self.sa is None:  # own copies: the batch's sums may be shared with other accumulators
-            self.sa, self.sb, self.saa, self.sbb, self.sab = (t.to(torch.float64, copy=True) for t in sums)
-        else:
-            for name, v in zip(("sa", "sb", "saa", "sbb", "sab"), sums):
-                getattr(self, name).add_(v)
-        self.n += n
+    def _add(self, n2, ma, mb, maa, mbb, mab) -> None:
+        if self.ma is None or not self.n:
+            self.n = float(n2)
+            self.ma, self.mb, self.maa, self.mbb, self.mab = (_f64(t) for t in (ma, mb, maa, mbb, mab))
+            return
+        n, da, w = _pool(self.n, n2, self.ma, ma)
+        db = mb.to(torch.float64) - self.mb
+        self.maa = self.maa + maa.to(torch.float64) + da * da * w
+        self.mbb = self.mbb + mbb.to(torch.float64) + db * db * w
+        self.mab = self.mab + mab.to(torch.float64) + torch.outer(da, db) * w
+        self.ma = self.ma + da * (n2 / n)
+        self.mb = self.mb + db * (n2 / n)
+        self.n = n
 
     def __add__(self, other: "CrossMoments") -> "CrossMoments":
-        if self.sa is None:
+        if self.ma is None or not self.n:
             return other
-        if other.sa is None:
+        if other.ma is None or not other.n:
             return self
-        return CrossMoments(self.n + other.n, self.sa + other.sa, self.sb + other.sb, self.saa + other.saa,
-                            self.sbb + other.sbb, self.sab + other.sab)
+        out = CrossMoments(self.n, self.ma.clone(), self.mb.clone(), self.maa.clone(), self.mbb.clone(),
+                           self.mab.clone())
+        out._add(other.n, other.ma, other.mb, other.maa, other.mbb, other.mab)
+        return out
 
-    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
-        """Pearson correlation matrix corr[i, j] between channel i of A and channel j of B."""
-        n = self.n
-        ma, mb = self.sa / n, self.sb / n
-        cov = self.sab / n - ma[:, None] * mb[None, :]
-        sa = (self.saa / n - ma ** 2).clamp_min(0).sqrt()
-        sb = (self.sbb / n - mb ** 2).clamp_min(0).sqrt()
-        return cov / (sa[:, None] * sb[None, :] + eps)
+    def alive(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(A's, B's) channels that vary on the calibration data."""
+        return _spread(self.maa, self.n, self.ma)[1], _spread(self.mbb, self.n, self.mb)[1]
+
+    def correlation(self) -> torch.Tensor:
+        """Pearson correlation matrix corr[i, j] between channel i of A and channel j of B, in [-1, 1];
+        0 for a channel that is constant on the calibration data (it carries no evidence)."""
+        sa, alive_a = _spread(self.maa, self.n, self.ma)
+        sb, alive_b = _spread(self.mbb, self.n, self.mb)
+        one = torch.ones_like(sa)
+        den = torch.outer(torch.where(alive_a, sa, one), torch.where(alive_b, sb, torch.ones_like(sb))) * self.n
+        corr = self.mab / den
+        corr = torch.where(torch.outer(alive_a, alive_b), corr, torch.zeros_like(corr))
+        return corr.clamp_(-1.0, 1.0)
 
     def as_tensors(self) -> List[torch.Tensor]:
-        return [torch.tensor([self.n], dtype=torch.float64, device=self.sa.device), self.sa, self.sb, self.saa,
-                self.sbb, self.sab]
+        return [torch.tensor([self.n], dtype=torch.float64, device=self.ma.device), self.ma, self.mb, self.maa,
+                self.mbb, self.mab]
 
     @classmethod
     def from_tensors(cls, ts: List[torch.Tensor]) -> "CrossMoments":

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..match.stats import ChannelMoments, channel_sums
+from ..match.stats import BatchMoments, ChannelMoments, channel_moments
 from .sites import Site, bn_eval, bn_forward, bn_post, is_batchnorm
 
 _TINY = 1e-12
@@ -32,12 +32,12 @@ def interpolate_targets(stats_a: ChannelMoments, stats_b: ChannelMoments, alpha:
     return Target((1 - alpha) * stats_a.mean + alpha * stats_b.mean, (1 - alpha) * stats_a.std + alpha * stats_b.std)
 
 
-def renormalize(z: torch.Tensor, dim: int, target: Target, sums=None) -> torch.Tensor:
+def renormalize(z: torch.Tensor, dim: int, target: Target, moments: Optional[BatchMoments] = None) -> torch.Tensor:
     """Per-channel renormalization of ``z`` to the target on this batch's own statistics
-    (``sums``: this batch's ``channel_sums(z, dim)`` if already computed)."""
-    n, s, ss = sums if sums is not None else channel_sums(z, dim)
-    mean = s.double() / n
-    var = (ss.double() / n - mean * mean).clamp_min(0)
+    (``moments``: this batch's ``channel_moments(z, dim)`` if already computed)."""
+    n, mean, m2 = moments if moments is not None else channel_moments(z, dim)
+    mean = mean.double()
+    var = m2.double() / n
     scale = target.std.double() / (var + 1e-10).sqrt()
     shift = target.mean.double() - mean * scale
     shape = [1] * z.dim()
@@ -75,10 +75,10 @@ class CorrectionPass:
 
     def _add(self, node, values):
         site = self.sites[node.name]
-        sums = self.measured[site.node].observe(values[0], site.dim)
+        mom = self.measured[site.node].observe(values[0], site.dim)
         if len(values) > 1:
             self.raw[site.node].observe(values[1], site.dim)
-        return [renormalize(values[0], site.dim, self.targets[site.node], sums)] + list(values[1:])
+        return [renormalize(values[0], site.dim, self.targets[site.node], mom)] + list(values[1:])
 
     def _bn(self, node, k, args, kwargs):
         site = self.sites[node.name]
@@ -93,8 +93,8 @@ class CorrectionPass:
             z = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
             return bn_post(m, z)
         z = bn_eval(m, x)
-        sums = self.measured[site.node].observe(z, site.dim)
-        return bn_post(m, renormalize(z, site.dim, self.targets[site.node], sums))
+        mom = self.measured[site.node].observe(z, site.dim)
+        return bn_post(m, renormalize(z, site.dim, self.targets[site.node], mom))
 
     def _conv(self, node, k, args, kwargs):
         site = self.sites[node.name]
@@ -103,8 +103,8 @@ class CorrectionPass:
         if k == 1:
             self.raw[site.node].observe(z, site.dim)
             return z
-        sums = self.measured[site.node].observe(z, site.dim)
-        return renormalize(z, site.dim, self.targets[site.node], sums)
+        mom = self.measured[site.node].observe(z, site.dim)
+        return renormalize(z, site.dim, self.targets[site.node], mom)
 
 
 @torch.no_grad()
