@@ -1,0 +1,96 @@
+"""Streamed moments: stable against large means and near-constant channels, bounded correlations,
+exact pooling of shards."""
+import torch
+
+from mergekit_vision.match.stats import ChannelMoments, CrossMoments
+
+
+def _reference_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two-pass float64 Pearson correlation of (positions, C) matrices."""
+    a, b = a.double(), b.double()
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    return (ac.T @ bc) / torch.outer(ac.norm(dim=0), bc.norm(dim=0))
+
+
+def _batches(x, size):
+    return list(x.split(size))
+
+
+def test_correlations_survive_large_channel_means():
+    """Channels at mean 1e4 with unit spread: a raw-moment formula in float32 returns garbage far
+    outside [-1, 1]; centred per-batch moments match the float64 two-pass reference."""
+    g = torch.Generator().manual_seed(0)
+    n, c = 8192, 16
+    z = torch.randn(n, c, generator=g)
+    a = (z + 1e4 * torch.rand(c, generator=g)).float()
+    b = (z[:, torch.randperm(c, generator=g)] + 0.1 * torch.randn(n, c, generator=g) - 3e3).float()
+    mom = CrossMoments()
+    for xa, xb in zip(_batches(a, 1000), _batches(b, 1000)):
+        mom.update(xa, xb)
+    corr = mom.correlation()
+    assert corr.dtype == torch.float64
+    assert float((corr - _reference_corr(a, b)).abs().max()) < 1e-5
+    assert float(corr.abs().max()) <= 1.0
+
+
+def test_channels_nchw_layout_matches_positions_view():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 4, 3, generator=g) * 3 + 50
+    y = torch.randn(6, 5, 4, 3, generator=g) + x
+    mom, ref = CrossMoments(), CrossMoments()
+    mom.observe(x, y, 1)
+    ref.update(x.movedim(1, -1).reshape(-1, 5), y.movedim(1, -1).reshape(-1, 5))
+    assert torch.allclose(mom.correlation(), ref.correlation(), atol=1e-6)
+    cm = ChannelMoments()
+    cm.observe(x, 1)
+    assert torch.allclose(cm.mean, x.double().mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(cm.var, x.double().var((0, 2, 3), correction=0), rtol=1e-5)
+
+
+def test_constant_channels_get_zero_correlation_and_everything_stays_bounded():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(512, 4, generator=g)
+    a[:, 1] = 7.25  # constant (e.g. a dead ReLU channel plus its bias)
+    a[:, 2] = 0.0   # all zero
+    b = a.clone()
+    mom = CrossMoments()
+    mom.update(a, b)
+    corr = mom.correlation()
+    alive_a, alive_b = mom.alive()
+    assert alive_a.tolist() == [True, False, False, True] and alive_b.tolist() == alive_a.tolist()
+    assert torch.all(corr[1] == 0) and torch.all(corr[:, 2] == 0)
+    assert abs(float(corr[0, 0]) - 1) < 1e-6 and abs(float(corr[3, 3]) - 1) < 1e-6
+    assert float(corr.abs().max()) <= 1.0
+
+
+def test_one_sample_gives_no_evidence_not_nonsense():
+    mom = CrossMoments()
+    x = torch.randn(1, 8)
+    mom.update(x, x)
+    assert torch.all(mom.correlation() == 0)
+    cm = ChannelMoments()
+    cm.observe(x, 1)
+    assert not bool(cm.alive.any()) and torch.all(cm.var == 0)
+
+
+def test_shards_pool_to_the_whole_in_any_order():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(900, 6, generator=g, dtype=torch.float64) * 5 + 100
+    b = torch.randn(900, 6, generator=g, dtype=torch.float64) - 40
+    whole, parts = CrossMoments(), []
+    whole.update(a, b)
+    for sl in (slice(0, 100), slice(100, 550), slice(550, 900)):
+        m = CrossMoments()
+        m.update(a[sl], b[sl])
+        parts.append(m)
+    for pooled in (parts[0] + parts[1] + parts[2], parts[2] + (parts[0] + parts[1])):
+        assert pooled.n == whole.n
+        for f in ("ma", "mb", "maa", "mbb", "mab"):
+            assert torch.allclose(getattr(pooled, f), getattr(whole, f), rtol=1e-12, atol=1e-9), f
+    cw, cp = ChannelMoments(), ChannelMoments()
+    cw.observe(a, 1)
+    for sl in (slice(0, 300), slice(300, 900)):
+        part = ChannelMoments()
+        part.observe(a[sl], 1)
+        cp = cp + part
+    assert torch.allclose(cp.mean, cw.mean, rtol=1e-12) and torch.allclose(cp.var, cw.var, rtol=1e-12)
