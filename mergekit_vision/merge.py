@@ -20,7 +20,7 @@ from .data import iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
-from .match import (LINEAGE_THRESHOLD, TAP_POLICIES, ChannelMoments, PairCollector, lineage_cosine,
+from .match import (LINEAGE_THRESHOLD, TAP_POLICIES, ChannelMoments, PairCollector, lineage_cosine, lineage_keys,
                     match_from_correlations, match_weights, shared_lineage, WEIGHT_TOL)
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction, fuse_reset,
@@ -149,6 +149,7 @@ def merge(
     cosine similarity at least this (fine-tunes of one checkpoint, FedAvg clients, gossip nodes), their
     channels already correspond: matching is skipped, the report says so (``matching_skipped``,
     ``lineage_cosine``) and REPAIR still runs. None always matches.
+    The test compares only the tensors that the spec's free groups permute (``report.lineage_keys``).
     ``taps``: where activation matching looks, "all" (post-activation, residual-add and norm outputs)
     or "lean" (no post-activation taps where a norm output is tapped: about half the statistics work
     and memory on BatchNorm nets; see :mod:`mergekit_vision.match.activation`), or "blocks" (as lean,
@@ -180,11 +181,6 @@ def merge(
     timings: Dict[str, float] = {}
     report = MergeReport(method=method, alpha=alpha, repair=mode, version=__version__,
                          sources=[source_info(model_a, "model_a"), source_info(model_b, "model_b")])
-    report.lineage_cosine = lineage_cosine(model_a.state_dict(), model_b.state_dict())
-    report.matching_skipped = shared_lineage([report.lineage_cosine], lineage_threshold) if method != "none" else None
-    if report.matching_skipped:
-        logger.info("merge: %s; matching skipped (lineage_threshold=None forces it)", report.matching_skipped)
-        method = "none"
     batches = dict(max_batches=max_batches, max_samples=max_samples, device=work, dtype=dtype)
 
     # never touch the inputs: every stage works on copies
@@ -208,6 +204,13 @@ def merge(
         gm = shared_graph(a, leaf_modules=leaf_modules)
         sites = find_sites(gm, spec, mode) if mode != "none" else []
     report.frozen_groups = {g.name: g.reason for g in spec.groups if g.frozen}
+    if method != "none":
+        report.lineage_keys = lineage_keys(spec)
+        report.lineage_cosine = lineage_cosine(a.state_dict(), b.state_dict(), report.lineage_keys)
+        report.matching_skipped = shared_lineage([report.lineage_cosine], lineage_threshold)
+    if report.matching_skipped:
+        logger.info("merge: %s; matching skipped (lineage_threshold=None forces it)", report.matching_skipped)
+        method = "none"
 
     # ---- pass 1: A and B together -> matching moments and REPAIR targets --------------------
     collector = PairCollector(spec, taps) if method == "activation" else None

@@ -22,7 +22,8 @@ from .data import iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ConfigError, DataError
 from .interpolate import weighted_average
-from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cosine, match_from_correlations,
+from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cosine, lineage_keys,
+                    match_from_correlations,
                     match_weights, shared_lineage, WEIGHT_TOL, solve_assignment)
 from .match.activation import tap_plan
 from .merge import (METHODS, _batches, _chain, _check_matching_options, _check_values, _repair_mode,
@@ -275,6 +276,7 @@ class MergeManyReport:
     changes_per_sweep: List[int] = field(default_factory=list)  # models whose assignment changed
     near_identity: Optional[bool] = None  # every model's permutation (nearly) identity: nothing to align
     lineage_cosines: List[float] = field(default_factory=list)  # each model vs the reference, unpermuted weights
+    lineage_keys: List[str] = field(default_factory=list)  # the tensors the lineage test compared (free groups')
     matching_skipped: Optional[str] = None  # why no matching ran although method asked for it
     calibration_samples: int = 0
     groups: Dict[str, List[GroupReport]] = field(default_factory=dict)  # group -> one report per model
@@ -360,7 +362,8 @@ def merge_many(
     model's conv/linear weights have a median cosine at least this with the reference's, compared
     unpermuted (FedAvg clients of one global model, gossip nodes, fine-tunes of one checkpoint), the
     models already share one coordinate system: matching is skipped and the report says why
-    (``matching_skipped``, ``lineage_cosines``). None always matches.
+    (``matching_skipped``, ``lineage_cosines``; ``lineage_keys``: the tensors compared, those the spec's
+    free groups permute). None always matches.
     """
     from . import __version__
 
@@ -400,13 +403,6 @@ def merge_many(
     timings: Dict[str, float] = {}
     report = MergeManyReport(method=method, repair=mode, weights=w, reference=ref, iterations=iterations,
                              version=__version__)
-    ref_sd = models[ref].state_dict()
-    report.lineage_cosines = [1.0 if k == ref else lineage_cosine(ref_sd, m.state_dict()) for k, m in enumerate(models)]
-    others = [c for k, c in enumerate(report.lineage_cosines) if k != ref]
-    report.matching_skipped = shared_lineage(others, lineage_threshold) if method != "none" else None
-    if report.matching_skipped:
-        logger.info("merge_many: %s; matching skipped (lineage_threshold=None forces it)", report.matching_skipped)
-        method = "none"
     ms = [copy.deepcopy(m).to(work).eval() for m in models]  # never touch the inputs
     gather = collect or LocalCollector(calib_loader, max_batches=max_batches, max_samples=max_samples,
                                        device=work, progress=progress)
@@ -421,6 +417,16 @@ def merge_many(
                                 repair=mode, leaf_modules=leaf_modules)
     spec = plan.spec
     report.frozen_groups = {g.name: g.reason for g in spec.groups if g.frozen}
+    if method != "none":
+        report.lineage_keys = lineage_keys(spec)
+        ref_sd = ms[ref].state_dict()
+        report.lineage_cosines = [1.0 if k == ref else lineage_cosine(ref_sd, m.state_dict(), report.lineage_keys)
+                                  for k, m in enumerate(ms)]
+        report.matching_skipped = shared_lineage([c for k, c in enumerate(report.lineage_cosines) if k != ref],
+                                                 lineage_threshold)
+    if report.matching_skipped:
+        logger.info("merge_many: %s; matching skipped (lineage_threshold=None forces it)", report.matching_skipped)
+        method = "none"
 
     # ---- pass 1: all models together -> cross-moments against the reference, REPAIR endpoint stats
     pairwise = method == "activation" and iterations > 0 and k_models > 2

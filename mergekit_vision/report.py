@@ -50,7 +50,8 @@ class MergeReport:
     timings: Dict[str, float] = field(default_factory=dict)
     sources: List[Dict[str, Any]] = field(default_factory=list)
     version: str = ""
-    lineage_cosine: Optional[float] = None  # median cosine of the unpermuted conv/linear weights
+    lineage_cosine: Optional[float] = None  # median cosine of the unpermuted conv/linear weights in lineage_keys
+    lineage_keys: List[str] = field(default_factory=list)  # the tensors the lineage test compared (free groups')
     matching_skipped: Optional[str] = None  # why no matching ran although method asked for it
 
     def to_dict(self) -> dict:
@@ -74,7 +75,7 @@ class MergeReport:
         lines = [f"merge: method={self.method} alpha={self.alpha} repair={self.repair} "
                  f"calibration={self.calibration_samples} samples"]
         if self.matching_skipped:
-            lines.append(f"  matching skipped: {self.matching_skipped}")
+            lines.append(f"  matching skipped: {self.matching_skipped} ({len(self.lineage_keys)} tensors compared)")
         if self.mean_corr is not None:
             lines.append(f"  matched correlation (mean over {len(self.groups)} groups): {self.mean_corr:.3f}")
         return "\n".join(lines + summary_tail(self.sites, self.timings))
