@@ -32,3 +32,7 @@ class ConfigError(MergeVisionError):
 
 class ExportError(MergeVisionError):
     """A weights file or output folder cannot be written or read (missing, not safetensors, incomplete)."""
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration data gives weak evidence for a statistic (names the group or site and the fix)."""

@@ -20,6 +20,7 @@ from .data import iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
+from .match.evidence import check_matching_evidence, check_site_evidence
 from .match import (LINEAGE_THRESHOLD, TAP_POLICIES, ChannelMoments, PairCollector, lineage_cosine, lineage_keys,
                     match_from_correlations, match_weights, shared_lineage, WEIGHT_TOL)
 from .permute import permute_state_dict
@@ -98,7 +99,20 @@ def _timer(timings: Dict[str, float], name: str):
 
 def _batches(loader, *, max_batches, max_samples, device, dtype, desc, progress):
     it = iter_inputs(loader, max_batches=max_batches, max_samples=max_samples, device=device, dtype=dtype)
-    return tqdm(it, desc=desc, disable=not progress, leave=False, unit="batch")
+    return tqdm(_varying(it), desc=desc, disable=not progress, leave=False, unit="batch")
+
+
+def _varying(batches):
+    """The batches, and a DataError at the end of a pass whose floating inputs never varied."""
+    lo = hi = None
+    for x in batches:
+        if x.is_floating_point():
+            b_lo, b_hi = float(x.min()), float(x.max())
+            lo, hi = (b_lo, b_hi) if lo is None else (min(lo, b_lo), max(hi, b_hi))
+        yield x
+    if lo is not None and lo == hi:
+        raise DataError(f"the calibration inputs are constant (every value is {lo}): statistics of them "
+                        "carry no information about the models. Pass real images, normalized as in training.")
 
 
 def _check_values(vals, where: str):
@@ -231,6 +245,9 @@ def merge(
                 _check_values(outs, "the models' outputs")
                 n_calib += x.shape[0]
     report.calibration_samples = n_calib
+    if collector is not None:
+        check_matching_evidence(((g, node, m) for (g, node), m in collector.moments.items()), n_calib)
+    check_site_evidence(((node, m) for node, ms in site_stats.items() for m in ms), n_calib)
 
     # ---- matching ---------------------------------------------------------------------------
     with _timer(timings, "match"):

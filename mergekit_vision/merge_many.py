@@ -26,6 +26,7 @@ from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cos
                     match_from_correlations,
                     match_weights, shared_lineage, WEIGHT_TOL, solve_assignment)
 from .match.activation import tap_plan
+from .match.evidence import check_matching_evidence, check_site_evidence
 from .merge import (METHODS, _batches, _chain, _check_matching_options, _check_values, _repair_mode,
                     _site_recorders, _timer, check_finite, check_same_architecture)
 from .permute import permute_state_dict
@@ -438,6 +439,10 @@ def merge_many(
     with _timer(timings, "statistics"):
         stats = gather(ms, plan, first) if not first.empty else Statistics()
     report.calibration_samples = stats.samples
+    for i, j in pairs:
+        check_matching_evidence(((g, node, m) for (g, node, a, b), m in stats.cross.items() if (a, b) == (i, j)),
+                                stats.samples, (names[i], names[j]))
+    check_site_evidence(((node, m) for (node, _), m in stats.channels.items()), stats.samples)
 
     # ---- star alignment: every model to the reference ------------------------------------
     sds = [m.state_dict() for m in ms]

@@ -377,3 +377,33 @@ def test_lineage_test_looks_only_at_permuted_tensors():
     assert rep.lineage_keys == sorted({m.key for g in spec.free_groups for m in g.members})
     with torch.no_grad():
         assert torch.allclose(merged(x), a(x), atol=1e-5, rtol=1e-4)
+
+
+def test_degenerate_calibration_data_is_refused_or_warned_about():
+    """One image leaves resnet18's 512-channel groups at one position (no variance); constant images
+    carry no information; four images leave the deep groups rank-deficient. Each is said, with the
+    group and the number of samples that would do."""
+    from mergekit_vision.errors import CalibrationWarning
+
+    torch.manual_seed(0)
+    a = timm.create_model("resnet18", num_classes=10, pretrained=False).eval()
+    b = timm.create_model("resnet18", num_classes=10, pretrained=False).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.raises(DataError, match=r"'layer4\.0\.conv1' \(512 channels\).*at least 512 calibration samples"):
+        merge(a, b, [x], max_samples=1, progress=False)
+    with pytest.raises(DataError, match="constant"):
+        merge(a, b, [torch.zeros(32, 3, 32, 32)], progress=False)
+    with pytest.warns(CalibrationWarning, match=r"'layer4\.0\.conv1' \(512 channels, 4 positions\).*at least 512"):
+        merge(a, b, [x], progress=False, repair=False)
+
+
+def test_constant_channels_are_reported():
+    from mergekit_vision.errors import CalibrationWarning
+
+    torch.manual_seed(0)
+    a = create_model("vgg11", norm="none", width=1).eval()
+    with torch.no_grad():
+        a.features[0].weight[3] = 0  # channel 3 of the first conv: its bias only, whatever the input
+    x = torch.randn(64, 3, 32, 32)
+    with pytest.warns(CalibrationWarning, match=r"constant on the calibration data.*\(1 of \d+ in model_a\)"):
+        merge(a, copy.deepcopy(a), [x], progress=False, repair=False, lineage_threshold=None)
