@@ -6,11 +6,12 @@ import importlib.util
 import logging
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .errors import ConfigError, MergeVisionError
+from .errors import CalibrationWarning, ConfigError, MergeVisionError
 
 logger = logging.getLogger("mergekit_vision.cli")
 
@@ -286,10 +287,22 @@ def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO))
-    try:
-        yield
-    finally:
-        log.handlers[:], log.level, log.propagate = saved
+    with warnings.catch_warnings():
+        # the library's own warnings (weak calibration evidence) as one log line each, --quiet included
+        warnings.simplefilter("always", CalibrationWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, CalibrationWarning):
+                log.warning("warning: %s", message)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            log.handlers[:], log.level, log.propagate = saved
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -128,7 +128,8 @@ def test_merge_timm_loads_back_with_pretrained_cfg_overlay(tmp_path):
     b = randomize_model(timm.create_model("resnet18", **TIMM_KW), seed=1).eval()
     safetensors.torch.save_file(a.state_dict(), tmp_path / "a.safetensors")
     safetensors.torch.save_file(b.state_dict(), tmp_path / "b.safetensors")
-    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    # 64 images: layer4's 64 channels see 64 positions, enough for a correlation matrix (no warning)
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     np.savez(tmp_path / "calib.npz", x=x.numpy())  # images only: calibration needs no labels
     cfg = {"models": [{"model": "timm:resnet18", "checkpoint": f"{n}.safetensors", "kwargs": TIMM_KW} for n in "ab"],
            "alpha": 0.3, "repair": "reset", "calibration": {"path": "calib.npz", "batch_size": 16}}
