@@ -2,9 +2,11 @@
 every torchvision classifier, by parameter count (models built on the meta device: no memory, no init).
 
     python benchmarks/zoo_census.py > tests/zoo_models.json
+    python benchmarks/zoo_census.py --fractions > docs/bench/zoo_fractions.md   # the table in docs/spec.md
 
-Writes {"timm": {module: [[name, params], ...]}, "torchvision": [[name, params], ...]}; models over
-MAX_PARAMS are left out, as are models that cannot be built without downloading weights.
+Writes {"timm": {module: [[name, params], ...]}, "torchvision": [[name, params], ...]}: per timm module
+the smallest real variant and the next one, plus timm's own smallest ``test_*`` model where the family
+has one; models over MAX_PARAMS are left out, as are models that cannot be built.
 """
 import json
 import sys
@@ -27,7 +29,42 @@ def _params(build):
         return None
 
 
+def fractions():
+    """Trace every model of tests/zoo_models.json at its input size: the permutable fraction of its
+    hidden channels per family, and what freezes the rest (a markdown table)."""
+    from collections import Counter
+    from pathlib import Path
+
+    from mergekit_vision import trace_permutation_spec
+
+    census = json.loads((Path(__file__).parents[1] / "tests" / "zoo_models.json").read_text())
+    rows = [(f"timm/{fam}", n) for fam, chosen in census["timm"].items() for n, _ in chosen]
+    rows += [("torchvision", n) for n, _ in census["torchvision"]]
+    print("| family | model | permutable fraction | free groups | what freezes the rest (top reasons) |")
+    print("|---|---|---|---|---|")
+    for fam, name in rows:
+        try:
+            torch.manual_seed(0)
+            m = (torchvision.models.get_model(name, weights=None) if fam == "torchvision"
+                 else timm.create_model(name, pretrained=False)).eval()
+            size = 64
+            try:
+                with torch.no_grad():
+                    m(torch.randn(1, 3, 64, 64))
+            except Exception:  # noqa: BLE001 -- fixed input size
+                size = (getattr(m, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+            spec = trace_permutation_spec(m, torch.randn(1, 3, size, size))
+            reasons = Counter(g.reason.split(" at node")[0] for g in spec.groups
+                              if g.frozen and g.reason not in ("model input channels", "model output"))
+            top = "; ".join(f"{r} ({c})" for r, c in reasons.most_common(2))
+            print(f"| {fam} | {name} | {spec.permutable_fraction:.2f} | {len(spec.free_groups)} | {top} |", flush=True)
+        except Exception as exc:  # noqa: BLE001 -- a census: record and go on
+            print(f"| {fam} | {name} | – | – | {type(exc).__name__}: {' '.join(str(exc).split())[:100]} |", flush=True)
+
+
 def main():
+    if "--fractions" in sys.argv:
+        return fractions()
     out = {"timm": {}, "torchvision": []}
     for module in timm.list_modules():
         sized = []
@@ -36,9 +73,12 @@ def main():
             if n is not None and n <= MAX_PARAMS:
                 sized.append([name, n])
         sized.sort(key=lambda t: (t[1], t[0]))
-        if sized:
-            out["timm"][module] = sized[:PER_FAMILY]
-        print(module, sized[:PER_FAMILY], file=sys.stderr)
+        real = [t for t in sized if not t[0].startswith("test_")]
+        test = [t for t in sized if t[0].startswith("test_")]
+        chosen = real[:PER_FAMILY] + test[:1]
+        if chosen:
+            out["timm"][module] = chosen
+        print(module, chosen, file=sys.stderr)
     for name in torchvision.models.list_models(module=torchvision.models):
         n = _params(lambda: torchvision.models.get_model(name, weights=None))
         if n is not None and n <= MAX_PARAMS:

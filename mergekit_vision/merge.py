@@ -290,10 +290,14 @@ def merge(
         models = [merged] + ([raw] if raw is not None else [])
         fix = CorrectionPass(sites, [dict(m.named_modules()) for m in models], targets, mode)
         lock = Lockstep(models, gm.graph)
+        n_repair = 0
         with _timer(timings, "pass_repair"), torch.no_grad():
             for i, x in enumerate(_batches(calib_loader, desc=f"{mode} statistics", progress=progress, **batches)):
                 active = [0, 1] if (raw is not None and i < diagnostic_batches) else [0]
                 lock.run(x, hooks=fix.hooks(), override=fix.overrides(), active=active)
+                n_repair += x.shape[0]
+        report.calibration_samples = max(report.calibration_samples, n_repair)  # RESET reads data in this pass only
+        check_site_evidence(fix.measured.items(), n_repair)
         with _timer(timings, "fuse"), torch.no_grad():
             mods = dict(merged.named_modules())
             explicit: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]] = {}

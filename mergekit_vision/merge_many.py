@@ -494,6 +494,8 @@ def merge_many(
         raw = copy.deepcopy(merged) if diagnostic_batches and mode == "repair" else None
         with _timer(timings, "pass_repair"):
             measured = gather([merged], plan, StatisticsRequest(correction=True, targets=targets or None))
+        report.calibration_samples = max(report.calibration_samples, measured.samples)  # RESET: its only pass
+        check_site_evidence(((node, m) for (node, _), m in measured.channels.items()), measured.samples)
         with _timer(timings, "fuse"), torch.no_grad():
             mods = dict(merged.named_modules())
             for s in plan.sites:

@@ -86,6 +86,10 @@ class PermutationGroup:
         return cls(**d)
 
 
+# frozen because they are the model's interface, not because the trace could not follow them
+BOUNDARY_REASONS = ("model input channels", "model output")
+
+
 @dataclass
 class PermutationSpec:
     """All permutation groups of one model, plus what the trace learned about its tensors.
@@ -122,6 +126,13 @@ class PermutationSpec:
     @property
     def num_permutable_channels(self) -> int:
         return sum(g.size for g in self.free_groups)
+
+    @property
+    def permutable_fraction(self) -> float:
+        """Permutable channels over all hidden channels: every group but the model's input channels and
+        outputs, which no merge may permute (1.0 when every hidden channel can be aligned)."""
+        hidden = sum(g.size for g in self.groups if not (g.frozen and g.reason in BOUNDARY_REASONS))
+        return self.num_permutable_channels / hidden if hidden else 1.0
 
     def members_by_key(self) -> Dict[str, List[Tuple[str, Member]]]:
         """key -> [(group name, member)]: derived index, never stored."""

@@ -107,3 +107,64 @@ def check_spec(model: nn.Module, x: torch.Tensor, seed: int = 0, spec: Optional[
     num = sum(float((a - b).norm() ** 2) for a, b in zip(y, y2)) ** 0.5
     den = sum(float(a.norm() ** 2) for a in y) ** 0.5
     return SpecCheck(spec, num / max(den, 1e-300), uncovered_axes(m, spec))
+
+
+def measure_norm_statistics(model: nn.Module, batches) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of ``batches`` (a plain average, in train mode),
+    in place, then eval mode: random weights with *measured* statistics keep every channel alive."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for m, mom in zip(norms, saved):
+        m.momentum = mom
+    return model.eval()
+
+
+@dataclass
+class RecoveryCheck:
+    spec: PermutationSpec
+    report: object  # the MergeReport
+    max_weight_error: float  # max |merged - A| over every floating tensor, relative to the tensor's scale
+    wrong_groups: Dict[str, float]  # group -> fraction of its member tensors that differ from A's
+    max_corr: float  # the largest |matched correlation| the report holds
+
+
+def check_recovery(model: nn.Module, x: torch.Tensor, seed: int = 0, spec: Optional[PermutationSpec] = None,
+                   **merge_kwargs) -> RecoveryCheck:
+    """``merge(A, permute(A), [x], repair=False)`` in float32, with A a randomized copy of ``model``
+    whose BatchNorm statistics are measured on ``x``: matching must find the inverse permutation of
+    every free group and so give back A's weights."""
+    from .merge import align
+
+    a = measure_norm_statistics(randomize_model(copy.deepcopy(model).float(), seed), [x])
+    if spec is None:
+        spec = trace_permutation_spec(a, x[:1])
+    perms = random_perms(spec, torch.Generator().manual_seed(seed + 1))
+    b = permute(a, spec, perms)
+    aligned = align(a, b, [x], progress=False, **merge_kwargs)
+    report = aligned.merge_report
+    # aligned B = B permuted back: equal to A's tensors where the assignment is the inverse of perms
+    sa, sb = a.state_dict(), aligned.state_dict()
+    err = 0.0
+    for k, v in sa.items():
+        if v.is_floating_point() and v.numel():
+            scale = float(v.abs().max()) or 1.0
+            err = max(err, float((sb[k] - v).abs().max()) / scale)
+    wrong, corr = {}, 0.0
+    for g in spec.free_groups:
+        r = report.groups.get(g.name)
+        if r is not None and r.mean_corr is not None:
+            corr = max(corr, abs(r.mean_corr), abs(r.identity_corr or 0.0))
+        keys = sorted({m.key for m in g.members})
+        differ = [k for k in keys if not torch.allclose(sb[k].float(), sa[k].float(), rtol=1e-5,
+                                                        atol=1e-5 * (float(sa[k].abs().max()) or 1.0))]
+        if differ:  # a member tensor that is not A's: some channel of the group was misassigned
+            wrong[g.name] = len(differ) / len(keys)
+    return RecoveryCheck(spec, report, err, wrong, corr)

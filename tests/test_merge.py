@@ -407,3 +407,16 @@ def test_constant_channels_are_reported():
     x = torch.randn(64, 3, 32, 32)
     with pytest.warns(CalibrationWarning, match=r"constant on the calibration data.*\(1 of \d+ in model_a\)"):
         merge(a, copy.deepcopy(a), [x], progress=False, repair=False, lineage_threshold=None)
+
+
+def test_calibration_samples_count_every_pass_that_read_data():
+    """A naive average + RESET reads the data only in its correction pass: the report still says how much."""
+    from mergekit_vision import merge_many
+
+    torch.manual_seed(0)
+    a, b = create_model("resnet20", norm="bn").eval(), create_model("resnet20", norm="bn").eval()
+    x = torch.randn(24, 3, 32, 32)
+    _, rep = merge(a, b, list(x.split(8)), method="none", repair="reset", progress=False, return_report=True)
+    assert rep.calibration_samples == 24
+    _, rep = merge_many([a, b], list(x.split(8)), method="none", repair="reset", progress=False, return_report=True)
+    assert rep.calibration_samples == 24

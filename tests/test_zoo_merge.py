@@ -1,0 +1,108 @@
+"""The zoo census as tests: one or two of the smallest variants of every timm family and every
+torchvision classifier under 60M parameters (``tests/zoo_models.json``, written by
+``benchmarks/zoo_census.py``), each checked for
+
+(a) the core invariant: a random permutation of every free group leaves the function unchanged
+    (float64, random weights and norm statistics; ``check_spec``);
+(b) recovery: ``align(A, permute(A))`` in float32, with A's BatchNorm statistics measured on the
+    calibration data so that channels are alive, gives back A's tensors (``check_recovery``);
+(c) bounded correlations: no matched correlation of magnitude above 1.
+
+A model that cannot be checked is listed in EXPECTED with its reason and runs as a strict xfail: it
+fails the suite the day it starts to pass. ``DEFAULT`` is the slice of the default run; the rest is
+``heavy`` (``python -m pytest -m heavy tests/test_zoo_merge.py``).
+"""
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from mergekit_vision.errors import CalibrationWarning
+from mergekit_vision.testing import check_recovery, check_spec
+
+CENSUS = json.loads((Path(__file__).parent / "zoo_models.json").read_text())
+TIMM = sorted({name for chosen in CENSUS["timm"].values() for name, _ in chosen})
+TORCHVISION = sorted(name for name, _ in CENSUS["torchvision"])
+
+# the default run: one cheap model per kind of structure the spec must get right
+DEFAULT = {
+    # timm: basic/bottleneck, RepVGG, mixed depthwise kernels, ghost modules, SE + hard-swish, grouped
+    # convs, token-mixing MLPs, attention with frozen heads, hierarchical ViTs, channel concat
+    "timm:resnet18", "timm:repvgg_a0", "timm:mixnet_s", "timm:ghostnet_100", "timm:mobilenetv3_small_050",
+    "timm:test_efficientnet", "timm:test_convnext", "timm:test_vit", "timm:dla46_c", "timm:cspresnet50",
+    "timm:mixer_s16_224", "timm:pit_ti_224", "timm:levit_128s", "timm:efficientformerv2_s0",
+    "timm:hiera_tiny_224", "timm:mobilevit_xxs", "timm:rexnet_100", "timm:vovnet39a", "timm:lcnet_050",
+    # torchvision: every family's cheapest
+    "tv:resnet18", "tv:mobilenet_v2", "tv:mobilenet_v3_small", "tv:shufflenet_v2_x0_5", "tv:squeezenet1_1",
+    "tv:googlenet", "tv:densenet121", "tv:regnet_x_400mf", "tv:efficientnet_b0", "tv:mnasnet0_5",
+}
+
+# what the census found that is not (yet) checkable, with the reason; strict: a fix must remove it
+EXPECTED = {}
+
+
+def _build(key):
+    lib, name = key.split(":", 1)
+    if lib == "tv":
+        return torchvision.models.get_model(name, weights=None)
+    return timm.create_model(name, pretrained=False)
+
+
+def _input_size(model):
+    """64 px where the model runs there, else its own input size (fixed patch grids, windows)."""
+    with torch.no_grad():
+        try:
+            model.eval()(torch.randn(1, 3, 64, 64))
+            return 64
+        except Exception:
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            return cfg.get("input_size", (3, 224, 224))[-1]
+
+
+def _params(keys):
+    out = []
+    for key in keys:
+        marks = [] if key in DEFAULT else [pytest.mark.heavy]
+        if key in EXPECTED:
+            marks.append(pytest.mark.xfail(reason=EXPECTED[key], strict=True))
+        out.append(pytest.param(key, marks=marks, id=key))
+    return out
+
+
+ALL = [f"timm:{n}" for n in TIMM] + [f"tv:{n}" for n in TORCHVISION]
+
+
+def test_census_covers_every_family_and_the_default_slice_is_in_it():
+    assert set(CENSUS["timm"]) <= set(timm.list_modules())
+    missing = {m for m in timm.list_modules() if m not in CENSUS["timm"]}
+    # families with no variant under 60M parameters (or none that builds) are the only ones left out
+    assert len(missing) <= 10, sorted(missing)
+    assert DEFAULT <= set(ALL), sorted(DEFAULT - set(ALL))
+    assert set(EXPECTED) <= set(ALL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", _params(ALL))
+def test_zoo_permutation_invariant_and_recovery(key):
+    torch.manual_seed(0)
+    model = _build(key)
+    size = _input_size(model)
+    # (a) float64, random weights and random norm statistics
+    res = check_spec(model, torch.randn(2, 3, size, size))
+    assert res.rel_error < 1e-9, (key, res.rel_error)
+    assert res.uncovered == [], res.uncovered[:5]
+    if not res.spec.free_groups:
+        return  # nothing to match (the census table in docs/spec.md lists the permutable fraction)
+    # (b) + (c) float32, BatchNorm statistics measured on the calibration batch
+    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)  # 8 images: deep groups are rank-deficient, and fine
+        rec = check_recovery(model, x, spec=res.spec)
+    assert rec.report.matching_skipped is None
+    assert rec.max_corr <= 1.0 + 1e-12, (key, rec.max_corr)
+    assert rec.wrong_groups == {}, (key, sorted(rec.wrong_groups)[:5])
+    assert rec.max_weight_error < 1e-6, (key, rec.max_weight_error)
