@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import iter_inputs
-from .engine import Lockstep, shared_graph
+from .engine import Lockstep, bind, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
 from .match import (LINEAGE_THRESHOLD, TAP_POLICIES, ChannelMoments, PairCollector, lineage_cosine,
@@ -215,7 +215,7 @@ def merge(
     site_stats: Dict[str, List[ChannelMoments]] = {s.node: [ChannelMoments(), ChannelMoments()] for s in target_sites}
     n_calib = 0
     if collector is not None or target_sites:
-        lock = Lockstep([a, b], gm.graph)
+        lock = Lockstep([a, b], gm)
         hooks: Dict[str, Any] = dict(collector.hooks()) if collector else {}
         site_hooks, site_over = _site_recorders(target_sites, site_stats,
                                                 [dict(a.named_modules()), dict(b.named_modules())],
@@ -269,7 +269,7 @@ def merge(
         raw = copy.deepcopy(merged) if diagnostic_batches and mode in ("repair", "stream") else None
         models = [merged] + ([raw] if raw is not None else [])
         fix = CorrectionPass(sites, [dict(m.named_modules()) for m in models], targets, mode)
-        lock = Lockstep(models, gm.graph)
+        lock = Lockstep(models, gm)
         with _timer(timings, "pass_repair"), torch.no_grad():
             for i, x in enumerate(_batches(calib_loader, desc=f"{mode} statistics", progress=progress, **batches)):
                 active = [0, 1] if (raw is not None and i < diagnostic_batches) else [0]
@@ -384,14 +384,15 @@ def _with_affines(merged: nn.Module, gm, explicit) -> nn.Module:
     holder = nn.Module()
     for name, (a_, c_, dim) in explicit.items():
         holder.add_module(name, ChannelAffine(a_.to(dtype_of(merged)), c_.to(dtype_of(merged)), dim))
-    merged.add_module("repair_affine", holder)
+    root = bind(merged, gm)  # the merged model's modules and its own traced constants, if any
+    root.add_module("repair_affine", holder)
     for node in list(graph.nodes):
         if node.name in explicit:
             with graph.inserting_after(node):
                 new = graph.call_module(f"repair_affine.{node.name}", (node,))
             node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
     graph.lint()
-    out = torch.fx.GraphModule(merged, graph, class_name=type(merged).__name__)
+    out = torch.fx.GraphModule(root, graph, class_name=type(merged).__name__)
     return out
 
 
@@ -402,7 +403,7 @@ def dtype_of(model: nn.Module) -> torch.dtype:
 def _measure_after(merged, gm, sites, targets, report, loader, n_batches, batches, explicit=None):
     stats = {s.node: ChannelMoments() for s in sites}
     mods = dict(merged.named_modules())
-    lock = Lockstep([merged], gm.graph)
+    lock = Lockstep([merged], gm)
     explicit = explicit or {}
 
     def add_hook(node, values):

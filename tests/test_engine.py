@@ -1,0 +1,129 @@
+"""The lockstep engine and the tracer under it: tracing leaves a model as it was, every model runs with
+its own traced constants, and real models whose forward caches or folds tensors merge without crashing.
+"""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.fx as fx
+from torch import nn
+
+from mergekit_vision import merge
+from mergekit_vision.engine import Lockstep, shared_graph
+from mergekit_vision.errors import MergeVisionError
+from mergekit_vision.permute import permute, random_perms
+from mergekit_vision.trace import trace_model, trace_permutation_spec
+
+
+class CachingBias(nn.Module):
+    """A bias computed from a parameter and cached in eval mode, as timm's LeViT attention does."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 1)
+        self.table = nn.Parameter(torch.randn(c, 3))
+        self.register_buffer("idx", torch.tensor([2, 0, 1]), persistent=False)
+        self.cache = {}
+
+    def bias(self, key="any"):
+        if self.training:
+            return self.table[:, self.idx]
+        if key not in self.cache:
+            self.cache[key] = self.table[:, self.idx]
+        return self.cache[key]
+
+    def forward(self, x):
+        return self.conv(x) + self.bias().sum(1)[None, :, None, None]
+
+
+class FoldedBuffer(nn.Module):
+    """A buffer that fx does not proxy: ``scale.view(-1)`` becomes a ``_tensor_constant`` of the trace."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 1)
+        self.register_buffer("scale", torch.randn(c, 1))
+
+    def forward(self, x):
+        return self.conv(x) * self.scale.view(-1)[None, :, None, None]
+
+
+def _all_attrs(model):
+    return {name: dict(vars(m)) for name, m in model.named_modules()}
+
+
+def test_tracing_leaves_the_model_as_it_was_and_traces_again():
+    m = CachingBias().eval()
+    before = _all_attrs(m)
+    gm1, gm2 = trace_model(m), trace_model(m)  # the second trace used to reuse the first's Proxy
+    assert m.cache == {} and _all_attrs(m).keys() == before.keys()
+    for name, attrs in _all_attrs(m).items():
+        assert attrs.keys() == before[name].keys(), name
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        for gm in (gm1, gm2):
+            gm.graph.lint()
+            torch.testing.assert_close(gm(x), m(x))
+
+
+def test_fx_constants_stay_on_the_graph_module_not_the_model():
+    m = FoldedBuffer().eval()
+    gm = trace_model(m)
+    consts = [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("_tensor_constant")]
+    assert consts, "the test needs a folded constant"
+    assert not any(k.startswith("_tensor_constant") for k in vars(m))
+
+
+def test_lockstep_runs_every_model_with_its_own_constants():
+    """Swin's ``relative_position_index.view(-1)`` is such a constant: each model's own value must be used."""
+    a, b = FoldedBuffer().eval(), FoldedBuffer().eval()
+    gm = shared_graph(a)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        ya, yb = Lockstep([a, b], gm).run(x)
+        torch.testing.assert_close(ya, a(x))
+        torch.testing.assert_close(yb, b(x))
+        with pytest.raises(MergeVisionError, match="GraphModule"):
+            Lockstep([b], gm.graph)  # a bare graph cannot say how to make b's constants
+
+
+def test_lockstep_refuses_a_model_whose_state_changes_its_graph():
+    a, b = CachingBias().eval(), CachingBias().eval()
+    with torch.no_grad():
+        a(torch.randn(1, 3, 2, 2))  # a's cache is warm: its trace reads a constant, b's reads the table
+    with pytest.raises(MergeVisionError, match="different graph"):
+        Lockstep([a, b], shared_graph(a))
+
+
+def _merge_permuted(model, size, n=2, modes=(False, True)):
+    model = model.eval()
+    x = torch.randn(n, 3, size, size)
+    spec = trace_permutation_spec(model, x[:1])
+    b = permute(model, spec, random_perms(spec, torch.Generator().manual_seed(1)))
+    outs = []
+    for repair in modes:
+        merged = merge(model, b, [x], repair=repair, progress=False, lineage_threshold=None)
+        with torch.no_grad():
+            y = merged(x)
+        assert torch.isfinite(y).all()
+        outs.append(y)
+    return outs
+
+
+def _small_swin():
+    # the same modules as swin_tiny_patch4_window7_224 (folded relative-position constants), at 64 px
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=64,
+                             window_size=4, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4))
+
+
+@pytest.mark.slow
+def test_merge_runs_on_a_model_with_traced_constants(one_thread):
+    # "stream" keeps explicit ChannelAffine modules: the returned GraphModule needs the constants too
+    _merge_permuted(_small_swin(), 64, modes=(False, True, "stream"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["levit_128s", "efficientformerv2_s0"])
+def test_merge_runs_on_models_that_cache_attention_biases(name, one_thread):
+    _merge_permuted(timm.create_model(name, pretrained=False, num_classes=10), 224)
