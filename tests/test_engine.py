@@ -127,3 +127,46 @@ def test_merge_runs_on_a_model_with_traced_constants(one_thread):
 @pytest.mark.parametrize("name", ["levit_128s", "efficientformerv2_s0"])
 def test_merge_runs_on_models_that_cache_attention_biases(name, one_thread):
     _merge_permuted(timm.create_model(name, pretrained=False, num_classes=10), 224)
+
+
+class OptionalArgs(nn.Module):
+    """``forward(x, mask=None)`` as timm's Hiera, and a flag with a default."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, mask=None, *, pre_logits: bool = False):
+        x = self.conv(x)
+        if mask is not None:
+            x = x * mask
+        x = x.mean((2, 3))
+        return x if pre_logits else self.fc(x)
+
+
+def test_forward_arguments_with_defaults_are_traced_at_their_defaults():
+    m = OptionalArgs().eval()
+    x = torch.randn(2, 3, 5, 5)
+    gm = trace_model(m)
+    tensors_in = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+    assert [n.name for n in tensors_in] == ["x"]  # the others are placeholders with their default
+    spec = trace_permutation_spec(m, x[:1])
+    assert [g.size for g in spec.free_groups] == [4]
+    with torch.no_grad():
+        (y,) = Lockstep([m], shared_graph(m)).run(x)
+        torch.testing.assert_close(y, m(x))
+
+
+@pytest.mark.slow
+def test_hiera_traces_keeps_its_function_under_permutation_and_merges(one_thread):
+    from mergekit_vision.testing import check_spec
+
+    m = timm.create_model("hiera_tiny_224", pretrained=False, num_classes=10).eval()
+    res = check_spec(m, torch.randn(1, 3, 224, 224))
+    assert res.rel_error < 1e-9 and res.uncovered == [] and res.spec.free_groups
+    b = permute(m, res.spec, random_perms(res.spec, torch.Generator().manual_seed(1)))
+    x = torch.randn(2, 3, 224, 224)
+    merged = merge(m, b, [x], repair=False, progress=False, lineage_threshold=None, spec=res.spec)
+    with torch.no_grad():
+        assert torch.isfinite(merged(x)).all()

@@ -68,7 +68,7 @@ class CouplingPass(fx.Interpreter):
         layout = self._layout(n, value)
         self.layouts[n] = layout
         # only values computed from the input are activations (a weight-standardization chain is not)
-        self.dynamic[n] = n.op == "placeholder" or any(self.dynamic.get(a, False) for a in n.all_input_nodes)
+        self.dynamic[n] = (n.op == "placeholder" and isinstance(value, torch.Tensor)) or any(self.dynamic.get(a, False) for a in n.all_input_nodes)
         if self.dynamic[n] and isinstance(value, torch.Tensor) and isinstance(layout, tuple) \
                 and not isinstance(layout, Multi):
             op = self._op_name(n)

@@ -6,6 +6,7 @@ that names the module being traced when fx failed and says how to make it a leaf
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch.fx as fx
@@ -98,6 +99,22 @@ def restored_state(model: nn.Module):
                             v.extend(old)
 
 
+def default_args(model: nn.Module) -> Dict[str, Any]:
+    """The forward arguments after the input that have defaults, with those defaults.
+
+    The graph is run with the input alone (the coupling pass, the lockstep walks), so these are
+    traced as constants (fx ``concrete_args``): ``forward(x, mask=None)`` then records the
+    ``mask is None`` branch the model takes when called as ``model(x)``, not a branch on a
+    placeholder that later fails (timm's Hiera).
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature: trace as fx would
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
 def trace_model(
     model: nn.Module,
     *,
@@ -108,7 +125,8 @@ def trace_model(
 
     timm's notrace modules are traced through when fx can (more channels become visible) and made
     leaves, as timm does, only when fx fails inside one; timm modules that have a channel rule
-    (BatchNormAct2d, Conv2dSame, ...) are always leaves.
+    (BatchNormAct2d, Conv2dSame, ...) are always leaves. Forward arguments after the input that
+    have defaults are traced at their defaults (see ``default_args``): the graph takes the input alone.
     """
     from .rules import timm_rule_types  # the rule table knows which timm leaves it understands
 
@@ -119,7 +137,7 @@ def trace_model(
         tracer = ModelTracer(leaves, list(autowrap_functions))
         try:
             with restored_state(model):
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=default_args(model) or None)
                 # the GraphModule copies fx's stowed constants from the model before they are removed
                 gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
             break
