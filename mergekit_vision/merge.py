@@ -239,8 +239,11 @@ def merge(
         elif method == "weight":
             perms = match_weights(spec, a.state_dict(), b.state_dict(), max_iter=weight_iters, tol=weight_tol,
                                   seed=seed)
+    notes: Dict[str, str] = {}
+    if method == "activation":  # groups seen only across another group's axis: a pass with B aligned there
+        notes = _match_crossed(spec, taps, perms, corrs, lock, calib_loader, batches, progress, timings)
     for g in spec.free_groups:
-        gr = GroupReport(size=g.size, blocks=g.blocks)
+        gr = GroupReport(size=g.size, blocks=g.blocks, note=notes.get(g.name))
         p = perms.get(g.name)
         if p is not None:
             ar = torch.arange(g.size)
@@ -328,6 +331,32 @@ def align(model_a: nn.Module, model_b: nn.Module, calib_loader: Any = None, *, m
         raise ConfigError(f"align needs a matching method; valid: activation, weight (got {method!r})")
     # merge at alpha=1 without correction is B permuted, bit for bit: 0*a + 1*b is exact in float64
     return merge(model_a, model_b, calib_loader, alpha=1.0, method=method, repair=False, **kwargs)
+
+
+def _match_crossed(spec, taps, perms, corrs, lock, loader, batches, progress, timings) -> Dict[str, str]:
+    """Match the groups whose only taps cross another free group's axis (a token-mixing MLP's hidden
+    units): one more pass over A and B with B's values aligned by the permutations found so far, until
+    no group gains a usable tap. Returns group -> how it was matched, or why it was left unpermuted."""
+    notes: Dict[str, str] = {}
+    while True:
+        extra = PairCollector(spec, taps, aligned=perms)
+        if not extra.plan:
+            break
+        with _timer(timings, "pass_aligned"), torch.no_grad():
+            for x in _batches(loader, desc="calibrate A/B (aligned taps)", progress=progress, **batches):
+                lock.run(x, extra.hooks())
+        found = extra.correlations()
+        corrs.update(found)
+        perms.update(match_from_correlations(spec, found))
+        for gname, tlist in ((g, [t for n in extra.plan.values() for gg, t in n if gg == g]) for g in found):
+            crossed = sorted({a[2] for t in tlist for a in t.across})
+            notes[gname] = f"matched at taps whose other axes were first aligned by {', '.join(crossed)}"
+    for g in spec.free_groups:
+        if g.name not in perms:
+            notes[g.name] = ("left in model_b's order (identity): no tap observes its channels with every other "
+                             "axis shared or aligned")
+            logger.warning("merge: group %s %s", g.name, notes[g.name])
+    return notes
 
 
 def _check_matching_options(taps: str, weight_tol: float) -> None:

@@ -657,6 +657,9 @@ def _report_groups(report: MergeManyReport, spec: PermutationSpec, perms, corrs)
         ar = torch.arange(g.size)
         for p, c in zip(perms, corrs):
             gr = GroupReport(size=g.size, blocks=g.blocks)
+            if g.name not in p and g.taps and all(t.crossed for t in g.taps):
+                gr.note = ("left in this model's order (identity): every tap crosses another free group's axis, "
+                           "which merge_many does not align (merge does)")
             if g.name in p:
                 gr.moved = float((p[g.name] != ar).float().mean())
                 if g.name in c:

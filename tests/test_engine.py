@@ -170,3 +170,45 @@ def test_hiera_traces_keeps_its_function_under_permutation_and_merges(one_thread
     merged = merge(m, b, [x], repair=False, progress=False, lineage_threshold=None, spec=res.spec)
     with torch.no_grad():
         assert torch.isfinite(merged(x)).all()
+
+
+def _small_mixer():
+    from timm.models.mlp_mixer import MlpMixer
+
+    return MlpMixer(num_classes=10, img_size=64, patch_size=16, embed_dim=32, num_blocks=2)
+
+
+def test_token_mixing_taps_record_the_axis_they_cross():
+    from mergekit_vision.match import select_taps
+    from mergekit_vision.spec import PermutationSpec
+
+    m = _small_mixer().eval()
+    spec = trace_permutation_spec(m, torch.randn(1, 3, 64, 64))
+    tokens = [g for g in spec.free_groups if "mlp_tokens" in g.name]
+    assert len(tokens) == 2
+    stream = spec["stem.proj"]
+    assert not stream.frozen and not any(t.crossed for t in stream.taps if t.dim == 2)
+    for g in tokens:  # (batch, residual channels, hidden): the positions are B's permuted channels
+        assert g.taps and all(t.crossed for t in g.taps)
+        assert all({a[2] for a in t.across} == {"stem.proj"} for t in g.taps)
+        assert select_taps(g) == [] and select_taps(g, crossed=True)
+    assert PermutationSpec.from_dict(spec.to_dict()).to_dict() == spec.to_dict()
+    assert [t.across for g in PermutationSpec.from_dict(spec.to_dict()).groups for t in g.taps] == \
+        [t.across for g in spec.groups for t in g.taps]
+
+
+def test_merge_recovers_a_permuted_token_mixing_mlp():
+    from mergekit_vision.testing import randomize_model
+
+    m = randomize_model(_small_mixer()).eval()
+    x = torch.randn(4, 3, 64, 64)
+    spec = trace_permutation_spec(m, x[:1])
+    b = permute(m, spec, random_perms(spec, torch.Generator().manual_seed(1)))
+    merged, report = merge(m, b, [x[:2], x[2:]], repair=False, progress=False, return_report=True,
+                           lineage_threshold=None)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[k], v, msg=k)
+    tokens = {n: g for n, g in report.groups.items() if "mlp_tokens" in n}
+    assert tokens and all(abs(g.mean_corr - 1) < 1e-4 for g in tokens.values()), tokens
+    assert all("aligned by stem.proj" in g.note for g in tokens.values())
+    assert all(g.note is None for n, g in report.groups.items() if n not in tokens)
