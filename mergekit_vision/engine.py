@@ -7,12 +7,13 @@ layers), and values are freed after their last use, so peak memory stays that of
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from .errors import MergeVisionError
 from .trace.tracer import trace_model
 
 NodeHook = Callable[[fx.Node, List[Any]], Optional[List[Any]]]
@@ -26,18 +27,22 @@ class Lockstep:
     computation (used to run a BatchNorm on batch statistics during REPAIR).
     """
 
-    def __init__(self, models: Sequence[nn.Module], graph: fx.Graph):
-        self.graph = graph
-        self.interps = [fx.Interpreter(fx.GraphModule(m, graph), garbage_collect_values=False) for m in models]
-        nodes = list(graph.nodes)
-        last_use: Dict[fx.Node, fx.Node] = {}
-        for n in reversed(nodes):
-            for a in n.all_input_nodes:
-                last_use.setdefault(a, n)
-        self.free_after: Dict[fx.Node, List[fx.Node]] = {}
-        for a, n in last_use.items():
-            self.free_after.setdefault(n, []).append(a)
-        self.nodes = nodes
+    def __init__(self, models: Sequence[nn.Module], graph: Union[fx.GraphModule, fx.Graph]):
+        shared = graph if isinstance(graph, fx.Graph) else graph.graph
+        self.graph = shared
+        self.nodes = list(shared.nodes)
+        gms = [bind(m, graph) for m in models]
+        self.interps = [fx.Interpreter(g, garbage_collect_values=False) for g in gms]
+        # each model's own nodes, in the shared graph's order (its own graph when it was traced anew)
+        self.node_lists = [self.nodes if g.graph is shared else list(g.graph.nodes) for g in gms]
+        index = {n: i for i, n in enumerate(self.nodes)}
+        last_use: Dict[int, int] = {}
+        for i in reversed(range(len(self.nodes))):
+            for a in self.nodes[i].all_input_nodes:
+                last_use.setdefault(index[a], i)
+        self.free_after: Dict[int, List[int]] = {}
+        for a, i in last_use.items():
+            self.free_after.setdefault(i, []).append(a)
 
     def run(self, x: torch.Tensor, hooks: Dict[str, Callable] = (), override: Dict[str, Callable] = (),
             active: Optional[Sequence[int]] = None) -> List[Any]:
@@ -48,30 +53,79 @@ class Lockstep:
             self.interps[k].env = {}
             self.interps[k].args_iter = iter([x])
         outputs: List[Any] = [None] * len(self.interps)
-        for n in self.nodes:
+        for i, n in enumerate(self.nodes):
             vals = []
             for k in idx:
-                it = self.interps[k]
+                it, nk = self.interps[k], self.node_lists[k][i]
                 v = NotImplemented
                 if n.name in override:
-                    args, kwargs = it.fetch_args_kwargs_from_env(n)
-                    v = override[n.name](n, k, args, kwargs)
+                    args, kwargs = it.fetch_args_kwargs_from_env(nk)
+                    v = override[n.name](nk, k, args, kwargs)
                 if v is NotImplemented:
-                    v = it.run_node(n)
+                    v = it.run_node(nk)
                 vals.append(v)
             if n.name in hooks:
                 new = hooks[n.name](n, vals)
                 if new is not None:
                     vals = new
             for k, v in zip(idx, vals):
-                self.interps[k].env[n] = v
+                self.interps[k].env[self.node_lists[k][i]] = v
             if n.op == "output":
                 for k, v in zip(idx, vals):
                     outputs[k] = v
-            for dead in self.free_after.get(n, ()):
+            for dead in self.free_after.get(i, ()):
                 for k in idx:
-                    self.interps[k].env.pop(dead, None)
+                    self.interps[k].env.pop(self.node_lists[k][dead], None)
         return [outputs[k] for k in idx]
+
+
+def _has_target(m: nn.Module, target: str) -> bool:
+    obj = m
+    for atom in target.split("."):
+        if not hasattr(obj, atom):
+            return False
+        obj = getattr(obj, atom)
+    return True
+
+
+def _signature(n: fx.Node) -> str:
+    return n.format_node()
+
+
+def bind(model: nn.Module, graph: Union[fx.GraphModule, fx.Graph]) -> fx.GraphModule:
+    """``model``'s own GraphModule over the shared graph: the same nodes, by name and order.
+
+    A traced graph may read tensors that live on no module of the model: fx stows them as
+    ``_tensor_constantN`` attributes of the GraphModule it traced (computed from buffers, e.g. Swin's
+    ``relative_position_index.view(-1)``, or from a module's cache). They are each model's own values,
+    so a model lacking them is traced itself (with the shared trace's options), and its graph must be
+    the shared one node for node; copying the first model's constants would run every other model
+    with them.
+    """
+    shared = graph if isinstance(graph, fx.Graph) else graph.graph
+    missing = [n.target for n in shared.nodes if n.op == "get_attr" and not _has_target(model, n.target)]
+    if not missing:
+        return fx.GraphModule(model, shared)
+    options = None if isinstance(graph, fx.Graph) else graph.meta.get("trace_options")
+    if options is None:
+        raise MergeVisionError(
+            f"the traced graph reads {missing[0]!r}, which {type(model).__name__} does not have; pass the "
+            "GraphModule from mergekit_vision.engine.shared_graph (it knows how to trace each model)")
+    own = trace_model(model, **options)
+    ours, theirs = list(shared.nodes), list(own.graph.nodes)
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        if _signature(a) != _signature(b):
+            break
+    else:
+        k = None if len(ours) == len(theirs) else min(len(ours), len(theirs))
+    if k is not None:
+        where = (f"node {k}: {_signature(ours[k])!r} vs {_signature(theirs[k])!r}"
+                 if k < min(len(ours), len(theirs)) else f"{len(ours)} vs {len(theirs)} nodes")
+        raise MergeVisionError(
+            f"{type(model).__name__} traces to a different graph than the model the graph was traced from "
+            f"({where}): its forward depends on state other than its weights (e.g. a cache filled by an "
+            "earlier forward). Build all models the same way (a fresh model, then load_state_dict) before merging.")
+    return own
 
 
 def shared_graph(model: nn.Module, leaf_modules=(), autowrap_functions=()) -> fx.GraphModule:

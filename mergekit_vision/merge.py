@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import iter_inputs
-from .engine import Lockstep, shared_graph
+from .engine import Lockstep, bind, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
 from .match.evidence import check_matching_evidence, check_site_evidence
@@ -232,7 +232,7 @@ def merge(
     site_stats: Dict[str, List[ChannelMoments]] = {s.node: [ChannelMoments(), ChannelMoments()] for s in target_sites}
     n_calib = 0
     if collector is not None or target_sites:
-        lock = Lockstep([a, b], gm.graph)
+        lock = Lockstep([a, b], gm)
         hooks: Dict[str, Any] = dict(collector.hooks()) if collector else {}
         site_hooks, site_over = _site_recorders(target_sites, site_stats,
                                                 [dict(a.named_modules()), dict(b.named_modules())],
@@ -259,8 +259,11 @@ def merge(
         elif method == "weight":
             perms = match_weights(spec, a.state_dict(), b.state_dict(), max_iter=weight_iters, tol=weight_tol,
                                   seed=seed)
+    notes: Dict[str, str] = {}
+    if method == "activation":  # groups seen only across another group's axis: a pass with B aligned there
+        notes = _match_crossed(spec, taps, perms, corrs, lock, calib_loader, batches, progress, timings)
     for g in spec.free_groups:
-        gr = GroupReport(size=g.size, blocks=g.blocks)
+        gr = GroupReport(size=g.size, blocks=g.blocks, note=notes.get(g.name))
         p = perms.get(g.name)
         if p is not None:
             ar = torch.arange(g.size)
@@ -289,7 +292,7 @@ def merge(
         raw = copy.deepcopy(merged) if diagnostic_batches and mode in ("repair", "stream") else None
         models = [merged] + ([raw] if raw is not None else [])
         fix = CorrectionPass(sites, [dict(m.named_modules()) for m in models], targets, mode)
-        lock = Lockstep(models, gm.graph)
+        lock = Lockstep(models, gm)
         n_repair = 0
         with _timer(timings, "pass_repair"), torch.no_grad():
             for i, x in enumerate(_batches(calib_loader, desc=f"{mode} statistics", progress=progress, **batches)):
@@ -354,6 +357,32 @@ def align(model_a: nn.Module, model_b: nn.Module, calib_loader: Any = None, *, m
     return merge(model_a, model_b, calib_loader, alpha=1.0, method=method, repair=False, **kwargs)
 
 
+def _match_crossed(spec, taps, perms, corrs, lock, loader, batches, progress, timings) -> Dict[str, str]:
+    """Match the groups whose only taps cross another free group's axis (a token-mixing MLP's hidden
+    units): one more pass over A and B with B's values aligned by the permutations found so far, until
+    no group gains a usable tap. Returns group -> how it was matched, or why it was left unpermuted."""
+    notes: Dict[str, str] = {}
+    while True:
+        extra = PairCollector(spec, taps, aligned=perms)
+        if not extra.plan:
+            break
+        with _timer(timings, "pass_aligned"), torch.no_grad():
+            for x in _batches(loader, desc="calibrate A/B (aligned taps)", progress=progress, **batches):
+                lock.run(x, extra.hooks())
+        found = extra.correlations()
+        corrs.update(found)
+        perms.update(match_from_correlations(spec, found))
+        for gname, tlist in ((g, [t for n in extra.plan.values() for gg, t in n if gg == g]) for g in found):
+            crossed = sorted({a[2] for t in tlist for a in t.across})
+            notes[gname] = f"matched at taps whose other axes were first aligned by {', '.join(crossed)}"
+    for g in spec.free_groups:
+        if g.name not in perms:
+            notes[g.name] = ("left in model_b's order (identity): no tap observes its channels with every other "
+                             "axis shared or aligned")
+            logger.warning("merge: group %s %s", g.name, notes[g.name])
+    return notes
+
+
 def _check_matching_options(taps: str, weight_tol: float) -> None:
     """The matching options merge and merge_many share: a known tap policy, a tolerance >= 0."""
     if taps not in TAP_POLICIES:
@@ -408,14 +437,15 @@ def _with_affines(merged: nn.Module, gm, explicit) -> nn.Module:
     holder = nn.Module()
     for name, (a_, c_, dim) in explicit.items():
         holder.add_module(name, ChannelAffine(a_.to(dtype_of(merged)), c_.to(dtype_of(merged)), dim))
-    merged.add_module("repair_affine", holder)
+    root = bind(merged, gm)  # the merged model's modules and its own traced constants, if any
+    root.add_module("repair_affine", holder)
     for node in list(graph.nodes):
         if node.name in explicit:
             with graph.inserting_after(node):
                 new = graph.call_module(f"repair_affine.{node.name}", (node,))
             node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
     graph.lint()
-    out = torch.fx.GraphModule(merged, graph, class_name=type(merged).__name__)
+    out = torch.fx.GraphModule(root, graph, class_name=type(merged).__name__)
     return out
 
 
@@ -426,7 +456,7 @@ def dtype_of(model: nn.Module) -> torch.dtype:
 def _measure_after(merged, gm, sites, targets, report, loader, n_batches, batches, explicit=None):
     stats = {s.node: ChannelMoments() for s in sites}
     mods = dict(merged.named_modules())
-    lock = Lockstep([merged], gm.graph)
+    lock = Lockstep([merged], gm)
     explicit = explicit or {}
 
     def add_hook(node, values):

@@ -210,7 +210,7 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
         if req.targets is None and plan.mode == "repair":
             raise ConfigError("a REPAIR correction pass needs targets (site node -> Target)")
         fix = CorrectionPass(plan.sites, [dict(models[0].named_modules())], req.targets or {}, plan.mode)
-        lock = Lockstep(models[:1], plan.gm.graph)
+        lock = Lockstep(models[:1], plan.gm)
         for x in _batches(loader, desc=f"{plan.mode} statistics", progress=progress, **batches):
             lock.run(x, hooks=fix.hooks(), override=fix.overrides())
             st.samples += x.shape[0]
@@ -235,7 +235,7 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
         site_hooks, overrides = _site_recorders(plan.sites, per_site, [dict(m.named_modules()) for m in models])
         for name, h in site_hooks.items():
             hooks[name] = _chain(hooks.get(name), h)
-    lock = Lockstep(models, plan.gm.graph)
+    lock = Lockstep(models, plan.gm)
     for x in _batches(loader, desc=f"statistics of {len(models)} models", progress=progress, **batches):
         outs = lock.run(x, hooks, override=overrides)
         _check_values(outs, "the models' outputs")
@@ -670,6 +670,9 @@ def _report_groups(report: MergeManyReport, spec: PermutationSpec, perms, corrs)
         ar = torch.arange(g.size)
         for p, c in zip(perms, corrs):
             gr = GroupReport(size=g.size, blocks=g.blocks)
+            if g.name not in p and g.taps and all(t.crossed for t in g.taps):
+                gr.note = ("left in this model's order (identity): every tap crosses another free group's axis, "
+                           "which merge_many does not align (merge does)")
             if g.name in p:
                 gr.moved = float((p[g.name] != ar).float().mean())
                 if g.name in c:

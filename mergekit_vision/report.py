@@ -13,6 +13,7 @@ class GroupReport:
     mean_corr: Optional[float] = None        # mean correlation of matched channel pairs (activation)
     identity_corr: Optional[float] = None    # the same for the unpermuted pairing
     moved: float = 0.0                       # fraction of channels not mapped to themselves
+    note: Optional[str] = None               # how it was matched when not at ordinary taps, or why not
 
 
 @dataclass
@@ -78,4 +79,8 @@ class MergeReport:
             lines.append(f"  matching skipped: {self.matching_skipped} ({len(self.lineage_keys)} tensors compared)")
         if self.mean_corr is not None:
             lines.append(f"  matched correlation (mean over {len(self.groups)} groups): {self.mean_corr:.3f}")
+        left = [name for name, g in self.groups.items() if g.note and g.note.startswith("left")]
+        if left:
+            lines.append(f"  {len(left)} groups left unpermuted (no usable tap): {', '.join(left[:5])}"
+                         + (" ..." if len(left) > 5 else ""))
         return "\n".join(lines + summary_tail(self.sites, self.timings))

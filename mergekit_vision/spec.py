@@ -44,6 +44,12 @@ class Tap:
     ``node`` is the fx node name, ``dim`` the tensor dim carrying the channels (1 for NCHW, -1 for
     tokens/channels-last), ``op`` a short description of what produced the value (``relu``, ``add``,
     ``conv``, ``bn`` ...), used by matchers to pick the tap points they prefer.
+
+    ``across`` lists the free groups' channels on the value's *other* axes, as ``(dim, start, group,
+    offset, length, inner)`` pieces (positions ``start..`` of axis ``dim`` hold that group's channels
+    ``offset..offset+length``, each repeated ``inner`` times). Statistics over positions pair A's and
+    B's values position by position, so such a tap sees B's channels only once those axes are aligned
+    (a token-mixing MLP's hidden units, laid out (batch, residual channels, hidden)).
     """
 
     node: str
@@ -52,6 +58,12 @@ class Tap:
     start: int = 0
     offset: int = 0
     length: int = 0
+    across: Tuple[Tuple[int, int, str, int, int, int], ...] = ()
+
+    @property
+    def crossed(self) -> bool:
+        """Whether another axis carries a free group's channels (see ``across``)."""
+        return bool(self.across)
 
 
 @dataclass
@@ -82,7 +94,7 @@ class PermutationGroup:
     def from_dict(cls, d: dict) -> "PermutationGroup":
         d = dict(d)
         d["members"] = [Member(**m) for m in d.get("members", [])]
-        d["taps"] = [Tap(**t) for t in d.get("taps", [])]
+        d["taps"] = [Tap(**{**t, "across": tuple(tuple(a) for a in t.get("across", ()))}) for t in d.get("taps", [])]
         return cls(**d)
 
 

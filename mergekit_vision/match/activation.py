@@ -37,14 +37,18 @@ PRODUCER_OPS = {"Conv1d", "Conv2d", "Conv3d", "Linear", "conv1d", "conv2d", "con
 TAP_POLICIES = ("all", "lean", "blocks")
 
 
-def select_taps(group: PermutationGroup, policy: str = "all") -> List[Tap]:
+def select_taps(group: PermutationGroup, policy: str = "all", crossed: bool = False) -> List[Tap]:
     """Post-activation, residual-add and norm outputs; without a norm, the producer's own output too
     (the pre-activation view keeps ReLU-silenced channels matchable). ``policy="lean"``: without the
     post-activation outputs where a norm output is tapped. ``policy="blocks"``: as lean, and a residual
-    stream is observed once per block, at its adds (the stream as the next block receives it)."""
+    stream is observed once per block, at its adds (the stream as the next block receives it).
+
+    Only taps whose other axes carry no free group's channels (``Tap.crossed``) are chosen: across
+    B's permuted axis, positions pair different channels. ``crossed=True`` chooses among the crossed
+    taps instead (for a group that has no other, once the axes they cross are aligned)."""
     if policy not in TAP_POLICIES:
         raise ValueError(f"unknown tap policy {policy!r}; valid: {', '.join(TAP_POLICIES)}")
-    full = [t for t in group.taps if t.offset == 0 and t.length == group.size]
+    full = [t for t in group.taps if t.offset == 0 and t.length == group.size and t.crossed == crossed]
     chosen = [t for t in full if t.op in ACT_OPS or t.op in ADD_OPS or t.op in NORM_OPS]
     has_norm = any(t.op in NORM_OPS for t in chosen)
     if policy == "blocks" and any(t.op in ADD_OPS for t in chosen):
@@ -57,12 +61,47 @@ def select_taps(group: PermutationGroup, policy: str = "all") -> List[Tap]:
 
 
 def tap_plan(spec: PermutationSpec, policy: str = "all") -> Dict[str, List[Tuple[str, Tap]]]:
-    """node name -> [(group name, tap)] for every free group's chosen taps."""
+    """node name -> [(group name, tap)] for every free group's chosen taps (never a crossed one)."""
     plan: Dict[str, List[Tuple[str, Tap]]] = {}
     for g in spec.free_groups:
         for t in select_taps(g, policy):
             plan.setdefault(t.node, []).append((g.name, t))
     return plan
+
+
+def aligned_tap_plan(spec: PermutationSpec, perms: Dict[str, torch.Tensor], policy: str = "all",
+                     ) -> Dict[str, List[Tuple[str, Tap]]]:
+    """The crossed taps of the free groups that have no other tap and are not matched yet, where every
+    group the tap crosses has a permutation in ``perms`` (so B's value can be aligned on those axes)."""
+    plan: Dict[str, List[Tuple[str, Tap]]] = {}
+    for g in spec.free_groups:
+        if g.name in perms or select_taps(g, policy):
+            continue
+        for t in select_taps(g, policy, crossed=True):
+            if all(a[2] in perms and a[2] != g.name and a[5] == 1 for a in t.across):
+                plan.setdefault(t.node, []).append((g.name, t))
+    return plan
+
+
+def align_across(value: torch.Tensor, tap: Tap, spec: PermutationSpec, perms: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """B's ``value`` with the axes ``tap`` crosses put in A's channel order (``perms`` as for ``permute``:
+    aligned channel i is B's channel ``perm[i]``)."""
+    by_dim: Dict[int, list] = {}
+    for a in tap.across:
+        by_dim.setdefault(a[0], []).append(a)
+    for d, pieces in by_dim.items():
+        idx = torch.arange(value.shape[d])
+        where: Dict[str, torch.Tensor] = {}  # group -> position of each of its channels on this axis
+        for _, start, gname, off, n, _ in pieces:
+            w = where.setdefault(gname, torch.full((spec[gname].size,), -1, dtype=torch.long))
+            w[off:off + n] = torch.arange(start, start + n)
+        for _, start, gname, off, n, _ in pieces:
+            src = where[gname][perms[gname][off:off + n]]
+            if bool((src < 0).any()):
+                raise ValueError(f"tap {tap.node}: axis {d} does not hold every channel group {gname!r} moves")
+            idx[start:start + n] = src
+        value = value.index_select(d, idx.to(value.device))
+    return value
 
 
 class PairCollector:
@@ -71,8 +110,11 @@ class PairCollector:
     ``known_moments[(node, k)] = (dim, channel_moments)``, filled by another hook on the same node just
     before this one (REPAIR's endpoint statistics), saves recomputing model ``k``'s channel moments."""
 
-    def __init__(self, spec: PermutationSpec, policy: str = "all"):
-        self.plan = tap_plan(spec, policy)
+    def __init__(self, spec: PermutationSpec, policy: str = "all", aligned: Dict[str, torch.Tensor] = None):
+        """``aligned``: permutations already found; the collector then observes, instead, the crossed
+        taps that they make usable (``aligned_tap_plan``), with B's values aligned across."""
+        self.spec, self.aligned = spec, aligned
+        self.plan = tap_plan(spec, policy) if aligned is None else aligned_tap_plan(spec, aligned, policy)
         self.moments: Dict[Tuple[str, str], CrossMoments] = {}
         self.known_moments: Dict[Tuple[str, int], tuple] = {}
 
@@ -85,6 +127,9 @@ class PairCollector:
         for gname, t in self.plan[node.name]:
             key = (gname, t.node)
             mom = self.moments.setdefault(key, CrossMoments())
+            if t.crossed:
+                mom.observe(a, align_across(b, t, self.spec, self.aligned), t.dim, t.start, t.length)
+                continue
             moments = None
             if all(kn is not None and kn[0] % a.dim() == t.dim % a.dim() for kn in known) and t.start == 0 \
                     and t.length in (0, a.shape[t.dim]):

@@ -57,6 +57,7 @@ class CouplingPass(fx.Interpreter):
         self.E = Elements()
         self.layouts: Dict[fx.Node, Any] = {}
         self.taps: List[Tuple[str, int, str, int, Seg]] = []
+        self.tap_layouts: Dict[str, Tuple[Tuple[int, int, Seg], ...]] = {}  # node -> every (dim, pos, seg)
         self.used_keys: set = set()
         self.modules = dict(gm.named_modules())
         self.declared: set = set()
@@ -68,10 +69,11 @@ class CouplingPass(fx.Interpreter):
         layout = self._layout(n, value)
         self.layouts[n] = layout
         # only values computed from the input are activations (a weight-standardization chain is not)
-        self.dynamic[n] = n.op == "placeholder" or any(self.dynamic.get(a, False) for a in n.all_input_nodes)
+        self.dynamic[n] = (n.op == "placeholder" and isinstance(value, torch.Tensor)) or any(self.dynamic.get(a, False) for a in n.all_input_nodes)
         if self.dynamic[n] and isinstance(value, torch.Tensor) and isinstance(layout, tuple) \
                 and not isinstance(layout, Multi):
             op = self._op_name(n)
+            segs = []
             for d, dl in enumerate(layout):
                 if dl is None:
                     continue
@@ -79,7 +81,9 @@ class CouplingPass(fx.Interpreter):
                 for s in dl:
                     if s.inner == 1:
                         self.taps.append((n.name, d, op, pos, s))
+                    segs.append((d, pos, s))
                     pos += s.span
+            self.tap_layouts[n.name] = tuple(segs)
         return value
 
     def _op_name(self, n: fx.Node) -> str:
@@ -292,6 +296,7 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
                         reasons[g].append(msg)
 
     spec = PermutationSpec(input_shape=tuple(input_shape), model_name=type(model).__name__)
+    group_of_display: List[int] = []  # display index of each spec group
     used_names: set = set()
     sd = model.state_dict()
     ndim = {k: v.dim() for k, v in sd.items()}
@@ -310,10 +315,26 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
             rs.append("a single channel" if size == 1 else "block constraints leave every channel fixed")
         frozen = bool(rs)
         name = "input" if E.label[e] == "input" else _group_name(ms, E.param_of, ndim, used_names, E.label[e])
+        group_of_display.append(gi)
         spec.groups.append(PermutationGroup(
             name=name, size=size, members=ms, blocks=len(comps), frozen=frozen,
             reason="; ".join(rs) if frozen else None, taps=taps[gi],
         ))
+    # taps whose value carries a free group's channels on another axis (see Tap.across)
+    name_of = {gi: g for gi, g in zip(group_of_display, spec.groups)}
+    across: Dict[str, List[Tuple[int, int, str, int, int, int]]] = {}
+    for node, segs in p.tap_layouts.items():
+        out = []
+        for d, pos, seg in segs:
+            for gi, goff, n, _ in place(seg.elem, seg.off, seg.length):
+                g = name_of.get(gi)
+                if g is not None and not g.frozen:
+                    out.append((d, pos, g.name, goff, n, seg.inner))
+                pos += n * seg.inner
+        across[node] = out
+    for g in spec.groups:
+        g.taps = [dataclasses.replace(t, across=tuple(a for a in across.get(t.node, ()) if a[0] != t.dim))
+                  for t in g.taps]
     for (key, axis), why in E.channel_free.items():
         spec.channel_free.append((key, axis, why))
     touched = {m.key for g in spec.groups for m in g.members} | {c[0] for c in spec.channel_free} | p.used_keys

@@ -5,7 +5,9 @@ that names the module being traced when fx failed and says how to make it a leaf
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple, Type
+import contextlib
+import inspect
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch.fx as fx
 from torch import nn
@@ -51,6 +53,68 @@ class ModelTracer(fx.Tracer):
             self._mv_stack.pop()
 
 
+_CONTAINERS = (dict, list, set)
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def restored_state(model: nn.Module):
+    """Undo what a forward did to the modules' own attributes when the block exits.
+
+    Symbolic tracing runs ``forward`` with Proxies: a module that caches a computed tensor in eval
+    mode (timm's LeViT / EfficientFormerV2 attention-bias caches) stores a Proxy in its cache, and fx
+    stows tensors it cannot name as ``_tensor_constantN`` attributes on the traced module itself. Left
+    there, the model is mutated, and a second trace of it reuses the first trace's Proxy, whose node
+    belongs to another graph ("Node add referenced nonexistent value getitem_6" when the graph runs).
+    Every attribute a module held before is restored (containers in place, so references to them stay
+    valid) and every attribute added is removed.
+    """
+    saved: List[Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]] = []
+    for m in model.modules():
+        attrs = dict(vars(m))
+        contents = {k: (dict(v) if isinstance(v, dict) else list(v))
+                    for k, v in attrs.items() if isinstance(v, _CONTAINERS)}
+        saved.append((m, attrs, contents))
+    try:
+        yield model
+    finally:
+        for m, attrs, contents in saved:
+            now = vars(m)
+            for k in [k for k in now if k not in attrs]:
+                del now[k]
+            for k, v in attrs.items():
+                if now.get(k, _MISSING) is not v:
+                    now[k] = v
+                if k in contents:
+                    old = contents[k]
+                    if isinstance(v, dict):
+                        if v.keys() != old.keys() or any(v[q] is not old[q] for q in old):
+                            v.clear()
+                            v.update(old)
+                    elif len(v) != len(old) or any(a is not b for a, b in zip(v, old)):
+                        v.clear()
+                        if isinstance(v, set):
+                            v.update(old)
+                        else:
+                            v.extend(old)
+
+
+def default_args(model: nn.Module) -> Dict[str, Any]:
+    """The forward arguments after the input that have defaults, with those defaults.
+
+    The graph is run with the input alone (the coupling pass, the lockstep walks), so these are
+    traced as constants (fx ``concrete_args``): ``forward(x, mask=None)`` then records the
+    ``mask is None`` branch the model takes when called as ``model(x)``, not a branch on a
+    placeholder that later fails (timm's Hiera).
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature: trace as fx would
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+
+
 def trace_model(
     model: nn.Module,
     *,
@@ -61,7 +125,8 @@ def trace_model(
 
     timm's notrace modules are traced through when fx can (more channels become visible) and made
     leaves, as timm does, only when fx fails inside one; timm modules that have a channel rule
-    (BatchNormAct2d, Conv2dSame, ...) are always leaves.
+    (BatchNormAct2d, Conv2dSame, ...) are always leaves. Forward arguments after the input that
+    have defaults are traced at their defaults (see ``default_args``): the graph takes the input alone.
     """
     from .rules import timm_rule_types  # the rule table knows which timm leaves it understands
 
@@ -71,7 +136,10 @@ def trace_model(
     while True:
         tracer = ModelTracer(leaves, list(autowrap_functions))
         try:
-            graph = tracer.trace(model)
+            with restored_state(model):
+                graph = tracer.trace(model, concrete_args=default_args(model) or None)
+                # the GraphModule copies fx's stowed constants from the model before they are removed
+                gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
             break
         except Exception as exc:  # fx raises many kinds: TraceError, TypeError, RuntimeError, ...
             failed = tracer.failed_in
@@ -91,4 +159,9 @@ def trace_model(
                 f"torch.fx could not trace {type(model).__name__}: failed inside {where}: "
                 f"{type(exc).__name__}: {exc}. Fix: {hint}."
             ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    try:
+        graph.lint()
+    except Exception as exc:  # e.g. a value carried over from another trace by module state
+        raise TraceError(f"torch.fx traced {type(model).__name__} into an inconsistent graph: {exc}") from exc
+    gm.meta["trace_options"] = dict(leaf_modules=tuple(leaves), autowrap_functions=tuple(autowrap_functions))
+    return gm
