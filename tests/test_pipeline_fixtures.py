@@ -1,0 +1,52 @@
+"""merge() gives the tensors it gave before the N-way pipeline replaced its own code, bit for bit
+(tests/fixtures/make_fixtures.py froze them), for activation/weight x every repair mode on the
+reference nets and timm resnet18."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mergekit_vision import merge
+
+_spec = importlib.util.spec_from_file_location("make_fixtures", Path(__file__).parent / "fixtures" / "make_fixtures.py")
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NET_MARKS = {"vgg11": [pytest.mark.slow], "timm_resnet18": [pytest.mark.slow]}
+
+
+def _frozen(net):
+    with safe_open(str(fx.HERE / f"merge_{net}.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, {k: json.loads(v) for k, v in meta.items()}
+
+
+def _approx(got, want):
+    """The report's numbers: exact for strings and counts, floats to 1e-12 relative."""
+    if isinstance(want, float):
+        return got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(_approx(g, w) for g, w in zip(got, want))
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(_approx(got[k], want[k]) for k in want)
+    return got == want
+
+
+@pytest.mark.parametrize("net", [pytest.param(n, marks=NET_MARKS.get(n, [])) for n in fx.NETS])
+def test_merge_matches_frozen_outputs(net):
+    tensors, meta = _frozen(net)
+    models = fx.pair(net)
+    for method, repair in fx.cases():
+        name = fx.case_name(method, repair)
+        merged, rep = fx.run_case(merge, net, method, repair, models)
+        sd = merged.state_dict()
+        assert len(sd) == meta[name]["num_keys"], name
+        assert torch.equal(fx.samples(sd), tensors[name]), name
+        assert fx.digest(sd) == meta[name]["sha256"], name
+        got = json.loads(json.dumps(fx.report_numbers(rep)))
+        assert _approx(got, meta[name]["report"]), name
