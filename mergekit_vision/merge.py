@@ -1,41 +1,39 @@
-"""merge(): the pipeline, top to bottom.
+"""merge_many(): the pipeline, top to bottom; merge() is its two-model call, align() the permutations only.
 
-trace spec -> one lockstep pass over A and B (matching moments, REPAIR targets) -> assignments ->
-permute B -> interpolate -> one pass over the interpolated net with corrections acting -> fuse.
+plan (trace once: spec, graph, REPAIR sites) -> measure (one statistics request served by a ``collect``:
+local loader, all-reduce, Flower) -> match (star, MergeMany sweeps, crossed taps) -> average ->
+repair (targets ``sum_k w_k stat_k``, correction pass, fuse) -> report.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import logging
-import time
-from contextlib import contextmanager
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .calibration import (Collect, LocalCollector, Statistics, StatisticsRequest, plan_calibration, timed)
 from .data import iter_inputs
-from .engine import Lockstep, bind, shared_graph
-from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
-from .interpolate import interpolate_state_dicts
+from .errors import ArchitectureMismatchError, ConfigError, DataError, NumericalError
+from .interpolate import weighted_average
+from .match import (WEIGHT_TOL, LINEAGE_THRESHOLD, lineage_cosine, lineage_keys, match_from_correlations,
+                    match_weights, shared_lineage)
+from .match.activation import aligned_tap_plan
 from .match.evidence import check_matching_evidence, check_site_evidence
-from .match import (LINEAGE_THRESHOLD, TAP_POLICIES, ChannelMoments, PairCollector, lineage_cosine, lineage_keys,
-                    match_from_correlations, match_weights, shared_lineage, WEIGHT_TOL)
+from .match.many import (DEFAULT_SWEEPS, IDENTITY_TOL, activation_sweeps, in_reference_order, near_identity,
+                         pair_correlations, weight_sweeps)
+from .options import METHODS, REPAIR_MODES, MergeOptions
 from .permute import permute_state_dict
-from .repair import (CorrectionPass, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction, fuse_reset,
-                     permute_channel_stats)
-from .repair.correct import ChannelAffine, foldable_addends
-from .repair.sites import bn_eval, bn_forward
+from .repair import fuse_corrections, repair_targets, with_affines
 from .report import GroupReport, MergeReport, SiteReport
 from .spec import PermutationSpec
-from .trace import trace_permutation_spec
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("activation", "weight", "none")
-REPAIR_MODES = ("repair", "reset", "stream", "none")
+__all__ = ["merge", "merge_many", "align", "METHODS", "REPAIR_MODES", "check_same_architecture", "check_finite",
+           "state_dict_sha256", "source_info"]
 
 
 # ---- input checks ------------------------------------------------------------------------
@@ -77,52 +75,72 @@ def source_info(model: nn.Module, role: str) -> Dict[str, str]:
     return {"role": role, "architecture": name or type(model).__name__, "sha256": state_dict_sha256(model)}
 
 
-def _repair_mode(repair: Union[bool, str, None]) -> str:
-    if repair is True:
-        return "repair"
-    if repair in (False, None):
-        return "none"
-    if repair not in REPAIR_MODES:
-        raise ConfigError(f"unknown repair mode {repair!r}; valid: {', '.join(REPAIR_MODES)} (or True/False)")
-    return repair
-
-
-@contextmanager
-def _timer(timings: Dict[str, float], name: str):
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-        logger.info("%s: %.2fs", name, timings[name])
-
-
-def _batches(loader, *, max_batches, max_samples, device, dtype, desc, progress):
-    it = iter_inputs(loader, max_batches=max_batches, max_samples=max_samples, device=device, dtype=dtype)
-    return tqdm(_varying(it), desc=desc, disable=not progress, leave=False, unit="batch")
-
-
-def _varying(batches):
-    """The batches, and a DataError at the end of a pass whose floating inputs never varied."""
-    lo = hi = None
-    for x in batches:
-        if x.is_floating_point():
-            b_lo, b_hi = float(x.min()), float(x.max())
-            lo, hi = (b_lo, b_hi) if lo is None else (min(lo, b_lo), max(hi, b_hi))
-        yield x
-    if lo is not None and lo == hi:
-        raise DataError(f"the calibration inputs are constant (every value is {lo}): statistics of them "
-                        "carry no information about the models. Pass real images, normalized as in training.")
-
-
-def _check_values(vals, where: str):
-    for v in vals:
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v.sum(dtype=torch.float64)):
-            raise NumericalError(f"non-finite activations at {where} during calibration; check the inputs' "
-                                 "normalization and the models' weights.")
-
-
 # ---- the pipeline ------------------------------------------------------------------------
+def merge_many(
+    models: Sequence[nn.Module],
+    calib_loader: Any = None,
+    *,
+    weights: Optional[Sequence[float]] = None,
+    method: str = "activation",
+    reference: Optional[int] = None,
+    iterations: Optional[int] = None,
+    repair: Union[bool, str] = True,
+    max_batches: Optional[int] = None,
+    max_samples: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+    return_report: bool = False,
+    spec: Optional[PermutationSpec] = None,
+    leaf_modules: Iterable = (),
+    weight_iters: int = 100,
+    weight_tol: float = WEIGHT_TOL,
+    seed: int = 0,
+    diagnostic_batches: int = 4,
+    collect: Optional[Collect] = None,
+    example: Optional[torch.Tensor] = None,
+    lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
+    taps: str = "all",
+    fold_stream: bool = True,
+) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
+    """Align ``models`` into one coordinate system, average them with ``weights`` and REPAIR the result.
+
+    ``weights``: one non-negative number per model (e.g. clients' sample counts), normalized to sum 1;
+    default equal. ``reference``: index of the model every other is first aligned to (default 0).
+    ``iterations``: 0 aligns every model to the reference (star); N > 0 then runs up to N MergeMany
+    sweeps (more than two models), each re-aligning every model to the weighted average of the others
+    (weights: Git Re-Basin's MergeMany; activations: the pairwise correlations of all models, measured
+    in the one statistics pass), stopping when a sweep changes no assignment. Default (None): up to
+    :data:`DEFAULT_SWEEPS` sweeps, better than star in the measurements of docs/recipes/merge_many.md and
+    far less sensitive to the choice of reference. ``method``, ``repair`` (also "stream") and the rest as
+    for :func:`merge`; REPAIR's targets are ``sum_k w_k * stat_k`` for means and standard deviations.
+    ``collect``: where the statistics come from (default: passes over ``calib_loader``); see
+    :class:`~mergekit_vision.calibration.LocalCollector`, :func:`mergekit_vision.distributed.merge_many_distributed`
+    and :mod:`mergekit_vision.recipes.flower`. ``example``: an input batch to trace with when no
+    ``calib_loader`` is given. Returns a new model of ``models[0]``'s class, in eval mode, on its
+    device; ``merged.merge_report`` holds the :class:`~mergekit_vision.report.MergeReport`.
+    ``lineage_threshold``: when every model's conv/linear weights have a median cosine at least this
+    with the reference's, compared unpermuted (FedAvg clients of one global model, gossip nodes,
+    fine-tunes of one checkpoint), the models already share one coordinate system: matching is skipped
+    and the report says why (``matching_skipped``, ``lineage_cosines``; ``lineage_keys``: the tensors
+    compared, those the spec's free groups permute). None always matches.
+    """
+    models = list(models)
+    if not models:
+        raise ConfigError("merge_many needs at least one model; got an empty sequence")
+    opts = MergeOptions.create(
+        method=method, repair=repair, iterations=DEFAULT_SWEEPS if iterations is None else iterations,
+        max_batches=max_batches, max_samples=max_samples, progress=progress, leaf_modules=leaf_modules,
+        weight_iters=weight_iters, weight_tol=weight_tol, seed=seed, diagnostic_batches=diagnostic_batches,
+        fold_stream=fold_stream, lineage_threshold=lineage_threshold, taps=taps)
+    w = _normalized_weights(weights, len(models))
+    ref = 0 if reference is None else reference
+    if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(models):
+        raise ConfigError(f"reference must be a model index in 0..{len(models) - 1}, got {reference!r}")
+    names = [f"models[{i}]" for i in range(len(models))]
+    return _run(models, names, w, ref, calib_loader, opts, device=device, spec=spec, collect=collect,
+                example=example, return_report=return_report)
+
+
 def merge(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -145,8 +163,10 @@ def merge(
     fold_stream: bool = True,
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
     taps: str = "all",
+    collect: Optional[Collect] = None,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
-    """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result.
+    """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result: the two-model
+    call of :func:`merge_many` (weights ``[1 - alpha, alpha]``, reference ``model_a``).
 
     Returns a new model of ``model_a``'s class and architecture, in eval mode, on ``model_a``'s device
     and dtype (``merged.merge_report`` holds the report; ``return_report=True`` returns it too).
@@ -170,176 +190,19 @@ def merge(
     and a residual stream observed once per block, at its adds: the cheapest on bottleneck ResNets).
     ``weight_iters``, ``weight_tol``: method="weight" runs at most this many coordinate-descent sweeps
     and stops early when a sweep adds less than ``weight_tol`` of the objective's improvement so far
-    (0: run to a fixed point).
+    (0: run to a fixed point). ``collect``: where the statistics come from, as for :func:`merge_many`
+    (data-parallel workers, federated clients).
     """
-    from . import __version__
-
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    _check_matching_options(taps, weight_tol)
-    mode = _repair_mode(repair)
-    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+    opts = MergeOptions.create(
+        method=method, repair=repair, iterations=0, max_batches=max_batches, max_samples=max_samples,
+        progress=progress, leaf_modules=leaf_modules, weight_iters=weight_iters, weight_tol=weight_tol, seed=seed,
+        diagnostic_batches=diagnostic_batches, fold_stream=fold_stream, lineage_threshold=lineage_threshold,
+        taps=taps)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
     alpha = float(alpha)
-    needs_data = method == "activation" or mode != "none"
-    if needs_data and calib_loader is None:
-        raise DataError(f"method={method!r} with repair={mode!r} needs calibration data: pass calib_loader "
-                        "(any iterable of input batches), or use method='weight', repair=False for a data-free merge.")
-    check_same_architecture(model_a, model_b)
-    check_finite(model_a, "model_a")
-    check_finite(model_b, "model_b")
-
-    p0 = next(iter(model_a.parameters()))
-    out_device, dtype = p0.device, p0.dtype
-    work = torch.device(device) if device is not None else out_device
-    timings: Dict[str, float] = {}
-    report = MergeReport(method=method, alpha=alpha, repair=mode, version=__version__,
-                         sources=[source_info(model_a, "model_a"), source_info(model_b, "model_b")])
-    batches = dict(max_batches=max_batches, max_samples=max_samples, device=work, dtype=dtype)
-
-    # never touch the inputs: every stage works on copies
-    a = copy.deepcopy(model_a).to(work).eval()
-    b = copy.deepcopy(model_b).to(work).eval()
-
-    with _timer(timings, "trace"), torch.no_grad():
-        example = None
-        if calib_loader is not None:
-            example = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))[:1]
-        if spec is None:
-            if example is None:
-                raise DataError("a data-free merge needs the input shape to trace the model: pass spec= "
-                                "(mergekit_vision.trace_permutation_spec(model, example)) or a calib_loader")
-            try:
-                a(example)
-            except Exception as exc:
-                raise DataError(f"model_a cannot take a calibration batch of shape {tuple(example.shape)}: "
-                                f"{type(exc).__name__}: {exc}") from exc
-            spec = trace_permutation_spec(a, example, leaf_modules=leaf_modules)
-        gm = shared_graph(a, leaf_modules=leaf_modules)
-        sites = find_sites(gm, spec, mode) if mode != "none" else []
-    report.frozen_groups = {g.name: g.reason for g in spec.groups if g.frozen}
-    if method != "none":
-        report.lineage_keys = lineage_keys(spec)
-        report.lineage_cosine = lineage_cosine(a.state_dict(), b.state_dict(), report.lineage_keys)
-        report.matching_skipped = shared_lineage([report.lineage_cosine], lineage_threshold)
-    if report.matching_skipped:
-        logger.info("merge: %s; matching skipped (lineage_threshold=None forces it)", report.matching_skipped)
-        method = "none"
-
-    # ---- pass 1: A and B together -> matching moments and REPAIR targets --------------------
-    collector = PairCollector(spec, taps) if method == "activation" else None
-    target_sites = sites if mode in ("repair", "stream") else []  # RESET needs no endpoint statistics
-    site_stats: Dict[str, List[ChannelMoments]] = {s.node: [ChannelMoments(), ChannelMoments()] for s in target_sites}
-    n_calib = 0
-    if collector is not None or target_sites:
-        lock = Lockstep([a, b], gm)
-        hooks: Dict[str, Any] = dict(collector.hooks()) if collector else {}
-        site_hooks, site_over = _site_recorders(target_sites, site_stats,
-                                                [dict(a.named_modules()), dict(b.named_modules())],
-                                                collector.known_moments if collector else None)
-        for name, h in site_hooks.items():
-            hooks[name] = _chain(h, hooks.get(name))  # the site's channel moments first: the tap reuses them
-        with _timer(timings, "pass_ab"), torch.no_grad():
-            for x in _batches(calib_loader, desc="calibrate A/B", progress=progress, **batches):
-                outs = lock.run(x, hooks, override=site_over)
-                _check_values(outs, "the models' outputs")
-                n_calib += x.shape[0]
-    report.calibration_samples = n_calib
-    if collector is not None:
-        check_matching_evidence(((g, node, m) for (g, node), m in collector.moments.items()), n_calib)
-    check_site_evidence(((node, m) for node, ms in site_stats.items() for m in ms), n_calib)
-
-    # ---- matching ---------------------------------------------------------------------------
-    with _timer(timings, "match"):
-        perms: Dict[str, torch.Tensor] = {}
-        corrs: Dict[str, torch.Tensor] = {}
-        if method == "activation":
-            corrs = collector.correlations()
-            perms = match_from_correlations(spec, corrs)
-        elif method == "weight":
-            perms = match_weights(spec, a.state_dict(), b.state_dict(), max_iter=weight_iters, tol=weight_tol,
-                                  seed=seed)
-    notes: Dict[str, str] = {}
-    if method == "activation":  # groups seen only across another group's axis: a pass with B aligned there
-        notes = _match_crossed(spec, taps, perms, corrs, lock, calib_loader, batches, progress, timings)
-    for g in spec.free_groups:
-        gr = GroupReport(size=g.size, blocks=g.blocks, note=notes.get(g.name))
-        p = perms.get(g.name)
-        if p is not None:
-            ar = torch.arange(g.size)
-            gr.moved = float((p != ar).float().mean())
-            if g.name in corrs:
-                c = corrs[g.name]
-                gr.mean_corr = float(c[ar, p].mean())
-                gr.identity_corr = float(c.diagonal().mean())
-        report.groups[g.name] = gr
-
-    # ---- permute B, interpolate ------------------------------------------------------------
-    with _timer(timings, "interpolate"), torch.no_grad():
-        sd_b = permute_state_dict(b.state_dict(), spec, perms) if perms else b.state_dict()
-        merged = copy.deepcopy(a)
-        merged.load_state_dict(interpolate_state_dicts(a.state_dict(), sd_b, alpha))
-        merged.eval()
-
-    # ---- REPAIR -----------------------------------------------------------------------------
-    if sites:
-        targets = {}
-        for s in target_sites:
-            sa_, sb_ = site_stats[s.node]
-            sb_ = ChannelMoments(sb_.n, permute_channel_stats(sb_.mean, s, perms), permute_channel_stats(sb_.m2, s, perms))
-            targets[s.node] = Target((1 - alpha) * sa_.mean + alpha * sb_.mean, (1 - alpha) * sa_.std + alpha * sb_.std)
-        # the uncorrected interpolated net runs alongside on a few batches: the variance-collapse diagnostic
-        raw = copy.deepcopy(merged) if diagnostic_batches and mode in ("repair", "stream") else None
-        models = [merged] + ([raw] if raw is not None else [])
-        fix = CorrectionPass(sites, [dict(m.named_modules()) for m in models], targets, mode)
-        lock = Lockstep(models, gm)
-        n_repair = 0
-        with _timer(timings, "pass_repair"), torch.no_grad():
-            for i, x in enumerate(_batches(calib_loader, desc=f"{mode} statistics", progress=progress, **batches)):
-                active = [0, 1] if (raw is not None and i < diagnostic_batches) else [0]
-                lock.run(x, hooks=fix.hooks(), override=fix.overrides(), active=active)
-                n_repair += x.shape[0]
-        report.calibration_samples = max(report.calibration_samples, n_repair)  # RESET reads data in this pass only
-        check_site_evidence(fix.measured.items(), n_repair)
-        with _timer(timings, "fuse"), torch.no_grad():
-            mods = dict(merged.named_modules())
-            explicit: Dict[str, Tuple[torch.Tensor, torch.Tensor, int]] = {}
-            for s in sites:
-                note = None
-                if mode == "reset":
-                    fuse_reset(mods[s.module], fix.measured[s.node])
-                elif s.kind == "add":
-                    a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
-                    addends = foldable_addends(s, gm, mods)
-                    if addends is None or not fold_stream:
-                        explicit[s.node] = (a_, c_, s.dim)
-                        note = "kept as an explicit ChannelAffine module (does not fold exactly)"
-                    else:
-                        for i, m in enumerate(addends):
-                            fuse_affine(m, a_, c_ if i == 0 else torch.zeros_like(c_), "add")
-                elif s.kind == "bn":
-                    a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
-                    fuse_bn_correction(mods[s.module], a_, c_, fix.measured[s.node])
-                else:
-                    a_, c_ = affine_correction(fix.measured[s.node], targets[s.node])
-                    note = fuse_affine(mods[s.module], a_, c_, s.kind)
-                before = None
-                if fix.raw[s.node].n:
-                    before = float((fix.raw[s.node].var / targets[s.node].std.pow(2).clamp_min(1e-12)).mean())
-                report.sites[s.node] = SiteReport(kind=s.kind, module=s.module, var_ratio_before=before, note=note)
-        if raw is not None:
-            with _timer(timings, "diagnostics"), torch.no_grad():
-                _measure_after(merged, gm, sites, targets, report, calib_loader, diagnostic_batches, batches, explicit)
-        del raw
-        if explicit:
-            merged = _with_affines(merged, gm, explicit)
-
-    merged = merged.to(out_device).eval()
-    check_finite(merged, "the merged model")
-    report.timings = timings
-    merged.merge_report = report
-    logger.info(report.summary())
-    return (merged, report) if return_report else merged
+    return _run([model_a, model_b], ["model_a", "model_b"], [1.0 - alpha, alpha], 0, calib_loader, opts,
+                device=device, spec=spec, collect=collect, alpha=alpha, return_report=return_report)
 
 
 def align(model_a: nn.Module, model_b: nn.Module, calib_loader: Any = None, *, method: str = "activation",
@@ -357,137 +220,222 @@ def align(model_a: nn.Module, model_b: nn.Module, calib_loader: Any = None, *, m
     return merge(model_a, model_b, calib_loader, alpha=1.0, method=method, repair=False, **kwargs)
 
 
-def _match_crossed(spec, taps, perms, corrs, lock, loader, batches, progress, timings) -> Dict[str, str]:
+def _run(models: List[nn.Module], names: List[str], w: List[float], ref: int, calib_loader: Any,
+         opts: MergeOptions, *, device=None, spec=None, collect=None, example=None, alpha=None,
+         return_report=False):
+    """The one pipeline: plan -> measure -> match -> average -> repair -> report."""
+    from . import __version__
+
+    k_models, method, mode = len(models), opts.method, opts.repair
+    if opts.needs_data and calib_loader is None and collect is None:
+        raise DataError(f"method={method!r} with repair={mode!r} needs calibration data: pass calib_loader "
+                        "(any iterable of input batches) or collect=, or use method='weight', repair=False "
+                        "for a data-free merge.")
+    for i in range(1, k_models):
+        check_same_architecture(models[0], models[i], (names[0], names[i]))
+    for name, m in zip(names, models):
+        check_finite(m, name)
+
+    p0 = next(iter(models[0].parameters()))
+    out_device, dtype = p0.device, p0.dtype
+    work = torch.device(device) if device is not None else out_device
+    timings: Dict[str, float] = {}
+    two = k_models == 2  # two models keep merge()'s names for the passes
+    report = MergeReport(method=method, alpha=alpha if alpha is not None else (w[1] if two else None), repair=mode,
+                         weights=list(w), reference=ref, names=list(names), iterations=opts.iterations,
+                         version=__version__, sources=[source_info(m, n) for m, n in zip(models, names)])
+    ms = [copy.deepcopy(m).to(work).eval() for m in models]  # never touch the inputs
+    gather = collect or LocalCollector(calib_loader, max_batches=opts.max_batches, max_samples=opts.max_samples,
+                                       device=work, progress=opts.progress)
+
+    # ---- plan: trace once ------------------------------------------------------------------
+    with timed(timings, "trace"):
+        if example is None and calib_loader is not None:
+            example = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))[:1]
+        if example is None and spec is None:
+            raise DataError("a data-free merge needs an input batch to trace the models: pass calib_loader, "
+                            "example= (one input batch) or spec= (mergekit_vision.trace_permutation_spec(model, x))")
+        plan = plan_calibration(ms[ref], None if example is None else example.to(work, dtype), spec=spec,
+                                repair=mode, leaf_modules=opts.leaf_modules, name=names[ref])
+    spec = plan.spec
+    report.frozen_groups = {g.name: g.reason for g in spec.groups if g.frozen}
+    if method != "none":
+        report.lineage_keys = lineage_keys(spec)
+        ref_sd = ms[ref].state_dict()
+        report.lineage_cosines = [1.0 if k == ref else lineage_cosine(ref_sd, m.state_dict(), report.lineage_keys)
+                                  for k, m in enumerate(ms)]
+        report.matching_skipped = shared_lineage([c for k, c in enumerate(report.lineage_cosines) if k != ref],
+                                                 opts.lineage_threshold)
+    if report.matching_skipped:
+        logger.info("merge: %s; matching skipped (lineage_threshold=None forces it)", report.matching_skipped)
+        method = "none"
+
+    # ---- measure: one pass over all models -> cross-moments, REPAIR endpoint statistics ------
+    sweeping = method != "none" and opts.iterations > 0 and k_models > 2
+    if method == "activation" and sweeping:  # every pair: the sweeps then need no further pass over the data
+        pairs = tuple((i, j) for i in range(k_models) for j in range(i + 1, k_models))
+    else:
+        pairs = tuple((ref, k) for k in range(k_models) if k != ref) if method == "activation" else ()
+    first = StatisticsRequest(pairs=pairs, sites=opts.mode.needs_targets, taps=opts.taps)
+    with timed(timings, "pass_ab" if two else "statistics"):
+        stats = gather(ms, plan, first) if not first.empty else Statistics()
+    report.calibration_samples = stats.samples
+    for i, j in pairs:
+        check_matching_evidence(((g, node, m) for (g, node, a, b), m in stats.cross.items() if (a, b) == (i, j)),
+                                stats.samples, (names[i], names[j]))
+    check_site_evidence(((node, m) for (node, _), m in stats.channels.items()), stats.samples)
+
+    # ---- match: star, then MergeMany sweeps, then groups seen only across another group's axis ----
+    sds = [m.state_dict() for m in ms]
+    perms: List[Dict[str, torch.Tensor]] = [{} for _ in ms]
+    corrs: List[Dict[str, torch.Tensor]] = [{} for _ in ms]
+    with timed(timings, "match"):
+        for k in range(k_models):
+            if k == ref or method == "none":
+                continue
+            if method == "activation":
+                corrs[k] = pair_correlations(stats, ref, k)
+                perms[k] = match_from_correlations(spec, corrs[k])
+            else:
+                perms[k] = match_weights(spec, sds[ref], sds[k], max_iter=opts.weight_iters, tol=opts.weight_tol,
+                                         seed=opts.seed)
+    report.near_identity = near_identity(spec, perms) if method != "none" and k_models > 1 else None
+    if report.matching_skipped:
+        report.near_identity = True  # identity by the lineage test, without matching
+    if sweeping and not report.near_identity:  # star found nothing to align: the sweeps would not either
+        with timed(timings, "merge_many_sweeps"):
+            if method == "activation":
+                activation_sweeps(stats, spec, perms, corrs, w, opts.iterations, opts.seed, report)
+            else:
+                weight_sweeps(sds, perms, w, spec, opts.iterations, opts.weight_iters, opts.weight_tol, opts.seed,
+                              report)
+            in_reference_order(spec, perms, corrs, ref)
+        logger.info("merge_many: %d sweeps from the %s start (%s)", report.sweeps, report.start,
+                    "converged" if report.converged else "not converged")
+        report.near_identity = near_identity(spec, perms)
+    if report.near_identity and not report.matching_skipped and k_models > 2:
+        logger.warning("merge_many: every model's permutation is (nearly) identity (at most %.0f%% of any "
+                       "group's channels moved): the models already share one coordinate system, as after "
+                       "FedAvg or gossip from a common init.%s", 100 * IDENTITY_TOL,
+                       " Skipping the MergeMany sweeps." if sweeping else "")
+    notes: List[Dict[str, str]] = [{} for _ in ms]
+    if method == "activation":
+        notes = _match_crossed(spec, opts.taps, perms, corrs, ref, names, ms, plan, gather, timings)
+    report.rows = _group_rows(spec, perms, corrs, notes)
+
+    # ---- average --------------------------------------------------------------------------------
+    with timed(timings, "interpolate" if two else "average"), torch.no_grad():
+        aligned = [permute_state_dict(sd, spec, p) if p else sd for sd, p in zip(sds, perms)]
+        merged = copy.deepcopy(ms[ref])
+        merged.load_state_dict(weighted_average(aligned, w))
+        merged.eval()
+
+    # ---- repair: targets sum_k w_k stat_k, correction pass, fuse ----------------------------------
+    if plan.sites:
+        targets = repair_targets(plan.sites, stats, perms, w) if opts.mode.needs_targets else {}
+        with timed(timings, "pass_repair"):
+            measured = gather([merged], plan, StatisticsRequest(correction=True, targets=targets or None))
+        report.calibration_samples = max(report.calibration_samples, measured.samples)  # RESET: its only pass
+        check_site_evidence(((node, m) for (node, _), m in measured.channels.items()), measured.samples)
+        raw = copy.deepcopy(merged) if opts.diagnostic_batches and opts.mode.needs_targets else None
+        with timed(timings, "fuse"):
+            site_notes, explicit = fuse_corrections(
+                merged, plan.gm, plan.sites, {s.node: measured.channels[(s.node, 0)] for s in plan.sites}, targets,
+                mode, opts.fold_stream)
+        report.sites = {s.node: SiteReport(kind=s.kind, module=s.module, note=site_notes[s.node]) for s in plan.sites}
+        if raw is not None:
+            # the uncorrected average next to the fused one, on a few batches: the variance-collapse diagnostic
+            with timed(timings, "diagnostics"):
+                diag = gather([raw, merged], plan, StatisticsRequest(
+                    sites=True, max_batches=opts.diagnostic_batches,
+                    affines={n: (a, c) for n, (a, c, _) in explicit.items()} or None))
+            for s in plan.sites:
+                tv = targets[s.node].std.pow(2).clamp_min(1e-12)
+                for k, attr in ((0, "var_ratio_before"), (1, "var_ratio_after")):
+                    got = diag.channels.get((s.node, k))
+                    if got is not None and got.n:
+                        setattr(report.sites[s.node], attr, float((got.var / tv).mean()))
+            del raw
+        if explicit:
+            merged = with_affines(merged, plan.gm, explicit)
+
+    merged = merged.to(out_device).eval()
+    check_finite(merged, "the merged model")
+    report.timings = timings
+    merged.merge_report = report
+    logger.info(report.summary())
+    return (merged, report) if return_report else merged
+
+
+# ---- stages ---------------------------------------------------------------------------------
+def _normalized_weights(weights: Optional[Sequence[float]], k: int) -> List[float]:
+    if weights is None:
+        return [1.0 / k] * k
+    try:
+        w = [float(v) for v in weights]
+    except (TypeError, ValueError):
+        raise ConfigError(f"weights must be {k} numbers (one per model), got {weights!r}") from None
+    if len(w) != k:
+        raise ConfigError(f"weights has {len(w)} entries for {k} models; give one weight per model")
+    if any(not (v >= 0) or v == float("inf") for v in w) or sum(w) <= 0:
+        raise ConfigError(f"weights must be finite, non-negative and not all zero (e.g. sample counts), got {w}")
+    total = sum(w)
+    return [v / total for v in w]
+
+
+def _match_crossed(spec, taps, perms, corrs, ref, names, ms, plan, gather, timings) -> List[Dict[str, str]]:
     """Match the groups whose only taps cross another free group's axis (a token-mixing MLP's hidden
-    units): one more pass over A and B with B's values aligned by the permutations found so far, until
-    no group gains a usable tap. Returns group -> how it was matched, or why it was left unpermuted."""
-    notes: Dict[str, str] = {}
-    while True:
-        extra = PairCollector(spec, taps, aligned=perms)
-        if not extra.plan:
+    units): one more pass with each model's values aligned to the reference by the permutations found
+    so far, until no group gains a usable tap. Returns per model: group -> how it was matched, or why
+    it was left unpermuted."""
+    notes: List[Dict[str, str]] = [{} for _ in ms]
+    others = [k for k in range(len(ms)) if k != ref]
+    while others:
+        plans = {k: aligned_tap_plan(spec, perms[k], taps) for k in others}
+        if not any(plans.values()):
             break
-        with _timer(timings, "pass_aligned"), torch.no_grad():
-            for x in _batches(loader, desc="calibrate A/B (aligned taps)", progress=progress, **batches):
-                lock.run(x, extra.hooks())
-        found = extra.correlations()
-        corrs.update(found)
-        perms.update(match_from_correlations(spec, found))
-        for gname, tlist in ((g, [t for n in extra.plan.values() for gg, t in n if gg == g]) for g in found):
-            crossed = sorted({a[2] for t in tlist for a in t.across})
-            notes[gname] = f"matched at taps whose other axes were first aligned by {', '.join(crossed)}"
+        request = StatisticsRequest(pairs=tuple((ref, k) for k in others if plans[k]), taps=taps,
+                                    aligned={k: perms[k] for k in others if plans[k]})
+        with timed(timings, "pass_aligned"):
+            stats = gather(ms, plan, request)
+        gained = False
+        for k in others:
+            found = stats.correlations(ref, k)
+            corrs[k].update(found)
+            perms[k].update(match_from_correlations(spec, found))
+            gained |= bool(found)
+            for gname in found:
+                tlist = [t for n in plans[k].values() for gg, t in n if gg == gname]
+                crossed = sorted({a[2] for t in tlist for a in t.across})
+                notes[k][gname] = f"matched at taps whose other axes were first aligned by {', '.join(crossed)}"
+        if not gained:
+            break
     for g in spec.free_groups:
-        if g.name not in perms:
-            notes[g.name] = ("left in model_b's order (identity): no tap observes its channels with every other "
-                             "axis shared or aligned")
-            logger.warning("merge: group %s %s", g.name, notes[g.name])
+        missing = [k for k in others if g.name not in perms[k]]
+        for k in missing:
+            notes[k][g.name] = (f"left in {names[k]}'s order (identity): no tap observes its channels with every "
+                                "other axis shared or aligned")
+        if missing:
+            logger.warning("merge: group %s %s", g.name, notes[missing[0]][g.name])
     return notes
 
 
-def _check_matching_options(taps: str, weight_tol: float) -> None:
-    """The matching options merge and merge_many share: a known tap policy, a tolerance >= 0."""
-    if taps not in TAP_POLICIES:
-        raise ConfigError(f"unknown taps {taps!r}; valid: {', '.join(TAP_POLICIES)}")
-    if isinstance(weight_tol, bool) or not isinstance(weight_tol, (int, float)) or not weight_tol >= 0:
-        raise ConfigError(f"weight_tol must be a number >= 0 (0: run weight matching to a fixed point), "
-                          f"got {weight_tol!r}")
-
-
-def _chain(first, second):
-    if first is None or second is None:
-        return second if first is None else first
-
-    def both(node, values):
-        r = first(node, values)
-        r2 = second(node, values if r is None else r)
-        return r2 if r2 is not None else r
-
-    return both
-
-
-def _site_recorders(sites, site_stats, mods, known_moments=None):
-    """Hooks (conv sites) and overrides (BN sites: ``z`` is computed from the BN input, before any
-    fused activation, and the node's value made from it) that record each endpoint's site value.
-    ``known_moments[(node, k)] = (dim, moments)`` shares each value's channel moments with a matching tap."""
-    hooks, overrides = {}, {}
-    for site in sites:
-        stats = site_stats[site.node]
-        if site.kind == "bn":
-            def override(node, k, args, kwargs, site=site, stats=stats):
-                m = mods[k][site.module]
-                z = bn_eval(m, args[0])
-                mom = stats[k].observe(z, site.dim)
-                out = bn_forward(m, z)
-                if known_moments is not None and out is z:
-                    known_moments[(node.name, k)] = (site.dim, mom)
-                return out
-            overrides[site.node] = override
-        else:
-            def hook(node, values, site=site, stats=stats):
-                for k, v in enumerate(values):
-                    mom = stats[k].observe(v, site.dim)
-                    if known_moments is not None:
-                        known_moments[(node.name, k)] = (site.dim, mom)
-            hooks[site.node] = hook
-    return hooks, overrides
-
-
-def _with_affines(merged: nn.Module, gm, explicit) -> nn.Module:
-    """The merged model as a GraphModule with a ChannelAffine after each add site that did not fold."""
-    graph = copy.deepcopy(gm.graph)
-    holder = nn.Module()
-    for name, (a_, c_, dim) in explicit.items():
-        holder.add_module(name, ChannelAffine(a_.to(dtype_of(merged)), c_.to(dtype_of(merged)), dim))
-    root = bind(merged, gm)  # the merged model's modules and its own traced constants, if any
-    root.add_module("repair_affine", holder)
-    for node in list(graph.nodes):
-        if node.name in explicit:
-            with graph.inserting_after(node):
-                new = graph.call_module(f"repair_affine.{node.name}", (node,))
-            node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
-    graph.lint()
-    out = torch.fx.GraphModule(root, graph, class_name=type(merged).__name__)
-    return out
+def _group_rows(spec: PermutationSpec, perms, corrs, notes) -> Dict[str, List[GroupReport]]:
+    rows = {}
+    for g in spec.free_groups:
+        ar = torch.arange(g.size)
+        rs = []
+        for p, c, n in zip(perms, corrs, notes):
+            gr = GroupReport(size=g.size, blocks=g.blocks, note=n.get(g.name))
+            if g.name in p:
+                gr.moved = float((p[g.name] != ar).float().mean())
+                if g.name in c:
+                    gr.mean_corr = float(c[g.name][ar, p[g.name]].mean())
+                    gr.identity_corr = float(c[g.name].diagonal().mean())
+            rs.append(gr)
+        rows[g.name] = rs
+    return rows
 
 
 def dtype_of(model: nn.Module) -> torch.dtype:
     return next(iter(model.parameters())).dtype
-
-
-def _measure_after(merged, gm, sites, targets, report, loader, n_batches, batches, explicit=None):
-    stats = {s.node: ChannelMoments() for s in sites}
-    mods = dict(merged.named_modules())
-    lock = Lockstep([merged], gm)
-    explicit = explicit or {}
-
-    def add_hook(node, values):
-        site = next(s for s in sites if s.node == node.name)
-        v = values[0]
-        if node.name in explicit:
-            a_, c_, dim = explicit[node.name]
-            shape = [1] * v.dim()
-            shape[dim] = -1
-            v = v * a_.to(v.dtype).view(shape) + c_.to(v.dtype).view(shape)
-        stats[site.node].observe(v, site.dim)
-        return [v]
-
-    def make(site):
-        def override(node, k, args, kwargs):
-            m = mods[site.module]
-            if site.kind == "bn":
-                z = bn_eval(m, args[0])
-                stats[site.node].observe(z, site.dim)
-                return bn_forward(m, z)
-            z = m(*args, **kwargs)
-            stats[site.node].observe(z, site.dim)
-            return z
-        return override
-
-    over = {s.node: make(s) for s in sites if s.kind != "add"}
-    hooks = {s.node: add_hook for s in sites if s.kind == "add"}
-    kw = dict(batches)
-    kw["max_batches"] = min(n_batches, kw["max_batches"] or n_batches)
-    for x in iter_inputs(loader, **kw):
-        lock.run(x, hooks=hooks, override=over)
-    for s in sites:
-        t = targets[s.node]
-        report.sites[s.node].var_ratio_after = float((stats[s.node].var / t.std.pow(2).clamp_min(1e-12)).mean())

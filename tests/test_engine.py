@@ -212,3 +212,21 @@ def test_merge_recovers_a_permuted_token_mixing_mlp():
     assert tokens and all(abs(g.mean_corr - 1) < 1e-4 for g in tokens.values()), tokens
     assert all("aligned by stem.proj" in g.note for g in tokens.values())
     assert all(g.note is None for n, g in report.groups.items() if n not in tokens)
+
+
+def test_merge_many_recovers_permuted_token_mixing_mlps():
+    """The crossed-tap pass serves N models: every copy's token-mixing units are matched to the reference."""
+    from mergekit_vision import merge_many
+    from mergekit_vision.testing import randomize_model
+
+    m = randomize_model(_small_mixer()).eval()
+    x = torch.randn(4, 3, 64, 64)
+    spec = trace_permutation_spec(m, x[:1])
+    copies = [permute(m, spec, random_perms(spec, torch.Generator().manual_seed(s))) for s in (1, 2)]
+    merged, report = merge_many([m] + copies, [x[:2], x[2:]], iterations=0, repair=False, progress=False,
+                                return_report=True, lineage_threshold=None)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[k], v, msg=k)
+    tokens = {n: rs for n, rs in report.rows.items() if "mlp_tokens" in n}
+    assert tokens and all(abs(r.mean_corr - 1) < 1e-4 for rs in tokens.values() for r in rs[1:]), tokens
+    assert all("aligned by stem.proj" in r.note for rs in tokens.values() for r in rs[1:])

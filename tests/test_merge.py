@@ -79,8 +79,7 @@ def test_cheaper_tap_policies_recover_a_permutation_with_fewer_taps(policy):
 def test_taps_reuse_repair_channel_moments_without_changing_the_result(name, monkeypatch):
     """Where a tap is also a REPAIR site, the tap takes the site's channel moments: the merge is the same,
     to the bit, as one where every statistic is computed on its own (float64 exposes aliasing too)."""
-    from mergekit_vision.match import activation
-
+    from mergekit_vision import calibration
     from mergekit_vision.match import stats
 
     calls = []
@@ -93,19 +92,17 @@ def test_taps_reuse_repair_channel_moments_without_changing_the_result(name, mon
     shared, rep = merge(a, b, list(x.split(32)), progress=False, return_report=True)
     n_shared = len(calls)
 
-    class Unshared(dict):
+    made = []
+
+    class Unshared(dict):  # a store of shared moments that keeps nothing: every statistic on its own
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+
         def __setitem__(self, key, value):
             pass
 
-    made = []
-    original = activation.PairCollector.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.known_moments = Unshared()
-        made.append(self)
-
-    monkeypatch.setattr(activation.PairCollector, "__init__", init)
+    monkeypatch.setattr(calibration, "SharedMoments", Unshared)
     alone, rep2 = merge(a, b, list(x.split(32)), progress=False, return_report=True)
     assert made and len(calls) - n_shared > n_shared  # the patched collector ran, and sharing saved work
     sd = alone.state_dict()

@@ -1,5 +1,6 @@
 """merge_many(): permuted copies recovered, weights honoured, agreement with merge() for two models,
 statistics that add exactly across shards, the near-identity report, errors."""
+import json
 import logging
 
 import pytest
@@ -191,8 +192,8 @@ def test_errors_name_the_problem():
         merge_many([a, b], [x], iterations=-1, progress=False)
     with pytest.raises(ConfigError, match="unknown method"):
         merge_many([a, b], [x], method="zip", progress=False)
-    with pytest.raises(ConfigError, match="stream"):
-        merge_many([a, b], [x], repair="stream", progress=False)
+    with pytest.raises(ConfigError, match="unknown repair mode 'flow'; valid: repair, reset, stream, none"):
+        merge_many([a, b], [x], repair="flow", progress=False)
     with pytest.raises(DataError, match="calibration data"):
         merge_many([a, b], progress=False)
     with pytest.raises(ArchitectureMismatchError, match=r"models\[1\]"):
@@ -216,3 +217,50 @@ def test_recipe_helpers_split_and_gossip():
     trainer.run(1)  # one step each, then the pair averages: both hold the same weights
     assert trainer.gossip_events == 1
     assert all(torch.equal(v, nodes[1].state_dict()[k]) for k, v in nodes[0].state_dict().items())
+
+
+def test_stream_repair_serves_n_models():
+    """repair="stream" for three permuted copies: the stream corrections (explicit ChannelAffine on identity
+    shortcuts) give the model back, and the variance diagnostic sees them."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 16, 16)
+    a, copies = _copies(create_model("resnet20", norm="bn"), x, 2)
+    with torch.no_grad():
+        merged, rep = merge_many([a] + copies, [x], repair="stream", progress=False, return_report=True)
+        assert isinstance(merged, torch.fx.GraphModule)  # identity shortcuts: explicit corrections
+        assert _rel(merged(x), a(x)) < 1e-4
+    adds = {k: s for k, s in rep.sites.items() if s.kind == "add"}
+    assert adds and all(abs(s.var_ratio_after - 1) < 1e-3 for s in adds.values())
+
+
+def test_n_way_merge_saves_with_provenance_and_round_trips(tmp_path):
+    from mergekit_vision import load_safetensors, save_safetensors
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 16, 16)
+    ms = [randomize_model(tiny_resnet(8).eval(), seed=s) for s in (1, 2, 3)]
+    merged = merge_many(ms, [x], weights=[1, 2, 1], progress=False)
+    sd, meta = load_safetensors(save_safetensors(merged, tmp_path / "m.safetensors"))
+    assert meta["merge_method"] == "activation" and meta["repair"] == "repair" and meta["alpha"] is None
+    assert meta["weights"] == [0.25, 0.5, 0.25] and meta["reference"] == 0
+    assert [s["role"] for s in meta["sources"]] == ["models[0]", "models[1]", "models[2]"]
+    assert len({s["sha256"] for s in meta["sources"]}) == 3 and meta["calibration_samples"] == 32
+    assert all(torch.equal(v, merged.state_dict()[k]) for k, v in sd.items())
+    rep = merged.merge_report
+    assert set(rep.rows) == set(rep.groups) and all(len(r) == 3 for r in rep.rows.values())
+    assert json.loads(rep.to_json())["groups"].keys() == rep.groups.keys()
+
+
+def test_one_report_reads_as_before_for_two_models():
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 16, 16)
+    a, b = (randomize_model(tiny_resnet(8).eval(), seed=s) for s in (1, 2))
+    _, rep = merge(a, b, [x], alpha=0.25, progress=False, return_report=True)
+    assert rep.alpha == 0.25 and rep.weights == [0.75, 0.25] and rep.num_models == 2
+    assert all(rep.groups[n] is rs[1] for n, rs in rep.rows.items())  # B's row against A
+    assert all(rs[0].moved == 0 for rs in rep.rows.values())
+    assert rep.lineage_cosine == rep.lineage_cosines[1] and rep.summary().startswith("merge: method=activation")
+    d = json.loads(rep.to_json())
+    assert {"method", "alpha", "repair", "groups", "sites", "timings", "sources", "lineage_cosine", "lineage_keys",
+            "matching_skipped", "calibration_samples"} <= set(d)
+    assert {"pass_ab", "match", "interpolate", "pass_repair", "fuse"} <= set(rep.timings)

@@ -1,6 +1,6 @@
 """merge() gives the tensors it gave before the N-way pipeline replaced its own code, bit for bit
 (tests/fixtures/make_fixtures.py froze them), for activation/weight x every repair mode on the
-reference nets and timm resnet18."""
+reference nets and timm resnet18; merge_many at two models gives merge's tensors bit for bit."""
 import importlib.util
 import json
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mergekit_vision import merge
+from mergekit_vision import merge, merge_many
 
 _spec = importlib.util.spec_from_file_location("make_fixtures", Path(__file__).parent / "fixtures" / "make_fixtures.py")
 fx = importlib.util.module_from_spec(_spec)
@@ -50,3 +50,29 @@ def test_merge_matches_frozen_outputs(net):
         assert fx.digest(sd) == meta[name]["sha256"], name
         got = json.loads(json.dumps(fx.report_numbers(rep)))
         assert _approx(got, meta[name]["report"]), name
+
+
+@pytest.mark.parametrize("net", ["resnet20_bn", "resnet20_ln"])
+def test_merge_many_of_two_is_merge_bit_for_bit(net):
+    """(On timm resnet18 both equal the frozen outputs: see the test below.)"""
+    a, b, calib = fx.pair(net)
+    for method, repair in fx.cases():
+        ref = merge(a, b, calib, alpha=fx.ALPHA, method=method, repair=repair, progress=False)
+        got = merge_many([a, b], calib, weights=[1 - fx.ALPHA, fx.ALPHA], reference=0, method=method,
+                         repair=repair, progress=False)
+        sd = got.state_dict()
+        assert list(sd) == list(ref.state_dict()), (method, repair)
+        for k, v in ref.state_dict().items():
+            assert torch.equal(v, sd[k]), f"{method}-{repair}: {k}"
+
+
+@pytest.mark.slow
+def test_merge_many_of_two_gives_the_frozen_outputs_on_timm_resnet18():
+    tensors, meta = _frozen("timm_resnet18")
+    a, b, calib = fx.pair("timm_resnet18")
+    for method, repair in fx.cases():
+        name = fx.case_name(method, repair)
+        got = merge_many([a, b], calib, weights=[1 - fx.ALPHA, fx.ALPHA], reference=0, method=method,
+                         repair=repair, progress=False)
+        sd = got.state_dict()
+        assert torch.equal(fx.samples(sd), tensors[name]) and fx.digest(sd) == meta[name]["sha256"], name

@@ -196,3 +196,27 @@ def fuse_reset(module: nn.Module, measured: ChannelMoments) -> None:
     n = measured.n
     module.running_mean.copy_(measured.mean.to(module.running_mean.dtype))
     module.running_var.copy_((measured.var * n / max(n - 1, 1)).to(module.running_var.dtype))
+
+
+def repair_targets(sites: List[Site], stats, perms: List[Dict[str, torch.Tensor]],
+                   weights: List[float]) -> Dict[str, Target]:
+    """REPAIR's targets for a weighted average of aligned models: ``sum_k w_k * stat_k`` for the
+    per-channel means and standard deviations (not variances), each model's statistics permuted
+    into the merged coordinates first. ``stats.channels[(site node, k)]``: model k's moments."""
+    from ..errors import DataError
+    from .sites import permute_channel_stats
+
+    targets = {}
+    for s in sites:
+        mean = std = None
+        for k, wk in enumerate(weights):
+            m = stats.channels.get((s.node, k))
+            if m is None or not m.n:
+                raise DataError(f"no statistics for model {k} at REPAIR site {s.node!r}; the collect "
+                                "function must measure every model's sites (StatisticsRequest(sites=True))")
+            mk = permute_channel_stats(m.mean, s, perms[k]) if perms[k] else m.mean
+            sk = permute_channel_stats(m.std, s, perms[k]) if perms[k] else m.std
+            mean = wk * mk if mean is None else mean + wk * mk
+            std = wk * sk if std is None else std + wk * sk
+        targets[s.node] = Target(mean, std)
+    return targets

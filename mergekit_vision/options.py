@@ -1,0 +1,106 @@
+"""The merge options, validated once into a frozen object; the registries of matchers and repair modes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
+
+from .errors import ConfigError
+from .match import LINEAGE_THRESHOLD, TAP_POLICIES, WEIGHT_TOL
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """How channels of a model are put into the reference's order."""
+
+    name: str
+    needs_data: bool  # correlations of activations (calibration data), or weights alone
+    doc: str
+
+
+@dataclass(frozen=True)
+class RepairMode:
+    """What the correction pass after averaging does."""
+
+    name: str
+    sites: str           # which sites find_sites returns ("repair", "reset", "stream"); "" for none
+    needs_targets: bool  # the endpoints' statistics are measured: targets sum_k w_k stat_k
+    doc: str
+
+
+MATCHERS: Dict[str, Matcher] = {m.name: m for m in (
+    Matcher("activation", True, "correlate the models' channels at the taps, then assign"),
+    Matcher("weight", False, "weight matching (Git Re-Basin), data-free"),
+    Matcher("none", False, "no alignment: the naive average"),
+)}
+REPAIRS: Dict[str, RepairMode] = {r.name: r for r in (
+    RepairMode("repair", "repair", True, "renormalize every BatchNorm and unnormalized conv/linear output"),
+    RepairMode("reset", "reset", False, "re-estimate BatchNorm statistics only (RESET)"),
+    RepairMode("stream", "stream", True, "as repair, plus a correction on every residual add"),
+    RepairMode("none", "", False, "no correction"),
+)}
+METHODS: Tuple[str, ...] = tuple(MATCHERS)
+REPAIR_MODES: Tuple[str, ...] = tuple(REPAIRS)
+
+
+def lookup(table: Dict[str, Any], name: Any, what: str, extra: str = "") -> Any:
+    """``table[name]``, or a ConfigError that lists the valid names."""
+    try:
+        return table[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown {what} {name!r}; valid: {', '.join(table)}{extra}") from None
+
+
+def repair_mode(repair: Union[bool, str, None]) -> str:
+    """True/False/None or a mode name -> the mode name."""
+    if repair is True:
+        return "repair"
+    if repair in (False, None):
+        return "none"
+    return lookup(REPAIRS, repair, "repair mode", " (or True/False)").name
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Every option of a merge, checked once (:meth:`create`); the stages read them from here."""
+
+    method: str = "activation"
+    repair: str = "repair"
+    iterations: int = 0
+    max_batches: Optional[int] = None
+    max_samples: Optional[int] = None
+    progress: bool = True
+    leaf_modules: Tuple[Any, ...] = ()
+    weight_iters: int = 100
+    weight_tol: float = WEIGHT_TOL
+    seed: int = 0
+    diagnostic_batches: int = 4
+    fold_stream: bool = True
+    lineage_threshold: Optional[float] = LINEAGE_THRESHOLD
+    taps: str = "all"
+
+    @classmethod
+    def create(cls, *, repair: Union[bool, str, None] = True, **kwargs) -> "MergeOptions":
+        opts = cls(repair=repair_mode(repair), **{k: tuple(v) if k == "leaf_modules" else v
+                                                  for k, v in kwargs.items()})
+        lookup(MATCHERS, opts.method, "method")
+        lookup({t: t for t in TAP_POLICIES}, opts.taps, "taps")
+        wt = opts.weight_tol
+        if isinstance(wt, bool) or not isinstance(wt, (int, float)) or not wt >= 0:
+            raise ConfigError(f"weight_tol must be a number >= 0 (0: run weight matching to a fixed point), "
+                              f"got {wt!r}")
+        it = opts.iterations
+        if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+            raise ConfigError(f"iterations must be an int >= 0 (0: star alignment), got {it!r}")
+        return opts
+
+    @property
+    def matcher(self) -> Matcher:
+        return MATCHERS[self.method]
+
+    @property
+    def mode(self) -> RepairMode:
+        return REPAIRS[self.repair]
+
+    @property
+    def needs_data(self) -> bool:
+        return self.matcher.needs_data or self.repair != "none"
