@@ -126,3 +126,17 @@ def test_statistics_request_travels_with_its_tap_policy():
     req = StatisticsRequest(pairs=((0, 1),), sites=True, taps="blocks", max_batches=3)
     n, mode, back = _parse_request(_request_content(models, plan, req))
     assert (n, mode, back.pairs, back.sites, back.taps, back.max_batches) == (2, plan.mode, ((0, 1),), True, "blocks", 3)
+
+
+def test_statistics_request_travels_with_aligned_permutations_and_affines():
+    from mergekit_vision.merge_many import StatisticsRequest, plan_calibration
+    from mergekit_vision.recipes.flower import _parse_request, _request_content
+
+    models = [_model(), _model()]
+    plan = plan_calibration(models[0], torch.randn(1, 1, 8, 8))
+    perm = torch.randperm(8)
+    req = StatisticsRequest(pairs=((0, 1),), aligned={1: {"layer/0": perm}},
+                            affines={"add": (torch.rand(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64))})
+    _, _, back = _parse_request(_request_content(models, plan, req))
+    assert list(back.aligned) == [1] and torch.equal(back.aligned[1]["layer/0"], perm)
+    assert all(torch.equal(x, y) for x, y in zip(back.affines["add"], req.affines["add"]))

@@ -76,6 +76,13 @@ def _request_content(models: Sequence[nn.Module], plan: CalibrationPlan, request
         content["targets"] = ArrayRecord.from_torch_state_dict(
             {f"{node}/{f}": getattr(t, f).detach().cpu().double() for node, t in request.targets.items()
              for f in ("mean", "std")})
+    if request.aligned:  # the crossed-tap pass: each model's permutations, "model/group" -> int64 indices
+        content["aligned"] = ArrayRecord.from_torch_state_dict(
+            {f"{k}/{g}": p.detach().cpu() for k, perms in request.aligned.items() for g, p in perms.items()})
+    if request.affines:  # explicit stream corrections, for the diagnostic pass
+        content["affines"] = ArrayRecord.from_torch_state_dict(
+            {f"{node}/{f}": t.detach().cpu().double() for node, ts in request.affines.items()
+             for f, t in zip(("scale", "shift"), ts)})
     return content
 
 
@@ -87,9 +94,20 @@ def _parse_request(content: RecordDict) -> Tuple[int, str, StatisticsRequest]:
         t = content["targets"].to_torch_state_dict()
         targets = {k[:-len("/mean")]: Target(v, t[k[:-len("/mean")] + "/std"]) for k, v in t.items()
                    if k.endswith("/mean")}
+    aligned = None
+    if "aligned" in content.array_records:
+        aligned = {}
+        for key, p in content["aligned"].to_torch_state_dict().items():
+            k, _, g = key.partition("/")  # group names may hold '/'; the model index never does
+            aligned.setdefault(int(k), {})[g] = p.clone().long()
+    affines = None
+    if "affines" in content.array_records:
+        t = content["affines"].to_torch_state_dict()
+        affines = {k[:-len("/scale")]: (v, t[k[:-len("/scale")] + "/shift"]) for k, v in t.items()
+                   if k.endswith("/scale")}
     req = StatisticsRequest(pairs=pairs, sites=bool(cfg["sites"]), correction=bool(cfg["correction"]),
                             targets=targets, max_batches=int(cfg["max-batches"]) or None,
-                            taps=str(cfg["taps"]) if "taps" in cfg else "all")
+                            taps=str(cfg["taps"]) if "taps" in cfg else "all", aligned=aligned, affines=affines)
     return int(cfg["num-models"]), str(cfg["mode"]), req
 
 
