@@ -47,21 +47,32 @@ def _check_device(config) -> None:
 
 def _load_inputs(config, timings: Dict[str, float]) -> Tuple[Any, Any, Any, Any, list]:
     """(model_a, model_b, calibration loader, evaluation loader or None, source records)."""
+    models, calib, evaluation, sources = _load_all(config, timings)
+    return models[0], models[1], calib, evaluation, sources
+
+
+def _load_all(config, timings: Dict[str, float]) -> Tuple[List[Any], Any, Any, list]:
+    """(every model of the config, calibration loader, evaluation loader or None, source records)."""
     from .config import load_data, load_model
 
     _check_device(config)
+    models, sources = [], []
     with _stage(timings, "load_models"):
-        a, src_a = load_model(config.models[0], where="models[0]", dtype=config.torch_dtype)
-        b, src_b = load_model(config.models[1], where="models[1]", dtype=config.torch_dtype)
-    if src_a["sha256"] is not None and src_a["sha256"] == src_b["sha256"]:
-        logger.warning("models[0] and models[1] load the same checkpoint (sha256 %s...): the merge is that model",
-                       src_a["sha256"][:12])
+        for i, mc in enumerate(config.models):
+            m, src = load_model(mc, where=f"models[{i}]", dtype=config.torch_dtype)
+            models.append(m)
+            sources.append(src)
+    for i, src in enumerate(sources[1:], 1):
+        if src["sha256"] is not None and src["sha256"] == sources[0]["sha256"]:
+            logger.warning("models[0] and models[%d] load the same checkpoint (sha256 %s...)%s", i,
+                           src["sha256"][:12], ": the merge is that model" if len(sources) == 2 else "")
+    a = models[0]
     with _stage(timings, "load_data"):
         calib = load_data(config.calibration, where="calibration", seed=config.seed, model=a)
         evaluation = None
         if config.evaluation is not None:
             evaluation = load_data(config.evaluation, where="evaluation", seed=config.seed, model=a, labels=True)
-    return a, b, calib, evaluation, [src_a, src_b]
+    return models, calib, evaluation, sources
 
 
 class _Cast:
@@ -90,7 +101,7 @@ def _accuracy(model, loader, config) -> float:
 def _cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
-    from .merge import merge
+    from .merge import merge, merge_many
     from .output import write_output_folder
 
     t0 = time.perf_counter()
@@ -99,14 +110,18 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():  # found before the models are loaded, not after the merge
         raise ConfigError(f"OUT_DIR '{out}' is a file; give a folder path (it is created if missing)")
     timings: Dict[str, float] = {}
-    a, b, calib, evaluation, sources = _load_inputs(config, timings)
+    models, calib, evaluation, sources = _load_all(config, timings)
+    a = models[0]
 
     torch.manual_seed(config.seed)
+    common = dict(method=config.method, repair=config.repair, device=config.device, progress=not args.quiet,
+                  return_report=True, seed=config.seed, taps=config.taps, weight_tol=config.weight_tol,
+                  lineage_threshold=config.lineage_threshold)
     with _stage(timings, "merge"):
-        merged, report = merge(a, b, calib, alpha=config.alpha, method=config.method, repair=config.repair,
-                               device=config.device, progress=not args.quiet, return_report=True, seed=config.seed,
-                               taps=config.taps, weight_tol=config.weight_tol,
-                               lineage_threshold=config.lineage_threshold)
+        if len(models) == 2:
+            merged, report = merge(a, models[1], calib, alpha=config.alpha, **common)
+        else:
+            merged, report = merge_many(models, calib, weights=config.weights, **common)
     extra = [k for k in merged.state_dict() if k not in a.state_dict()]
     if extra:  # repair: stream keeps corrections that do not fold as extra modules
         raise ConfigError(f"repair: {config.repair!r} left {len(extra)} tensors that {config.models[0].model!r} has "
@@ -115,10 +130,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     metrics = None
     if evaluation is not None:
         with _stage(timings, "evaluate"):
-            metrics = {"model_a": _accuracy(a, evaluation, config), "model_b": _accuracy(b, evaluation, config),
-                       "merged": _accuracy(merged, evaluation, config), "samples": len(evaluation.dataset)}
-        logger.info("accuracy: A %.2f%%, B %.2f%%, merged %.2f%% (%d samples)", 100 * metrics["model_a"],
-                    100 * metrics["model_b"], 100 * metrics["merged"], metrics["samples"])
+            names = ["model_a", "model_b"] if len(models) == 2 else [f"models[{i}]" for i in range(len(models))]
+            metrics = {n: _accuracy(m, evaluation, config) for n, m in zip(names, models)}
+            metrics.update(merged=_accuracy(merged, evaluation, config), samples=len(evaluation.dataset))
+        shown = ["A", "B"] if len(models) == 2 else names
+        logger.info("accuracy: %s, merged %.2f%% (%d samples)",
+                    ", ".join(f"{t} {100 * metrics[n]:.2f}%" for t, n in zip(shown, names)), 100 * metrics["merged"],
+                    metrics["samples"])
     report.sources = sources
     # the merge's own stages (trace, pass_ab, match, ...) sit inside "merge"
     report.timings = {"load_models": timings["load_models"], "load_data": timings["load_data"],

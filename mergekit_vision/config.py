@@ -46,7 +46,7 @@ _MERGEKIT_NAMES = {
 }
 # What to write when a required key is missing.
 _MISSING_HINTS = {
-    "models": "list the two models, e.g. models: [{model: timm:resnet18, checkpoint: a.safetensors}, ...]",
+    "models": "list two or more models, e.g. models: [{model: timm:resnet18, checkpoint: a.safetensors}, ...]",
     "model": "name the architecture, e.g. model: timm:resnet18 (or torchvision:resnet18, mkv:resnet20)",
     "calibration": "every merge traces the model on input images: give calibration: {path: DATA}",
     "path": "give an ImageFolder root, a CIFAR-10 root or a .npz",
@@ -85,6 +85,7 @@ class ModelConfig(_Strict):
     kwargs: Dict[str, Any] = Field(default_factory=dict)
     pretrained: Optional[bool] = None
     loader: Optional[str] = None
+    weight: Optional[float] = Field(None, ge=0.0)  # its share of the average (e.g. sample counts); default equal
 
     @field_validator("model")
     @classmethod
@@ -244,7 +245,10 @@ class EvaluationConfig(CalibrationConfig):
 
 
 class MergeConfig(_Strict):
-    """A merge: two models, how to align and interpolate them, the data, and where it runs."""
+    """A merge: two or more models, how to align and average them, the data, and where it runs.
+
+    Two models interpolate at ``alpha`` (the weight of models[1]); more are averaged with their
+    ``weight:`` entries (default equal), every model aligned to models[0] first."""
 
     models: List[ModelConfig]
     method: str = "activation"
@@ -263,10 +267,31 @@ class MergeConfig(_Strict):
     @field_validator("models")
     @classmethod
     def _two_models(cls, v: List[ModelConfig]) -> List[ModelConfig]:
-        if len(v) != 2:
-            raise ValueError(f"need exactly 2 models for merge, got {len(v)}"
-                             + (" (N-way merges are not supported yet)" if len(v) > 2 else ""))
+        if len(v) < 2:
+            raise ValueError(f"need at least 2 models for merge, got {len(v)}")
+        given = [m.weight is not None for m in v]
+        if any(given) and not all(given):
+            raise ValueError("give weight: for every model or for none (none: equal weights)")
+        if all(given) and sum(m.weight for m in v) <= 0:
+            raise ValueError("the models' weight: entries are all 0; give at least one positive weight")
         return v
+
+    @model_validator(mode="after")
+    def _alpha_or_weights(self) -> "MergeConfig":
+        weighted = self.models[0].weight is not None
+        if "alpha" in self.model_fields_set and (len(self.models) > 2 or weighted):
+            raise ValueError("alpha: is the weight of models[1] in a two-model merge; with "
+                             + ("more than two models" if len(self.models) > 2 else "weight: per model")
+                             + " give each model a weight: instead (or none, for equal weights)")
+        if len(self.models) == 2 and weighted:
+            w0, w1 = self.models[0].weight, self.models[1].weight
+            self.alpha = w1 / (w0 + w1)
+        return self
+
+    @property
+    def weights(self) -> Optional[List[float]]:
+        """The models' weight: entries, or None (equal weights)."""
+        return [m.weight for m in self.models] if self.models[0].weight is not None else None
 
     @field_validator("method")
     @classmethod
@@ -337,8 +362,13 @@ class MergeConfig(_Strict):
 
     def to_yaml(self) -> str:
         """The validated config as YAML (defaults filled in, paths absolute); ``load_config`` reads it back."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, default_flow_style=False,
-                              allow_unicode=True)
+        d = self.model_dump(mode="json")
+        for m in d["models"]:
+            if m.get("weight") is None:
+                m.pop("weight", None)
+        if self.weights is not None or len(self.models) > 2:
+            d.pop("alpha")  # the weights say it
+        return yaml.safe_dump(d, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
     @classmethod
     def from_dict(cls, data: Any, *, base_dir: Union[str, os.PathLike, None] = None,

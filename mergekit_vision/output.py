@@ -50,6 +50,7 @@ def write_output_folder(out_dir: Union[str, Path], merged: nn.Module, config: An
     metadata = {
         "merge_method": report.method,
         "alpha": report.alpha,
+        **({"weights": report.weights} if len(report.sources) > 2 else {}),
         "repair": report.repair,
         "calibration_samples": report.calibration_samples,
         "mergekit_vision_version": __version__,
@@ -126,17 +127,26 @@ def _model_card(config: Any, report: MergeReport, *, model_name: str, library: s
     front.append("---")
 
     cal = config.calibration
+    n = len(report.sources) or 2
+    tags = "AB" if n == 2 else [f"models[{i}]" for i in range(n)]
+    if n == 2:
+        what = (f"# {model_name}: a merge of two models", "", f"Made with mergekit_vision {version}: models[1] (B) "
+                "was aligned to models[0] (A), interpolated as `(1 - alpha)·A + alpha·B` and corrected; the result "
+                "has exactly the architecture of A.")
+        share = f"| alpha | {report.alpha:g} (the weight of B) |"
+    else:
+        what = (f"# {model_name}: a merge of {n} models", "", f"Made with mergekit_vision {version}: every model was "
+                "aligned to models[0], averaged with the weights below and corrected; the result has exactly the "
+                "architecture of models[0].")
+        share = "| weights | " + ", ".join(f"{w:.4g}" for w in report.weights) + " |"
     lines = front + [
         "",
-        f"# {model_name}: a merge of two models",
-        "",
-        f"Made with mergekit_vision {version}: models[1] (B) was aligned to models[0] (A), interpolated as "
-        f"`(1 - alpha)·A + alpha·B` and corrected; the result has exactly the architecture of A.",
+        *what,
         "",
         "| | |",
         "|---|---|",
         f"| method | `{report.method}`: {_METHOD_WORDS.get(report.method, report.method)} |",
-        f"| alpha | {report.alpha:g} (the weight of B) |",
+        share,
         f"| repair | `{report.repair}`: {_REPAIR_WORDS.get(report.repair, report.repair)} |",
         f"| calibration | {report.calibration_samples} samples, {_data_name(cal)} |",
         f"| dtype | {config.dtype} |",
@@ -146,15 +156,16 @@ def _model_card(config: Any, report: MergeReport, *, model_name: str, library: s
         "| | model | checkpoint | sha256 |",
         "|---|---|---|---|",
     ]
-    for tag, src in zip("AB", report.sources):
+    for tag, src in zip(tags, report.sources):
         lines.append(f"| {tag} | `{src.get('model')}` | {src.get('checkpoint') or '(pretrained)'} | "
                      f"`{src.get('sha256') or '—'}` |")
     if metrics:
         ev = config.evaluation
         where = f"{metrics.get('samples', '?')} samples" + (f", {_data_name(ev)}" if ev is not None else "")
-        lines += ["", "## Accuracy", "", f"Top-1 on {where}.", "", "| model | top-1 |", "|---|---|",
-                  f"| A | {_pct(metrics.get('model_a'))} |", f"| B | {_pct(metrics.get('model_b'))} |",
-                  f"| merged | {_pct(metrics.get('merged'))} |"]
+        keys = ["model_a", "model_b"] if n == 2 else [f"models[{i}]" for i in range(n)]
+        lines += ["", "## Accuracy", "", f"Top-1 on {where}.", "", "| model | top-1 |", "|---|---|"]
+        lines += [f"| {t} | {_pct(metrics.get(k))} |" for t, k in zip(tags, keys)]
+        lines.append(f"| merged | {_pct(metrics.get('merged'))} |")
     lines += ["", "## Merge report", "", "```text", report.summary(), "```", "",
               "Per-group correlations and per-site variance ratios: `merge_report.json`.",
               "", "## Load it", "", "```python", _load_snippet(model_name, library, config.models[0].kwargs, sharded),

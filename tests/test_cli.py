@@ -151,6 +151,54 @@ def test_merge_timm_loads_back_with_pretrained_cfg_overlay(tmp_path):
     assert json.loads((out / "config.json").read_text())["architecture"] == "resnet18"
 
 
+def test_three_model_config_merges_into_a_folder_timm_loads(tmp_path):
+    from mergekit_vision import merge_many
+
+    ms = [randomize_model(timm.create_model("resnet18", **TIMM_KW), seed=s).eval() for s in range(3)]
+    for n, m in zip("abc", ms):
+        safetensors.torch.save_file(m.state_dict(), tmp_path / f"{n}.safetensors")
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    cfg = {"models": [{"model": "timm:resnet18", "checkpoint": f"{n}.safetensors", "kwargs": TIMM_KW, "weight": w}
+                      for n, w in zip("abc", (1, 2, 1))],
+           "repair": "repair", "calibration": {"path": "calib.npz", "batch_size": 32}}
+    out = tmp_path / "out"
+    r = run_cli("--quiet", "merge", write_yaml(tmp_path / "merge.yml", cfg), out)
+    assert r.returncode == 0, r.stderr
+
+    ref = merge_many(ms, list(x.split(32)), weights=[1, 2, 1], progress=False)
+    kw = {**TIMM_KW, "channels": tuple(TIMM_KW["channels"])}
+    loaded = timm.create_model("resnet18", pretrained=True, **kw,
+                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"), num_classes=10)).eval()
+    x_test = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x_test), ref(x_test))
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["weights"] == [0.25, 0.5, 0.25] and len(report["sources"]) == 3
+    assert "a merge of 3 models" in (out / "README.md").read_text()
+    again = load_config(out / "mergekit_vision_config.yml")  # the written config reads back
+    assert [m.weight for m in again.models] == [1, 2, 1]
+
+
+def test_config_takes_two_or_more_models_with_optional_weights(tiny):
+    base = {**tiny.config}
+    base.pop("alpha")
+    three = MergeConfig.from_dict({**base, "models": tiny.config["models"] + tiny.config["models"][:1]},
+                                  base_dir=tiny.dir)
+    assert len(three.models) == 3 and three.weights is None
+    weighted = MergeConfig.from_dict({**base, "models": [{**m, "weight": w} for m, w in
+                                                         zip(tiny.config["models"], (3, 1))]}, base_dir=tiny.dir)
+    assert weighted.alpha == 0.25 and weighted.weights == [3, 1]
+    two = MergeConfig.from_dict(tiny.config, base_dir=tiny.dir)  # two models, alpha: as before
+    assert two.alpha == 0.5 and two.weights is None
+    assert all("weight" not in m for m in yaml.safe_load(two.to_yaml())["models"])  # the YAML as before
+    with pytest.raises(ConfigError, match="give each model a weight"):
+        MergeConfig.from_dict({**tiny.config, "models": tiny.config["models"] * 2}, base_dir=tiny.dir)
+    with pytest.raises(ConfigError, match="for every model or for none"):
+        MergeConfig.from_dict({**base, "models": [{**tiny.config["models"][0], "weight": 1}, tiny.config["models"][1]]},
+                              base_dir=tiny.dir)
+
+
 @pytest.mark.slow
 def test_merge_torchvision_loads_back_into_torchvision(tmp_path):
     build = lambda seed: randomize_model(torchvision.models.squeezenet1_1(num_classes=10), seed=seed).eval()
@@ -217,7 +265,7 @@ def _edit(cfg: dict, case: str) -> dict:
 CONFIG_ERRORS = {
     "unknown_key": "aplha: unknown key — did you mean 'alpha'?",
     "unknown_nested_key": "calibration.smaples: unknown key — did you mean 'samples'?",
-    "one_model": "models: need exactly 2 models for merge, got 1",
+    "one_model": "models: need at least 2 models for merge, got 1",
     "model_without_name": "models[1].model: missing — name the architecture",
     "alpha_out_of_range": "alpha: must be in [0, 1], got 1.5",
     "data_path": "calibration.path: 'nope/cifar' does not exist",
