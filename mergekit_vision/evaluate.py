@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .data import iter_inputs
 from .errors import ConfigError, DataError, MergeVisionError
-from .merge import align, merge
+from .merge import align, finish_merge, prepare_merge
+from .options import MergeOptions
 from .repair.sites import is_batchnorm
 from .trace import trace_permutation_spec
 from .training import _iter_labelled, _labelled_tensors, evaluate
@@ -237,11 +238,16 @@ def interpolation_curve(
             matched, repair = MODES[mode]
             b = aligned if matched else model_b
             curve.acc[mode], curve.loss[mode] = [], []
+            # the endpoints' statistics do not depend on alpha: measured once per mode, the correction per alpha
+            t0 = time.perf_counter()
+            prepared = prepare_merge([model_a, b], calib_loader, MergeOptions.create(
+                method="none", repair=repair, max_samples=calib_samples, progress=False),
+                names=["model_a", "model_b"], spec=spec)
+            timings["merge"] += time.perf_counter() - t0
             for alpha in alphas:
                 bar.set_postfix_str(f"{mode} alpha={alpha:.2f}")
                 t0 = time.perf_counter()
-                merged, rep = merge(model_a, b, calib_loader, alpha=alpha, method="none", repair=repair,
-                                    return_report=True, **common)
+                merged, rep = finish_merge(prepared, [1.0 - alpha, alpha], alpha=alpha, return_report=True)
                 timings["merge"] += time.perf_counter() - t0
                 r = score(merged)
                 curve.acc[mode].append(r["acc"])

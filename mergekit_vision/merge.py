@@ -9,12 +9,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .calibration import (Collect, LocalCollector, Statistics, StatisticsRequest, plan_calibration, timed)
+from .calibration import (CalibrationPlan, Collect, LocalCollector, Statistics, StatisticsRequest, plan_calibration,
+                          timed)
 from .data import iter_inputs
 from .errors import ArchitectureMismatchError, ConfigError, DataError, NumericalError
 from .interpolate import weighted_average
@@ -32,7 +34,7 @@ from .spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["merge", "merge_many", "align", "METHODS", "REPAIR_MODES", "check_same_architecture", "check_finite",
+__all__ = ["merge", "merge_many", "align", "prepare_merge", "finish_merge", "PreparedMerge", "METHODS", "REPAIR_MODES", "check_same_architecture", "check_finite",
            "state_dict_sha256", "source_info"]
 
 
@@ -223,8 +225,43 @@ def align(model_a: nn.Module, model_b: nn.Module, calib_loader: Any = None, *, m
 def _run(models: List[nn.Module], names: List[str], w: List[float], ref: int, calib_loader: Any,
          opts: MergeOptions, *, device=None, spec=None, collect=None, example=None, alpha=None,
          return_report=False):
-    """The one pipeline: plan -> measure -> match -> average -> repair -> report."""
+    """The one pipeline: plan -> measure -> match (prepare_merge) -> average -> repair -> report (finish_merge)."""
+    prepared = prepare_merge(models, calib_loader, opts, names=names, weights=w, reference=ref, device=device,
+                             spec=spec, collect=collect, example=example)
+    return finish_merge(prepared, w, alpha=alpha, return_report=return_report)
+
+
+@dataclass
+class PreparedMerge:
+    """What a merge measured and matched, before averaging: ``finish_merge`` averages it with any
+    weights and corrects the result (only its own passes run again: the correction and the diagnostic).
+    The endpoints' statistics and the permutations do not depend on the averaging weights, except
+    through MergeMany's sweeps (more than two models), which used ``weights``."""
+
+    models: List[nn.Module]             # working copies, on the work device, in eval mode
+    names: List[str]
+    reference: int
+    weights: List[float]
+    opts: MergeOptions
+    plan: CalibrationPlan
+    stats: Statistics
+    perms: List[Dict[str, torch.Tensor]]
+    gather: Collect
+    report: MergeReport                 # the fields known before averaging
+    out_device: torch.device
+
+
+def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOptions, *,
+                  names: Optional[Sequence[str]] = None, weights: Optional[Sequence[float]] = None,
+                  reference: int = 0, device=None, spec=None, collect=None, example=None) -> PreparedMerge:
+    """Checks, plan, the statistics pass and the matching of a merge (``weights``: normalized, for the
+    sweeps; default equal)."""
     from . import __version__
+
+    models = list(models)
+    names = list(names) if names is not None else [f"models[{i}]" for i in range(len(models))]
+    w = list(weights) if weights is not None else [1.0 / len(models)] * len(models)
+    ref = reference
 
     k_models, method, mode = len(models), opts.method, opts.repair
     if opts.needs_data and calib_loader is None and collect is None:
@@ -241,8 +278,7 @@ def _run(models: List[nn.Module], names: List[str], w: List[float], ref: int, ca
     work = torch.device(device) if device is not None else out_device
     timings: Dict[str, float] = {}
     two = k_models == 2  # two models keep merge()'s names for the passes
-    report = MergeReport(method=method, alpha=alpha if alpha is not None else (w[1] if two else None), repair=mode,
-                         weights=list(w), reference=ref, names=list(names), iterations=opts.iterations,
+    report = MergeReport(method=method, repair=mode, reference=ref, names=list(names), iterations=opts.iterations,
                          version=__version__, sources=[source_info(m, n) for m, n in zip(models, names)])
     ms = [copy.deepcopy(m).to(work).eval() for m in models]  # never touch the inputs
     gather = collect or LocalCollector(calib_loader, max_batches=opts.max_batches, max_samples=opts.max_samples,
@@ -323,6 +359,24 @@ def _run(models: List[nn.Module], names: List[str], w: List[float], ref: int, ca
         notes = _match_crossed(spec, opts.taps, perms, corrs, ref, names, ms, plan, gather, timings)
     report.rows = _group_rows(spec, perms, corrs, notes)
 
+    report.timings = timings
+    return PreparedMerge(ms, names, ref, w, opts, plan, stats, perms, gather, report, out_device)
+
+
+def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Optional[float] = None,
+                 return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
+    """Average the prepared merge's aligned models with ``weights`` (as given: normalize them first),
+    correct the result (REPAIR targets ``sum_k w_k stat_k``) and report. ``prepared`` is not changed:
+    call it again for other weights."""
+    p, opts, w = prepared, prepared.opts, list(weights)
+    ms, plan, stats, perms, gather, ref, mode = p.models, p.plan, p.stats, p.perms, p.gather, p.reference, opts.repair
+    spec, two = plan.spec, len(ms) == 2
+    report = copy.deepcopy(p.report)
+    report.weights = w
+    report.alpha = alpha if alpha is not None else (w[1] if two else None)
+    timings = report.timings
+    sds = [m.state_dict() for m in ms]
+
     # ---- average --------------------------------------------------------------------------------
     with timed(timings, "interpolate" if two else "average"), torch.no_grad():
         aligned = [permute_state_dict(sd, spec, p) if p else sd for sd, p in zip(sds, perms)]
@@ -359,7 +413,7 @@ def _run(models: List[nn.Module], names: List[str], w: List[float], ref: int, ca
         if explicit:
             merged = with_affines(merged, plan.gm, explicit)
 
-    merged = merged.to(out_device).eval()
+    merged = merged.to(p.out_device).eval()
     check_finite(merged, "the merged model")
     report.timings = timings
     merged.merge_report = report

@@ -112,6 +112,26 @@ def test_stream_mode_on_request(pair, digits):
     assert c.barrier("stream")["mid"] < 0.5 * c.barrier("aligned")["mid"]
 
 
+def test_curve_numbers_are_those_of_one_merge_per_point(curve, pair, digits):
+    """The curve measures each mode's endpoint statistics once and corrects per alpha: every point is
+    still, to the bit, the merge() of that mode at that alpha (the curve's definition, as it was computed)."""
+    from mergekit_vision import merge
+    from mergekit_vision.evaluate import MODES
+
+    train, test = digits
+    calib = [train.tensors[0][:256]]
+    a, b = pair
+    spec = trace_permutation_spec(copy.deepcopy(a).eval(), calib[0][:1])
+    aligned = align(a, b, calib, spec=spec, progress=False)
+    for mode in curve.modes:
+        matched, repair = MODES[mode]
+        for i, alpha in enumerate(ALPHAS):
+            m = merge(a, aligned if matched else b, calib, alpha=alpha, method="none", repair=repair, spec=spec,
+                      progress=False)
+            r = evaluate(m, test)
+            assert (curve.acc[mode][i], curve.loss[mode][i]) == (r["acc"], r["loss"]), (mode, alpha)
+
+
 def test_barrier_math_on_a_hand_made_curve():
     c = Curve(alphas=[0.0, 0.25, 0.5, 0.75, 1.0],
               acc={"aligned": [0.9, 0.5, 0.2, 0.6, 0.8], "repair": [0.9, 0.8, 0.7, 0.75, 0.8]},
