@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .errors import DataError
 
 __all__ = [
-    "iter_inputs", "count_samples", "digits_dataset", "load_image_folder", "load_cifar10", "load_npz",
+    "iter_inputs", "check_reiterable", "count_samples", "digits_dataset", "load_image_folder", "load_cifar10", "load_npz",
     "load_dataset", "DATASET_KINDS", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
@@ -93,6 +93,24 @@ def _input_of(batch: Any, index: int) -> torch.Tensor:
     return x
 
 
+def check_reiterable(loader: Any, name: str = "calib_loader") -> None:
+    """Raise DataError when ``loader`` is a one-shot iterator (a generator, ``iter(list)``, ``zip``, ...).
+
+    A merge reads its calibration data several times (a batch to trace the model, the statistics
+    pass, REPAIR's pass), and a second read of an iterator finds only what the first left: the
+    tracing batch would be missing from the statistics, or a later pass would get nothing. Refusing
+    it up front is the one behaviour that never drops data silently; keeping a copy of every batch
+    instead would hold a whole (possibly streamed, possibly large) data set in memory unasked.
+    """
+    if isinstance(loader, abc.Iterator):
+        raise DataError(
+            f"{name} is a one-shot iterator ({type(loader).__name__}): a merge reads the calibration data "
+            "several times (to trace the model, for the statistics, for REPAIR), so an iterator would lose "
+            "batches. Pass data that can be read again: a list of batches (e.g. list(generator)), a "
+            "DataLoader, a Dataset or a batch-first Tensor."
+        )
+
+
 def iter_inputs(loader: Any, *, max_batches: Optional[int] = None, max_samples: Optional[int] = None,
                 device: Optional[Union[str, torch.device]] = None,
                 dtype: Optional[torch.dtype] = None) -> Iterator[torch.Tensor]:
@@ -107,7 +125,8 @@ def iter_inputs(loader: Any, *, max_batches: Optional[int] = None, max_samples: 
     ``dtype`` applies to floating inputs only (integer inputs such as token ids keep theirs).
 
     A merge reads its calibration data several times, so ``loader`` must be re-iterable: a DataLoader,
-    a list or a Tensor is; a generator or another one-shot iterator is not (its second pass raises).
+    a list or a Tensor is; a generator or another one-shot iterator is not (``merge`` and
+    ``merge_many`` refuse one up front: :func:`check_reiterable`).
 
     Raises:
         DataError: the loader yields nothing, a batch is not a tensor/tuple/dict, or a batch is empty.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import iter_inputs
+from .data import check_reiterable, iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
@@ -151,6 +151,7 @@ def merge(
     Returns a new model of ``model_a``'s class and architecture, in eval mode, on ``model_a``'s device
     and dtype (``merged.merge_report`` holds the report; ``return_report=True`` returns it too).
     ``calib_loader``: any re-iterable of batches (Tensor, (x, y) tuples, a DataLoader); no labels needed.
+    A generator or another one-shot iterator raises DataError (the merge reads the data several times).
     ``method``: "activation" (correlation matching), "weight" (data-free), "none" (naive average).
     ``repair``: True/"repair", "reset" (re-estimate BatchNorm statistics only), False/"none", or
     "stream": as "repair" plus a correction on every residual add (the REPAIR authors' ImageNet ResNet
@@ -185,6 +186,8 @@ def merge(
     if needs_data and calib_loader is None:
         raise DataError(f"method={method!r} with repair={mode!r} needs calibration data: pass calib_loader "
                         "(any iterable of input batches), or use method='weight', repair=False for a data-free merge.")
+    if calib_loader is not None:
+        check_reiterable(calib_loader)
     check_same_architecture(model_a, model_b)
     check_finite(model_a, "model_a")
     check_finite(model_b, "model_b")

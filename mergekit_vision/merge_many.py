@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .data import iter_inputs
+from .data import check_reiterable, iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ConfigError, DataError
 from .interpolate import weighted_average
@@ -392,6 +392,8 @@ def merge_many(
         raise DataError(f"method={method!r} with repair={mode!r} needs calibration data: pass calib_loader "
                         "(any iterable of input batches) or collect=, or use method='weight', repair=False "
                         "for a data-free merge.")
+    if calib_loader is not None:
+        check_reiterable(calib_loader)
     names = [f"models[{i}]" for i in range(k_models)]
     for i in range(1, k_models):
         check_same_architecture(models[0], models[i], (names[0], names[i]))

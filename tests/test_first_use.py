@@ -1,0 +1,50 @@
+"""What a new user runs into (issue 11, "tried as a new user would"): silent data loss, inference
+tensors, errors that must name the problem and the fix."""
+import pytest
+import torch
+from torch import nn
+
+from mergekit_vision import merge, merge_many
+from mergekit_vision.errors import DataError
+from mergekit_vision.models import create_model
+from mergekit_vision.testing import randomize_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def _pair():
+    a = randomize_model(create_model("tiny_resnet").eval(), seed=1)
+    b = randomize_model(create_model("tiny_resnet").eval(), seed=2)
+    return a, b
+
+
+X = torch.randn(128, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+# ---- one-shot iterators ------------------------------------------------------------------------------
+def _gen():
+    for i in range(4):
+        yield X[32 * i:32 * (i + 1)]
+
+
+@pytest.mark.parametrize("make", [_gen, lambda: iter(list(X.split(32))), lambda: zip(X.split(32))],
+                         ids=["generator", "list_iterator", "zip"])
+def test_a_one_shot_iterator_is_refused_up_front(make):
+    a, b = _pair()
+    for kwargs in ({}, {"repair": False}, {"method": "weight", "repair": False}):
+        with pytest.raises(DataError, match=r"one-shot iterator.*list\(generator\)"):
+            merge(a, b, make(), progress=False, **kwargs)
+    with pytest.raises(DataError, match="one-shot iterator"):
+        merge_many([a, b], make(), progress=False)
+
+
+def test_the_suggested_fix_uses_every_sample():
+    a, b = _pair()
+    for kwargs in ({}, {"repair": False}):
+        _, rep = merge(a, b, list(_gen()), progress=False, return_report=True, **kwargs)
+        assert rep.calibration_samples == 128
+    _, rep = merge_many([a, b], list(_gen()), progress=False, return_report=True)
+    assert rep.calibration_samples == 128
