@@ -6,6 +6,7 @@ permute B -> interpolate -> one pass over the interpolated net with corrections 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import time
@@ -122,7 +123,20 @@ def _check_values(vals, where: str):
                                  "normalization and the models' weights.")
 
 
+def outside_inference_mode(fn):
+    """Run ``fn`` with inference mode off: a merge called inside ``torch.inference_mode()`` (a natural
+    place for code that only runs models forward) would otherwise build its result from inference
+    tensors, which autograd refuses, so the merged model could not be fine-tuned. The merge needs no
+    gradients either way; its passes run under ``torch.no_grad()``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 # ---- the pipeline ------------------------------------------------------------------------
+@outside_inference_mode
 def merge(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -149,7 +163,8 @@ def merge(
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result.
 
     Returns a new model of ``model_a``'s class and architecture, in eval mode, on ``model_a``'s device
-    and dtype (``merged.merge_report`` holds the report; ``return_report=True`` returns it too).
+    and dtype (``merged.merge_report`` holds the report; ``return_report=True`` returns it too), with
+    ordinary tensors even when called inside ``torch.inference_mode()`` (it can be fine-tuned).
     ``calib_loader``: any re-iterable of batches (Tensor, (x, y) tuples, a DataLoader); no labels needed.
     A generator or another one-shot iterator raises DataError (the merge reads the data several times).
     ``method``: "activation" (correlation matching), "weight" (data-free), "none" (naive average).

@@ -28,7 +28,7 @@ from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cos
 from .match.activation import tap_plan
 from .match.evidence import check_matching_evidence, check_site_evidence
 from .merge import (METHODS, _batches, _chain, _check_matching_options, _check_values, _repair_mode,
-                    _site_recorders, _timer, check_finite, check_same_architecture)
+                    _site_recorders, _timer, check_finite, check_same_architecture, outside_inference_mode)
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Site, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction,
                      fuse_reset, permute_channel_stats)
@@ -319,6 +319,7 @@ class MergeManyReport:
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
+@outside_inference_mode
 def merge_many(
     models: Sequence[nn.Module],
     calib_loader: Any = None,

@@ -48,3 +48,24 @@ def test_the_suggested_fix_uses_every_sample():
         assert rep.calibration_samples == 128
     _, rep = merge_many([a, b], list(_gen()), progress=False, return_report=True)
     assert rep.calibration_samples == 128
+
+
+# ---- inference mode ----------------------------------------------------------------------------------
+def _fine_tune_step(model):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model(X[:16]), torch.arange(16) % 10)
+    loss.backward()
+    opt.step()
+    return sum(int(not torch.equal(p0, p)) for p0, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("how", ["merge", "merge_many"])
+def test_a_model_merged_inside_inference_mode_can_be_fine_tuned(how):
+    with torch.inference_mode():
+        a, b = _pair()  # built there too: inference-tensor weights
+        data = list(X.split(64))  # and inference-tensor data
+        merged = merge(a, b, data, progress=False) if how == "merge" else merge_many([a, b], data, progress=False)
+    assert not any(t.is_inference() for t in merged.state_dict().values())
+    assert _fine_tune_step(merged) == len(list(merged.parameters()))
