@@ -41,6 +41,8 @@ REPAIR_MODES = ("repair", "reset", "stream", "none")
 
 # ---- input checks ------------------------------------------------------------------------
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("model_a", "model_b")) -> None:
+    """The models have the same state-dict keys and shapes, and each tensor the same dtype and device
+    in both (a bfloat16 A and a float32 B would otherwise fail deep inside the first forward pass)."""
     sa, sb = model_a.state_dict(), model_b.state_dict()
     for (ka, va), (kb, vb) in zip(sa.items(), sb.items()):
         if ka != kb:
@@ -51,6 +53,15 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("mode
             raise ArchitectureMismatchError(
                 f"{names[1]} differs from {names[0]} at {ka!r}: {tuple(vb.shape)} vs {tuple(va.shape)}. "
                 "Build both with the same architecture name and kwargs (e.g. num_classes, width).")
+        if va.dtype != vb.dtype:
+            raise ArchitectureMismatchError(
+                f"{names[1]} is {str(vb.dtype).removeprefix('torch.')} and {names[0]} "
+                f"{str(va.dtype).removeprefix('torch.')} (at {ka!r}); convert one to the other's dtype before "
+                f"merging, e.g. {names[1]}.to({va.dtype}).")
+        if va.device != vb.device:
+            raise ArchitectureMismatchError(
+                f"{names[1]} is on {vb.device} and {names[0]} on {va.device} (at {ka!r}); put both on one "
+                f"device before merging, e.g. {names[1]}.to({str(va.device)!r}) (device= sets where the merge runs).")
     if len(sa) != len(sb):
         extra = list(sa)[len(sb):] or list(sb)[len(sa):]
         raise ArchitectureMismatchError(

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mergekit_vision import merge, merge_many
-from mergekit_vision.errors import DataError
+from mergekit_vision.errors import ArchitectureMismatchError, DataError
 from mergekit_vision.models import create_model
 from mergekit_vision.testing import randomize_model
 
@@ -69,3 +69,18 @@ def test_a_model_merged_inside_inference_mode_can_be_fine_tuned(how):
         merged = merge(a, b, data, progress=False) if how == "merge" else merge_many([a, b], data, progress=False)
     assert not any(t.is_inference() for t in merged.state_dict().values())
     assert _fine_tune_step(merged) == len(list(merged.parameters()))
+
+
+# ---- errors that name the problem and the fix ----------------------------------------------------------
+def test_models_of_different_dtypes_or_devices_are_named_with_the_fix():
+    a, b = _pair()
+    with pytest.raises(ArchitectureMismatchError,
+                       match=r"model_b is float32 and model_a bfloat16 .*model_b\.to\(torch\.bfloat16\)"):
+        merge(a.to(torch.bfloat16), b, [X.bfloat16()], progress=False)
+    with pytest.raises(ArchitectureMismatchError, match=r"models\[2\] is float64 and models\[0\] float32"):
+        merge_many([a.float(), b, _pair()[0].double()], [X], progress=False)
+    with pytest.raises(ArchitectureMismatchError, match=r"model_b is on meta and model_a on cpu.*model_b\.to\('cpu'\)"):
+        merge(a.float(), _pair()[1].to("meta"), [X], progress=False)
+    # the fix the message gives works
+    merged = merge(a.to(torch.bfloat16), b.to(torch.bfloat16), [X], progress=False)
+    assert next(merged.parameters()).dtype == torch.bfloat16
