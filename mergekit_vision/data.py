@@ -90,7 +90,32 @@ def _input_of(batch: Any, index: int) -> torch.Tensor:
     if x.dim() == 0 or x.shape[0] == 0:
         raise DataError(f"calibration batch {index} has no samples (shape {tuple(x.shape)}); "
                         "drop empty batches or use a batch-first tensor (N, ...).")
+    if x.dim() == 1:
+        what = ("integers: that looks like labels, not images" if not x.is_floating_point()
+                else "values: one number per sample, not images")
+        raise DataError(f"calibration batch {index} is a 1-D tensor of shape {tuple(x.shape)} holding "
+                        f"{str(x.dtype).removeprefix('torch.')} {what}. Each batch must hold the inputs, batch "
+                        "first (N, C, H, W): a Tensor, or a tuple/list with the inputs first ((images, labels)).")
     return x
+
+
+def _check_batch(x: torch.Tensor, index: int, first: Optional[torch.Tensor],
+                 dtype: Optional[torch.dtype]) -> None:
+    """A batch the models can take: floating point when they are, and shaped like the first batch."""
+    if dtype is not None and dtype.is_floating_point and x.dtype == torch.uint8:
+        raise DataError(
+            f"calibration batch {index} holds uint8 values (raw pixels, 0..255?) and the models take "
+            f"{str(dtype).removeprefix('torch.')} inputs: convert the images to float and normalize them as in "
+            "training, e.g. torchvision.transforms.ToTensor() (or ConvertImageDtype(torch.float32)) followed by "
+            "Normalize(mean, std).")
+    if first is not None and (x.dim() != first.dim() or x.shape[1] != first.shape[1]):
+        raise DataError(
+            f"calibration batch {index} has shape {tuple(x.shape)} but batch 0 had {tuple(first.shape)}: every "
+            "batch needs the first one's number of dimensions and of channels (dim 1; spatial sizes may "
+            "differ). Check the transform, e.g. convert every image to RGB (PIL: image.convert('RGB')).")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise DataError(f"calibration batch {index} has NaN or inf values; fix the data or its normalization "
+                        "(e.g. a division by a zero std).")
 
 
 def check_reiterable(loader: Any, name: str = "calib_loader") -> None:
@@ -129,7 +154,9 @@ def iter_inputs(loader: Any, *, max_batches: Optional[int] = None, max_samples: 
     ``merge_many`` refuse one up front: :func:`check_reiterable`).
 
     Raises:
-        DataError: the loader yields nothing, a batch is not a tensor/tuple/dict, or a batch is empty.
+        DataError: the loader yields nothing; a batch is not a tensor/tuple/dict, is empty, is 1-D
+        (labels only), holds NaN/inf, or has another number of dimensions or channels (dim 1) than the
+        first; uint8 inputs for a floating ``dtype`` (unconverted images).
     """
     if max_batches is not None and max_batches < 1:
         raise DataError(f"max_batches must be >= 1 or None, got {max_batches}.")
@@ -140,8 +167,11 @@ def iter_inputs(loader: Any, *, max_batches: Optional[int] = None, max_samples: 
     one_shot = batches is loader and isinstance(loader, abc.Iterator)
     seen = 0
     n_batches = 0
+    first = None
     for i, batch in enumerate(batches):
         x = _input_of(batch, i)
+        _check_batch(x, i, first, dtype)
+        first = x if first is None else first
         if max_samples is not None:
             x = x[: max_samples - seen]
         if dtype is not None and x.is_floating_point():

@@ -69,10 +69,25 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("mode
             "Build both with the same architecture name and kwargs.")
 
 
-def check_finite(model: nn.Module, name: str) -> None:
+def check_finite(model: nn.Module, name: str, fix: str = "fix or re-train the checkpoint before merging.") -> None:
     for k, v in model.state_dict().items():
         if v.is_floating_point() and v.numel() and not torch.isfinite(v.sum(dtype=torch.float64)):
-            raise NumericalError(f"{name} has NaN or inf values in {k!r}; fix or re-train the checkpoint before merging.")
+            raise NumericalError(f"{name} has NaN or inf values in {k!r}; {fix}")
+
+
+def input_scale_hint(x: Optional[torch.Tensor]) -> str:
+    """Where non-finite values come from once both models' weights are known to be finite: the inputs."""
+    scale = ""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+        scale = f" (|x| reaches {float(x.detach().abs().amax()):.3g} in a batch; normalized images are of order 1)"
+    return ("both models' weights are finite, so the inputs are the likely cause: check the calibration data's "
+            f"scale and normalization{scale} and normalize as in training, e.g. torchvision.transforms.Normalize"
+            "(mean, std).")
+
+
+def check_merged_finite(merged: nn.Module, first_batch: Optional[torch.Tensor]) -> None:
+    # interpolating finite weights gives finite weights: what overflowed is a correction's statistics
+    check_finite(merged, "the merged model", fix="the REPAIR/RESET statistics overflowed: " + input_scale_hint(first_batch))
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -127,11 +142,12 @@ def _varying(batches):
                         "carry no information about the models. Pass real images, normalized as in training.")
 
 
-def _check_values(vals, where: str):
+def _check_values(vals, where: str, first_batch: Optional[torch.Tensor] = None):
+    """Called once both models' weights passed ``check_finite``: non-finite values come from the inputs."""
     for v in vals:
         if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v.sum(dtype=torch.float64)):
-            raise NumericalError(f"non-finite activations at {where} during calibration; check the inputs' "
-                                 "normalization and the models' weights.")
+            raise NumericalError(f"non-finite activations at {where} during calibration; "
+                                 + input_scale_hint(first_batch))
 
 
 def outside_inference_mode(fn):
@@ -231,9 +247,10 @@ def merge(
     b = copy.deepcopy(model_b).to(work).eval()
 
     with _timer(timings, "trace"), torch.no_grad():
-        example = None
+        first = example = None
         if calib_loader is not None:
-            example = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))[:1]
+            first = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))
+            example = first[:1]
         if spec is None:
             if example is None:
                 raise DataError("a data-free merge needs the input shape to trace the model: pass spec= "
@@ -241,8 +258,8 @@ def merge(
             try:
                 a(example)
             except Exception as exc:
-                raise DataError(f"model_a cannot take a calibration batch of shape {tuple(example.shape)}: "
-                                f"{type(exc).__name__}: {exc}") from exc
+                raise DataError(f"model_a cannot take the first calibration batch (shape {tuple(first.shape)}, "
+                                f"{str(first.dtype).removeprefix('torch.')}): {type(exc).__name__}: {exc}") from exc
             spec = trace_permutation_spec(a, example, leaf_modules=leaf_modules)
         gm = shared_graph(a, leaf_modules=leaf_modules)
         sites = find_sites(gm, spec, mode) if mode != "none" else []
@@ -271,7 +288,7 @@ def merge(
         with _timer(timings, "pass_ab"), torch.no_grad():
             for x in _batches(calib_loader, desc="calibrate A/B", progress=progress, **batches):
                 outs = lock.run(x, hooks, override=site_over)
-                _check_values(outs, "the models' outputs")
+                _check_values(outs, "the models' outputs", first)
                 n_calib += x.shape[0]
     report.calibration_samples = n_calib
     if collector is not None:
@@ -361,7 +378,7 @@ def merge(
             merged = _with_affines(merged, gm, explicit)
 
     merged = merged.to(out_device).eval()
-    check_finite(merged, "the merged model")
+    check_merged_finite(merged, first)
     report.timings = timings
     merged.merge_report = report
     logger.info(report.summary())

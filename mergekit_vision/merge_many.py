@@ -28,7 +28,8 @@ from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cos
 from .match.activation import tap_plan
 from .match.evidence import check_matching_evidence, check_site_evidence
 from .merge import (METHODS, _batches, _chain, _check_matching_options, _check_values, _repair_mode,
-                    _site_recorders, _timer, check_finite, check_same_architecture, outside_inference_mode)
+                    _site_recorders, _timer, check_finite, check_merged_finite, check_same_architecture,
+                    outside_inference_mode)
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Site, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction,
                      fuse_reset, permute_channel_stats)
@@ -238,7 +239,7 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
     lock = Lockstep(models, plan.gm.graph)
     for x in _batches(loader, desc=f"statistics of {len(models)} models", progress=progress, **batches):
         outs = lock.run(x, hooks, override=overrides)
-        _check_values(outs, "the models' outputs")
+        _check_values(outs, "the models' outputs", x)
         st.samples += x.shape[0]
     if req.sites and plan.sites:
         st.channels = {(node, k): m for node, ms in per_site.items() for k, m in enumerate(ms)}
@@ -412,8 +413,10 @@ def merge_many(
                                        device=work, progress=progress)
 
     with _timer(timings, "trace"):
+        first = example
         if example is None and calib_loader is not None:
-            example = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))[:1]
+            first = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))
+            example = first[:1]
         if example is None and spec is None:
             raise DataError("merge_many needs an input batch to trace the models: pass calib_loader, "
                             "example= (one input batch) or spec=")
@@ -524,7 +527,7 @@ def merge_many(
             del raw
 
     merged = merged.to(out_device).eval()
-    check_finite(merged, "the merged model")
+    check_merged_finite(merged, first)
     report.timings = timings
     merged.merge_report = report
     logger.info(report.summary())

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mergekit_vision import merge, merge_many
-from mergekit_vision.errors import ArchitectureMismatchError, DataError
+from mergekit_vision.errors import ArchitectureMismatchError, DataError, NumericalError
 from mergekit_vision.models import create_model
 from mergekit_vision.testing import randomize_model
 
@@ -84,3 +84,63 @@ def test_models_of_different_dtypes_or_devices_are_named_with_the_fix():
     # the fix the message gives works
     merged = merge(a.to(torch.bfloat16), b.to(torch.bfloat16), [X], progress=False)
     assert next(merged.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("how", ["merge", "merge_many"])
+def test_a_later_batch_with_other_channels_names_its_index_and_shapes(how):
+    a, b = _pair()
+    data = [X[:32], X[32:64], torch.randn(32, 3, 16, 16), X[64:]]
+    with pytest.raises(DataError, match=r"batch 2 has shape \(32, 3, 16, 16\) but batch 0 had \(32, 1, 16, 16\)"):
+        merge(a, b, data, progress=False) if how == "merge" else merge_many([a, b], data, progress=False)
+
+
+def test_other_spatial_sizes_are_still_accepted():
+    a, b = _pair()  # global pooling: any size works, and per-channel statistics do not care
+    _, rep = merge(a, b, [X[:32], torch.randn(16, 1, 20, 20)], progress=False, return_report=True)
+    assert rep.calibration_samples == 48
+
+
+def test_uint8_images_are_named_with_the_conversion():
+    a, b = _pair()
+    raw = (X * 40 + 128).clamp(0, 255).to(torch.uint8)
+    with pytest.raises(DataError, match=r"batch 0 holds uint8 values .*float32 inputs.*ToTensor\(\).*Normalize"):
+        merge(a, b, [raw], progress=False)
+    with pytest.raises(DataError, match="uint8"):  # with a given spec too (no trace forward to fail first)
+        merge(a, b, [(X[:32], torch.zeros(32)), (raw[:32], torch.zeros(32))], progress=False)
+
+
+@pytest.mark.parametrize("batches", [[torch.arange(16) % 10], [(torch.arange(16) % 10, X[:16])]],
+                         ids=["labels_only", "labels_first"])
+def test_a_labels_only_batch_is_reported_as_labels_with_its_shape(batches):
+    a, b = _pair()
+    with pytest.raises(DataError, match=r"batch 0 is a 1-D tensor of shape \(16,\) holding int64 .*labels"):
+        merge(a, b, batches, progress=False)
+
+
+def test_a_first_batch_the_model_cannot_take_is_reported_with_its_own_shape():
+    a, b = _pair()
+    with pytest.raises(DataError, match=r"first calibration batch \(shape \(8, 3, 16, 16\), float32\)"):
+        merge(a, b, [torch.randn(8, 3, 16, 16)], progress=False)
+
+
+def test_nan_inputs_are_named_with_the_batch():
+    a, b = _pair()
+    bad = X[32:64].clone()
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="batch 1 has NaN or inf values"):
+        merge(a, b, [X[:32], bad], progress=False)
+
+
+@pytest.mark.parametrize("how", ["merge", "merge_many"])
+@pytest.mark.parametrize("scale", [1e30, 1e37])
+def test_overflowing_inputs_point_at_the_inputs_not_the_checkpoint(how, scale):
+    """x1e30: REPAIR's statistics overflow (merge) or the corrected net's activations do (merge_many);
+    x1e37: the models' own activations overflow. Either way the weights are fine: the message says so."""
+    a, b = _pair()
+    data = [X * scale]
+    with pytest.raises(NumericalError) as info:
+        merge(a, b, data, progress=False) if how == "merge" else merge_many([a, b], data, progress=False)
+    msg = str(info.value)
+    assert "the merged model has NaN or inf" in msg or "non-finite activations" in msg
+    assert "re-train" not in msg
+    assert "weights are finite" in msg and "normaliz" in msg and f"{float((X * scale).abs().max()):.3g}" in msg
