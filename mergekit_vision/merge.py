@@ -9,6 +9,7 @@ import copy
 import functools
 import hashlib
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -40,6 +41,21 @@ REPAIR_MODES = ("repair", "reset", "stream", "none")
 
 
 # ---- input checks ------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``), in any nesting; any other model as it is. Nothing is changed:
+    the wrapper still holds the same model."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        dynamo = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile itself
+        if dynamo is not None and isinstance(model, getattr(dynamo, "OptimizedModule", ())):
+            model = model._orig_mod
+            continue
+        return model
+
+
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("model_a", "model_b")) -> None:
     """The models have the same state-dict keys and shapes, and each tensor the same dtype and device
     in both (a bfloat16 A and a float32 B would otherwise fail deep inside the first forward pass)."""
@@ -201,7 +217,10 @@ def merge(
     conv used only by the add (projection shortcuts); otherwise (identity shortcuts) it is kept as an
     explicit ``ChannelAffine`` module and the result is a ``torch.fx.GraphModule`` with those extra
     modules (``fold_stream=False`` keeps every stream correction explicit). The default, "repair",
-    always returns exactly ``model_a``'s architecture.
+    always returns exactly ``model_a``'s architecture. Models wrapped in ``nn.DataParallel``,
+    ``DistributedDataParallel`` or ``torch.compile`` are merged as the models inside (``.module``,
+    ``._orig_mod``; the wrappers are left as they are): the result is the inner architecture,
+    neither wrapped nor compiled.
     ``lineage_threshold``: when the models' conv/linear weights, compared unpermuted, have a median
     cosine similarity at least this (fine-tunes of one checkpoint, FedAvg clients, gossip nodes), their
     channels already correspond: matching is skipped, the report says so (``matching_skipped``,
@@ -220,6 +239,7 @@ def merge(
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     _check_matching_options(taps, weight_tol)
+    model_a, model_b = unwrap_model(model_a), unwrap_model(model_b)
     mode = _repair_mode(repair)
     if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")

@@ -29,7 +29,7 @@ from .match.activation import tap_plan
 from .match.evidence import check_matching_evidence, check_site_evidence
 from .merge import (METHODS, _batches, _chain, _check_matching_options, _check_values, _repair_mode,
                     _site_recorders, _timer, check_finite, check_merged_finite, check_same_architecture,
-                    outside_inference_mode)
+                    outside_inference_mode, unwrap_model)
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Site, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction,
                      fuse_reset, permute_channel_stats)
@@ -366,11 +366,12 @@ def merge_many(
     unpermuted (FedAvg clients of one global model, gossip nodes, fine-tunes of one checkpoint), the
     models already share one coordinate system: matching is skipped and the report says why
     (``matching_skipped``, ``lineage_cosines``; ``lineage_keys``: the tensors compared, those the spec's
-    free groups permute). None always matches.
+    free groups permute). None always matches. Wrapped models (``nn.DataParallel``, ``torch.compile``)
+    are merged as the models inside, as by ``merge``.
     """
     from . import __version__
 
-    models = list(models)
+    models = [unwrap_model(m) for m in models]  # DataParallel, torch.compile: the model inside
     k_models = len(models)
     if k_models == 0:
         raise ConfigError("merge_many needs at least one model; got an empty sequence")

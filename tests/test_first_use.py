@@ -144,3 +144,39 @@ def test_overflowing_inputs_point_at_the_inputs_not_the_checkpoint(how, scale):
     assert "the merged model has NaN or inf" in msg or "non-finite activations" in msg
     assert "re-train" not in msg
     assert "weights are finite" in msg and "normaliz" in msg and f"{float((X * scale).abs().max()):.3g}" in msg
+
+
+# ---- wrapped models ------------------------------------------------------------------------------------
+def test_data_parallel_and_compiled_models_merge_as_the_models_inside():
+    a, b = _pair()
+    sa = {k: v.clone() for k, v in a.state_dict().items()}
+    wa, wb = nn.DataParallel(a), torch.compile(b)
+    merged = merge(wa, wb, [X], progress=False)
+    plain = merge(a, b, [X], progress=False)
+    assert type(merged) is type(a)  # the inner architecture, neither wrapped nor compiled
+    assert merged.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in merged.state_dict().items())
+    assert wa.module is a and wb._orig_mod is b  # the wrappers hold the same, untouched models
+    assert all(torch.equal(v, sa[k]) for k, v in a.state_dict().items())
+    nested = merge_many([nn.DataParallel(torch.compile(a)), b], [X], progress=False)
+    assert type(nested) is type(a)
+    assert all(torch.equal(v, merge_many([a, b], [X], progress=False).state_dict()[k])
+               for k, v in nested.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", [".pt", ".safetensors"])
+@pytest.mark.parametrize("wrap", ["_orig_mod.", "module.", "module._orig_mod."])
+def test_a_config_unwraps_checkpoints_saved_from_wrapped_models(tmp_path, fmt, wrap):
+    import safetensors.torch
+
+    from mergekit_vision.config import ModelConfig, load_model
+
+    a, _ = _pair()
+    sd = {wrap + k: v for k, v in a.state_dict().items()}
+    path = tmp_path / f"a{fmt}"
+    torch.save(sd, path) if fmt == ".pt" else safetensors.torch.save_file(sd, path)
+    mc = ModelConfig.model_validate({"model": "mkv:tiny_resnet", "checkpoint": path.name},
+                                    context={"base_dir": tmp_path})
+    model, _ = load_model(mc)
+    assert model.state_dict().keys() == a.state_dict().keys()
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in model.state_dict().items())
