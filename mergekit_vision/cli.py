@@ -91,13 +91,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
     from .merge import merge
-    from .output import write_output_folder
+    from .output import check_output_folder, write_output_folder
 
     t0 = time.perf_counter()
     config = _load_config(args)
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():  # found before the models are loaded, not after the merge
-        raise ConfigError(f"OUT_DIR '{out}' is a file; give a folder path (it is created if missing)")
+    check_output_folder(args.out_dir, "OUT_DIR")  # found before the models are loaded, not after the merge
     timings: Dict[str, float] = {}
     a, b, calib, evaluation, sources = _load_inputs(config, timings)
 
@@ -135,6 +133,7 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     import torch
 
     from .export import write_json_atomic
+    from .output import check_output_folder
 
     try:
         from .evaluate import interpolation_curve, plot_curve
@@ -144,6 +143,10 @@ def _cmd_curve(args: argparse.Namespace) -> int:
         raise MergeVisionError("curve needs mergekit_vision.evaluate, which this installation lacks; "
                                "update mergekit-vision") from None
     config = _load_config(args)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out '{out}' is a folder; give the PNG's file path, e.g. {out / 'curve.png'}")
+    check_output_folder(out.parent, "the folder of --out")  # before the models are loaded and evaluated
     if config.evaluation is None:
         raise ConfigError(f"{args.config}: evaluation: missing — curve measures accuracy along the path: give "
                           "evaluation: {path: DATA, split: test} (the same keys as calibration)")
@@ -161,7 +164,6 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     if all(v is not None for _, v in mids):
         print("accuracy barrier at alpha=0.5 (mean endpoint minus midpoint, points): "
               + ", ".join(f"{m} {100 * v:.2f}" for m, v in mids))
-    out = Path(args.out)
     write_json_atomic(out.with_suffix(".json"), curve.to_dict())
     if importlib.util.find_spec("matplotlib") is None:  # an optional extra
         logger.warning("matplotlib is not installed, so no plot: pip install 'mergekit-vision[plot]'. "
