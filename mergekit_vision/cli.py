@@ -121,6 +121,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     # the merge's own stages (trace, pass_ab, match, ...) sit inside "merge"
     report.timings = {"load_models": timings["load_models"], "load_data": timings["load_data"],
                       **report.timings, **{k: v for k, v in timings.items() if k not in ("load_models", "load_data")}}
+    args.writing_started = True  # from here on an interrupt can leave OUT_DIR incomplete
     with _stage(timings, "write_output"):
         write_output_folder(args.out_dir, merged, config, report, model_name=config.models[0].arch,
                             library=config.models[0].library, metrics=metrics)
@@ -322,9 +323,26 @@ def _run(args: argparse.Namespace) -> int:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted" + (f"; {args.out_dir} is incomplete (no README.md)"
-                                      if getattr(args, "out_dir", None) else ""), file=sys.stderr)
+        print("error: interrupted" + _left_behind(args), file=sys.stderr)
         return 130
+
+
+def _left_behind(args: argparse.Namespace) -> str:
+    """What an interrupted ``merge`` left in OUT_DIR. Every file is written atomically and README.md
+    last (removed first), so a folder with README.md is complete; before the writing starts the
+    folder is not touched at all."""
+    from .output import CARD_NAME
+
+    if not getattr(args, "out_dir", None):
+        return ""
+    out = Path(args.out_dir)
+    complete = (out / CARD_NAME).is_file()
+    if getattr(args, "writing_started", False):
+        return (f"; {out} holds a complete result ({CARD_NAME} is there)" if complete else
+                f"; {out} is incomplete (no {CARD_NAME}): run the merge again")
+    if not out.exists():
+        return f"; nothing was written ({out} was not created)"
+    return f"; nothing was written to {out}" + (", its earlier complete result is untouched" if complete else "")
 
 
 if __name__ == "__main__":

@@ -403,6 +403,37 @@ def test_cli_interrupted_while_saving_leaves_no_complete_folder(tiny, tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == []  # no weights, no card, no temporary file
 
 
+def test_the_interrupt_message_says_what_is_in_the_folder(tiny, tmp_path, monkeypatch, capsys):
+    path = write_yaml(tiny.dir / "ok.yml", tiny.config)
+
+    def interrupted_merge(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    # the module: the package's own `merge` attribute is the function
+    monkeypatch.setattr(sys.modules["mergekit_vision.merge"], "merge", interrupted_merge)
+    assert main(["-q", "merge", str(path), str(out)]) == 130
+    assert capsys.readouterr().err == f"error: interrupted; nothing was written ({out} was not created)\n"
+    assert not out.exists()
+
+    # a complete earlier result, then a run interrupted before it writes: the folder is as it was
+    config = MergeConfig.from_dict(tiny.config, base_dir=tiny.dir)
+    report = MergeReport(method="activation", alpha=0.5, repair="repair", calibration_samples=48)
+    write_output_folder(out, tiny.a, config, report, model_name="tiny_resnet", library="mkv")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["-q", "merge", str(path), str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err == f"error: interrupted; nothing was written to {out}, its earlier complete result is untouched\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # interrupted while writing: now it is incomplete, and the message says so
+    monkeypatch.undo()
+    _crash_midway(monkeypatch)
+    assert main(["-q", "merge", str(path), str(out)]) == 130
+    assert capsys.readouterr().err == f"error: interrupted; {out} is incomplete (no README.md): run the merge again\n"
+    assert not (out / "README.md").exists()
+
+
 def test_interrupted_rerun_and_interrupted_shards(tiny, tmp_path, monkeypatch):
     config = MergeConfig.from_dict(tiny.config, base_dir=tiny.dir)
     report = MergeReport(method="activation", alpha=0.5, repair="repair", calibration_samples=48)
