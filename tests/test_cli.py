@@ -287,6 +287,13 @@ def test_cli_refuses_a_result_that_does_not_fit_the_architecture(tiny, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_two_runs_of_one_config_write_the_same_weights_file(tiny, tmp_path):
+    path = write_yaml(tiny.dir / "ok.yml", tiny.config)
+    for out in ("out1", "out2"):
+        assert main(["-q", "merge", str(path), str(tmp_path / out)]) == 0
+    assert (tmp_path / "out1" / "model.safetensors").read_bytes() == (tmp_path / "out2" / "model.safetensors").read_bytes()
+
+
 def _no_work(*args, **kwargs):
     raise AssertionError("models were loaded although the output could not be written")
 
