@@ -97,13 +97,14 @@ def input_scale_hint(x: Optional[torch.Tensor]) -> str:
     if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
         scale = f" (|x| reaches {float(x.detach().abs().amax()):.3g} in a batch; normalized images are of order 1)"
     return ("both models' weights are finite, so the inputs are the likely cause: check the calibration data's "
-            f"scale and normalization{scale} and normalize as in training, e.g. torchvision.transforms.Normalize"
+            f"scale{scale} and pass images normalized as in training, e.g. with torchvision.transforms.Normalize"
             "(mean, std).")
 
 
 def check_merged_finite(merged: nn.Module, first_batch: Optional[torch.Tensor]) -> None:
     # interpolating finite weights gives finite weights: what overflowed is a correction's statistics
-    check_finite(merged, "the merged model", fix="the REPAIR/RESET statistics overflowed: " + input_scale_hint(first_batch))
+    check_finite(merged, "the merged model",
+                 fix="the REPAIR/RESET statistics overflowed: " + input_scale_hint(first_batch))
 
 
 def state_dict_sha256(model: nn.Module) -> str:

@@ -132,18 +132,20 @@ def test_nan_inputs_are_named_with_the_batch():
 
 
 @pytest.mark.parametrize("how", ["merge", "merge_many"])
-@pytest.mark.parametrize("scale", [1e30, 1e37])
+@pytest.mark.parametrize("scale", [1e18, 1e30, 1e37])
 def test_overflowing_inputs_point_at_the_inputs_not_the_checkpoint(how, scale):
-    """x1e30: REPAIR's statistics overflow (merge) or the corrected net's activations do (merge_many);
-    x1e37: the models' own activations overflow. Either way the weights are fine: the message says so."""
+    """x1e18: REPAIR's statistics overflow (merge) or the corrected net's activations do (merge_many);
+    x1e30: the float32 moments overflow (the calibration-evidence check refuses the data); x1e37: the
+    models' own activations overflow. The weights are fine throughout, and the message says so."""
     a, b = _pair()
     data = [X * scale]
-    with pytest.raises(NumericalError) as info:
+    with pytest.raises((NumericalError, DataError)) as info:
         merge(a, b, data, progress=False) if how == "merge" else merge_many([a, b], data, progress=False)
     msg = str(info.value)
-    assert "the merged model has NaN or inf" in msg or "non-finite activations" in msg
-    assert "re-train" not in msg
-    assert "weights are finite" in msg and "normaliz" in msg and f"{float((X * scale).abs().max()):.3g}" in msg
+    assert "re-train" not in msg and "normalized as in training" in msg
+    if isinstance(info.value, NumericalError):
+        assert "the merged model has NaN or inf" in msg or "non-finite activations" in msg
+        assert "weights are finite" in msg and f"{float((X * scale).abs().max()):.3g}" in msg
 
 
 # ---- wrapped models ------------------------------------------------------------------------------------
