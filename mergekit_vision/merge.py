@@ -6,7 +6,6 @@ permute B -> interpolate -> one pass over the interpolated net with corrections 
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import logging
 import sys
@@ -167,20 +166,17 @@ def _check_values(vals, where: str, first_batch: Optional[torch.Tensor] = None):
                                  + input_scale_hint(first_batch))
 
 
-def outside_inference_mode(fn):
-    """Run ``fn`` with inference mode off: a merge called inside ``torch.inference_mode()`` (a natural
-    place for code that only runs models forward) would otherwise build its result from inference
-    tensors, which autograd refuses, so the merged model could not be fine-tuned. The merge needs no
-    gradients either way; its passes run under ``torch.no_grad()``."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.inference_mode(False):
-            return fn(*args, **kwargs)
-    return wrapper
+def ordinary_tensors(model: nn.Module) -> nn.Module:
+    """``model`` itself, or, when it holds inference tensors (a merge called inside
+    ``torch.inference_mode()``, a natural place for code that only runs models forward), a copy made
+    outside inference mode: autograd refuses inference tensors, so it could not be fine-tuned."""
+    if not any(t.is_inference() for t in model.state_dict().values()):
+        return model
+    with torch.inference_mode(False):
+        return copy.deepcopy(model)
 
 
 # ---- the pipeline ------------------------------------------------------------------------
-@outside_inference_mode
 def merge(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -398,7 +394,7 @@ def merge(
         if explicit:
             merged = _with_affines(merged, gm, explicit)
 
-    merged = merged.to(out_device).eval()
+    merged = ordinary_tensors(merged.to(out_device).eval())
     check_merged_finite(merged, first)
     report.timings = timings
     merged.merge_report = report

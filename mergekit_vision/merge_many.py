@@ -29,7 +29,7 @@ from .match.activation import tap_plan
 from .match.evidence import check_matching_evidence, check_site_evidence
 from .merge import (METHODS, _batches, _chain, _check_matching_options, _check_values, _repair_mode,
                     _site_recorders, _timer, check_finite, check_merged_finite, check_same_architecture,
-                    outside_inference_mode, unwrap_model)
+                    ordinary_tensors, unwrap_model)
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Site, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction,
                      fuse_reset, permute_channel_stats)
@@ -320,7 +320,6 @@ class MergeManyReport:
 
 
 # ---- the pipeline ---------------------------------------------------------------------------
-@outside_inference_mode
 def merge_many(
     models: Sequence[nn.Module],
     calib_loader: Any = None,
@@ -527,7 +526,7 @@ def merge_many(
                         setattr(report.sites[s.node], attr, float((got.var / tv).mean()))
             del raw
 
-    merged = merged.to(out_device).eval()
+    merged = ordinary_tensors(merged.to(out_device).eval())
     check_merged_finite(merged, first)
     report.timings = timings
     merged.merge_report = report
