@@ -75,8 +75,9 @@ def plan_calibration(model: nn.Module, example: Optional[torch.Tensor], *, spec:
             try:
                 model(example)
             except Exception as exc:
-                raise DataError(f"the models cannot take an input batch of shape {tuple(example.shape)}: "
-                                f"{type(exc).__name__}: {exc}") from exc
+                raise DataError(f"the models cannot take the example input (shape {tuple(example.shape)}, "
+                                f"{str(example.dtype).removeprefix('torch.')}; the first sample of the calibration "
+                                f"data, or example=): {type(exc).__name__}: {exc}") from exc
             spec = trace_permutation_spec(model, example, leaf_modules=leaf_modules)
         gm = shared_graph(model, leaf_modules=leaf_modules)
         sites = find_sites(gm, spec, mode) if mode != "none" else []

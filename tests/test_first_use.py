@@ -182,3 +182,10 @@ def test_a_config_unwraps_checkpoints_saved_from_wrapped_models(tmp_path, fmt, w
     model, _ = load_model(mc)
     assert model.state_dict().keys() == a.state_dict().keys()
     assert all(torch.equal(v, a.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_merge_many_reports_the_example_it_traced_with():
+    a, b = _pair()
+    with pytest.raises(DataError, match=r"cannot take the example input \(shape \(1, 3, 16, 16\), float32; the first "
+                                        r"sample of the calibration data"):
+        merge_many([a, b], [torch.randn(8, 3, 16, 16)], progress=False)
