@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .errors import DataError
 
 __all__ = [
-    "iter_inputs", "check_reiterable", "count_samples", "digits_dataset", "load_image_folder", "load_cifar10", "load_npz",
-    "load_dataset", "DATASET_KINDS", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "iter_inputs", "check_reiterable", "count_samples", "digits_dataset", "load_image_folder", "load_cifar10",
+    "load_npz", "load_dataset", "DATASET_KINDS", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
 logger = logging.getLogger(__name__)

@@ -291,7 +291,8 @@ def test_two_runs_of_one_config_write_the_same_weights_file(tiny, tmp_path):
     path = write_yaml(tiny.dir / "ok.yml", tiny.config)
     for out in ("out1", "out2"):
         assert main(["-q", "merge", str(path), str(tmp_path / out)]) == 0
-    assert (tmp_path / "out1" / "model.safetensors").read_bytes() == (tmp_path / "out2" / "model.safetensors").read_bytes()
+    first, second = (tmp_path / out / "model.safetensors" for out in ("out1", "out2"))
+    assert first.read_bytes() == second.read_bytes()
 
 
 def _no_work(*args, **kwargs):
