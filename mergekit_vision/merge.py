@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import iter_inputs
+from .data import check_reiterable, iter_inputs
 from .engine import Lockstep, bind, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
@@ -39,7 +40,24 @@ REPAIR_MODES = ("repair", "reset", "stream", "none")
 
 
 # ---- input checks ------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``), in any nesting; any other model as it is. Nothing is changed:
+    the wrapper still holds the same model."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        dynamo = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile itself
+        if dynamo is not None and isinstance(model, getattr(dynamo, "OptimizedModule", ())):
+            model = model._orig_mod
+            continue
+        return model
+
+
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("model_a", "model_b")) -> None:
+    """The models have the same state-dict keys and shapes, and each tensor the same dtype and device
+    in both (a bfloat16 A and a float32 B would otherwise fail deep inside the first forward pass)."""
     sa, sb = model_a.state_dict(), model_b.state_dict()
     for (ka, va), (kb, vb) in zip(sa.items(), sb.items()):
         if ka != kb:
@@ -50,6 +68,15 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("mode
             raise ArchitectureMismatchError(
                 f"{names[1]} differs from {names[0]} at {ka!r}: {tuple(vb.shape)} vs {tuple(va.shape)}. "
                 "Build both with the same architecture name and kwargs (e.g. num_classes, width).")
+        if va.dtype != vb.dtype:
+            raise ArchitectureMismatchError(
+                f"{names[1]} is {str(vb.dtype).removeprefix('torch.')} and {names[0]} "
+                f"{str(va.dtype).removeprefix('torch.')} (at {ka!r}); convert one to the other's dtype before "
+                f"merging, e.g. {names[1]}.to({va.dtype}).")
+        if va.device != vb.device:
+            raise ArchitectureMismatchError(
+                f"{names[1]} is on {vb.device} and {names[0]} on {va.device} (at {ka!r}); put both on one "
+                f"device before merging, e.g. {names[1]}.to({str(va.device)!r}) (device= sets where the merge runs).")
     if len(sa) != len(sb):
         extra = list(sa)[len(sb):] or list(sb)[len(sa):]
         raise ArchitectureMismatchError(
@@ -57,10 +84,26 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("mode
             "Build both with the same architecture name and kwargs.")
 
 
-def check_finite(model: nn.Module, name: str) -> None:
+def check_finite(model: nn.Module, name: str, fix: str = "fix or re-train the checkpoint before merging.") -> None:
     for k, v in model.state_dict().items():
         if v.is_floating_point() and v.numel() and not torch.isfinite(v.sum(dtype=torch.float64)):
-            raise NumericalError(f"{name} has NaN or inf values in {k!r}; fix or re-train the checkpoint before merging.")
+            raise NumericalError(f"{name} has NaN or inf values in {k!r}; {fix}")
+
+
+def input_scale_hint(x: Optional[torch.Tensor]) -> str:
+    """Where non-finite values come from once both models' weights are known to be finite: the inputs."""
+    scale = ""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+        scale = f" (|x| reaches {float(x.detach().abs().amax()):.3g} in a batch; normalized images are of order 1)"
+    return ("both models' weights are finite, so the inputs are the likely cause: check the calibration data's "
+            f"scale{scale} and pass images normalized as in training, e.g. with torchvision.transforms.Normalize"
+            "(mean, std).")
+
+
+def check_merged_finite(merged: nn.Module, first_batch: Optional[torch.Tensor]) -> None:
+    # interpolating finite weights gives finite weights: what overflowed is a correction's statistics
+    check_finite(merged, "the merged model",
+                 fix="the REPAIR/RESET statistics overflowed: " + input_scale_hint(first_batch))
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -115,11 +158,22 @@ def _varying(batches):
                         "carry no information about the models. Pass real images, normalized as in training.")
 
 
-def _check_values(vals, where: str):
+def _check_values(vals, where: str, first_batch: Optional[torch.Tensor] = None):
+    """Called once both models' weights passed ``check_finite``: non-finite values come from the inputs."""
     for v in vals:
         if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v.sum(dtype=torch.float64)):
-            raise NumericalError(f"non-finite activations at {where} during calibration; check the inputs' "
-                                 "normalization and the models' weights.")
+            raise NumericalError(f"non-finite activations at {where} during calibration; "
+                                 + input_scale_hint(first_batch))
+
+
+def ordinary_tensors(model: nn.Module) -> nn.Module:
+    """``model`` itself, or, when it holds inference tensors (a merge called inside
+    ``torch.inference_mode()``, a natural place for code that only runs models forward), a copy made
+    outside inference mode: autograd refuses inference tensors, so it could not be fine-tuned."""
+    if not any(t.is_inference() for t in model.state_dict().values()):
+        return model
+    with torch.inference_mode(False):
+        return copy.deepcopy(model)
 
 
 # ---- the pipeline ------------------------------------------------------------------------
@@ -149,8 +203,10 @@ def merge(
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result.
 
     Returns a new model of ``model_a``'s class and architecture, in eval mode, on ``model_a``'s device
-    and dtype (``merged.merge_report`` holds the report; ``return_report=True`` returns it too).
+    and dtype (``merged.merge_report`` holds the report; ``return_report=True`` returns it too), with
+    ordinary tensors even when called inside ``torch.inference_mode()`` (it can be fine-tuned).
     ``calib_loader``: any re-iterable of batches (Tensor, (x, y) tuples, a DataLoader); no labels needed.
+    A generator or another one-shot iterator raises DataError (the merge reads the data several times).
     ``method``: "activation" (correlation matching), "weight" (data-free), "none" (naive average).
     ``repair``: True/"repair", "reset" (re-estimate BatchNorm statistics only), False/"none", or
     "stream": as "repair" plus a correction on every residual add (the REPAIR authors' ImageNet ResNet
@@ -158,7 +214,10 @@ def merge(
     conv used only by the add (projection shortcuts); otherwise (identity shortcuts) it is kept as an
     explicit ``ChannelAffine`` module and the result is a ``torch.fx.GraphModule`` with those extra
     modules (``fold_stream=False`` keeps every stream correction explicit). The default, "repair",
-    always returns exactly ``model_a``'s architecture.
+    always returns exactly ``model_a``'s architecture. Models wrapped in ``nn.DataParallel``,
+    ``DistributedDataParallel`` or ``torch.compile`` are merged as the models inside (``.module``,
+    ``._orig_mod``; the wrappers are left as they are): the result is the inner architecture,
+    neither wrapped nor compiled.
     ``lineage_threshold``: when the models' conv/linear weights, compared unpermuted, have a median
     cosine similarity at least this (fine-tunes of one checkpoint, FedAvg clients, gossip nodes), their
     channels already correspond: matching is skipped, the report says so (``matching_skipped``,
@@ -177,6 +236,7 @@ def merge(
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     _check_matching_options(taps, weight_tol)
+    model_a, model_b = unwrap_model(model_a), unwrap_model(model_b)
     mode = _repair_mode(repair)
     if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
@@ -185,6 +245,8 @@ def merge(
     if needs_data and calib_loader is None:
         raise DataError(f"method={method!r} with repair={mode!r} needs calibration data: pass calib_loader "
                         "(any iterable of input batches), or use method='weight', repair=False for a data-free merge.")
+    if calib_loader is not None:
+        check_reiterable(calib_loader)
     check_same_architecture(model_a, model_b)
     check_finite(model_a, "model_a")
     check_finite(model_b, "model_b")
@@ -202,9 +264,10 @@ def merge(
     b = copy.deepcopy(model_b).to(work).eval()
 
     with _timer(timings, "trace"), torch.no_grad():
-        example = None
+        first = example = None
         if calib_loader is not None:
-            example = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))[:1]
+            first = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))
+            example = first[:1]
         if spec is None:
             if example is None:
                 raise DataError("a data-free merge needs the input shape to trace the model: pass spec= "
@@ -212,8 +275,8 @@ def merge(
             try:
                 a(example)
             except Exception as exc:
-                raise DataError(f"model_a cannot take a calibration batch of shape {tuple(example.shape)}: "
-                                f"{type(exc).__name__}: {exc}") from exc
+                raise DataError(f"model_a cannot take the first calibration batch (shape {tuple(first.shape)}, "
+                                f"{str(first.dtype).removeprefix('torch.')}): {type(exc).__name__}: {exc}") from exc
             spec = trace_permutation_spec(a, example, leaf_modules=leaf_modules)
         gm = shared_graph(a, leaf_modules=leaf_modules)
         sites = find_sites(gm, spec, mode) if mode != "none" else []
@@ -242,7 +305,7 @@ def merge(
         with _timer(timings, "pass_ab"), torch.no_grad():
             for x in _batches(calib_loader, desc="calibrate A/B", progress=progress, **batches):
                 outs = lock.run(x, hooks, override=site_over)
-                _check_values(outs, "the models' outputs")
+                _check_values(outs, "the models' outputs", first)
                 n_calib += x.shape[0]
     report.calibration_samples = n_calib
     if collector is not None:
@@ -334,8 +397,8 @@ def merge(
         if explicit:
             merged = _with_affines(merged, gm, explicit)
 
-    merged = merged.to(out_device).eval()
-    check_finite(merged, "the merged model")
+    merged = ordinary_tensors(merged.to(out_device).eval())
+    check_merged_finite(merged, first)
     report.timings = timings
     merged.merge_report = report
     logger.info(report.summary())

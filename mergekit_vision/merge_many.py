@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .data import iter_inputs
+from .data import check_reiterable, iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ConfigError, DataError
 from .interpolate import weighted_average
@@ -28,7 +28,8 @@ from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cos
 from .match.activation import tap_plan
 from .match.evidence import check_matching_evidence, check_site_evidence
 from .merge import (METHODS, _batches, _chain, _check_matching_options, _check_values, _repair_mode,
-                    _site_recorders, _timer, check_finite, check_same_architecture)
+                    _site_recorders, _timer, check_finite, check_merged_finite, check_same_architecture,
+                    ordinary_tensors, unwrap_model)
 from .permute import permute_state_dict
 from .repair import (CorrectionPass, Site, Target, affine_correction, find_sites, fuse_affine, fuse_bn_correction,
                      fuse_reset, permute_channel_stats)
@@ -74,8 +75,9 @@ def plan_calibration(model: nn.Module, example: Optional[torch.Tensor], *, spec:
             try:
                 model(example)
             except Exception as exc:
-                raise DataError(f"the models cannot take an input batch of shape {tuple(example.shape)}: "
-                                f"{type(exc).__name__}: {exc}") from exc
+                raise DataError(f"the models cannot take the example input (shape {tuple(example.shape)}, "
+                                f"{str(example.dtype).removeprefix('torch.')}; the first sample of the calibration "
+                                f"data, or example=): {type(exc).__name__}: {exc}") from exc
             spec = trace_permutation_spec(model, example, leaf_modules=leaf_modules)
         gm = shared_graph(model, leaf_modules=leaf_modules)
         sites = find_sites(gm, spec, mode) if mode != "none" else []
@@ -238,7 +240,7 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
     lock = Lockstep(models, plan.gm)
     for x in _batches(loader, desc=f"statistics of {len(models)} models", progress=progress, **batches):
         outs = lock.run(x, hooks, override=overrides)
-        _check_values(outs, "the models' outputs")
+        _check_values(outs, "the models' outputs", x)
         st.samples += x.shape[0]
     if req.sites and plan.sites:
         st.channels = {(node, k): m for node, ms in per_site.items() for k, m in enumerate(ms)}
@@ -364,11 +366,12 @@ def merge_many(
     unpermuted (FedAvg clients of one global model, gossip nodes, fine-tunes of one checkpoint), the
     models already share one coordinate system: matching is skipped and the report says why
     (``matching_skipped``, ``lineage_cosines``; ``lineage_keys``: the tensors compared, those the spec's
-    free groups permute). None always matches.
+    free groups permute). None always matches. Wrapped models (``nn.DataParallel``, ``torch.compile``)
+    are merged as the models inside, as by ``merge``.
     """
     from . import __version__
 
-    models = list(models)
+    models = [unwrap_model(m) for m in models]  # DataParallel, torch.compile: the model inside
     k_models = len(models)
     if k_models == 0:
         raise ConfigError("merge_many needs at least one model; got an empty sequence")
@@ -392,6 +395,8 @@ def merge_many(
         raise DataError(f"method={method!r} with repair={mode!r} needs calibration data: pass calib_loader "
                         "(any iterable of input batches) or collect=, or use method='weight', repair=False "
                         "for a data-free merge.")
+    if calib_loader is not None:
+        check_reiterable(calib_loader)
     names = [f"models[{i}]" for i in range(k_models)]
     for i in range(1, k_models):
         check_same_architecture(models[0], models[i], (names[0], names[i]))
@@ -409,8 +414,10 @@ def merge_many(
                                        device=work, progress=progress)
 
     with _timer(timings, "trace"):
+        first = example
         if example is None and calib_loader is not None:
-            example = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))[:1]
+            first = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))
+            example = first[:1]
         if example is None and spec is None:
             raise DataError("merge_many needs an input batch to trace the models: pass calib_loader, "
                             "example= (one input batch) or spec=")
@@ -520,8 +527,8 @@ def merge_many(
                         setattr(report.sites[s.node], attr, float((got.var / tv).mean()))
             del raw
 
-    merged = merged.to(out_device).eval()
-    check_finite(merged, "the merged model")
+    merged = ordinary_tensors(merged.to(out_device).eval())
+    check_merged_finite(merged, first)
     report.timings = timings
     merged.merge_report = report
     logger.info(report.summary())
