@@ -20,13 +20,14 @@ PER_FAMILY = 2
 
 
 def _params(build):
-    try:
-        with torch.device("meta"):
-            m = build()
-        return sum(p.numel() for p in m.parameters())
-    except Exception as exc:  # noqa: BLE001 -- a census: record and go on
-        print(f"cannot build: {exc!s:.120}", file=sys.stderr)
-        return None
+    for device in ("meta", "cpu"):  # some initializers copy real data (scipy's truncnorm): build those for real
+        try:
+            with torch.device(device):
+                m = build()
+            return sum(p.numel() for p in m.parameters())
+        except Exception as exc:  # noqa: BLE001 -- a census: record and go on
+            print(f"cannot build on {device}: {exc!s:.120}", file=sys.stderr)
+    return None
 
 
 def fractions():

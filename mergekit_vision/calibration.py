@@ -29,7 +29,7 @@ from .trace import trace_permutation_spec
 logger = logging.getLogger(__name__)
 
 __all__ = ["CalibrationPlan", "plan_calibration", "Statistics", "StatisticsRequest", "Collect",
-           "collect_statistics", "LocalCollector", "timed", "calibration_batches", "check_values", "chain",
+           "collect_statistics", "LocalCollector", "timed", "input_scale_hint", "calibration_batches", "check_values", "chain",
            "site_recorders"]
 
 
@@ -64,12 +64,22 @@ def _varying(batches):
                         "carry no information about the models. Pass real images, normalized as in training.")
 
 
-def check_values(vals, where: str):
-    """A NumericalError for non-finite floating values."""
+def input_scale_hint(x: Optional[torch.Tensor]) -> str:
+    """Where non-finite values come from once both models' weights are known to be finite: the inputs."""
+    scale = ""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel():
+        scale = f" (|x| reaches {float(x.detach().abs().amax()):.3g} in a batch; normalized images are of order 1)"
+    return ("both models' weights are finite, so the inputs are the likely cause: check the calibration data's "
+            f"scale{scale} and pass images normalized as in training, e.g. with torchvision.transforms.Normalize"
+            "(mean, std).")
+
+
+def check_values(vals, where: str, first_batch: Optional[torch.Tensor] = None):
+    """Called once the models' weights passed ``check_finite``: non-finite values come from the inputs."""
     for v in vals:
         if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v.sum(dtype=torch.float64)):
-            raise NumericalError(f"non-finite activations at {where} during calibration; check the inputs' "
-                                 "normalization and the models' weights.")
+            raise NumericalError(f"non-finite activations at {where} during calibration; "
+                                 + input_scale_hint(first_batch))
 
 
 def chain(first, second):
@@ -126,9 +136,9 @@ class CalibrationPlan:
 
 def plan_calibration(model: nn.Module, example: Optional[torch.Tensor], *, spec: Optional[PermutationSpec] = None,
                      repair: Union[bool, str] = True, leaf_modules: Iterable = (),
-                     name: str = "the models") -> CalibrationPlan:
+                     name: str = "the models", first_batch: Optional[torch.Tensor] = None) -> CalibrationPlan:
     """Trace ``model`` (once per architecture) on ``example`` (one input batch; not needed with ``spec``).
-    ``name``: how errors call the model(s)."""
+    ``name``: how errors call the model(s); ``first_batch``: the batch ``example`` was cut from, if any."""
     mode = repair_mode(repair)
     with torch.no_grad():
         if spec is None:
@@ -137,8 +147,12 @@ def plan_calibration(model: nn.Module, example: Optional[torch.Tensor], *, spec:
             try:
                 model(example)
             except Exception as exc:
-                raise DataError(f"{name} cannot take an input batch of shape {tuple(example.shape)}: "
-                                f"{type(exc).__name__}: {exc}") from exc
+                cut = "" if first_batch is None else (
+                    f", cut from the first calibration batch (shape {tuple(first_batch.shape)}, "
+                    f"{str(first_batch.dtype).removeprefix('torch.')})")
+                raise DataError(f"{name} cannot take the example input (shape {tuple(example.shape)}, "
+                                f"{str(example.dtype).removeprefix('torch.')}; the first sample of the calibration "
+                                f"data, or example=){cut}: {type(exc).__name__}: {exc}") from exc
             spec = trace_permutation_spec(model, example, leaf_modules=leaf_modules)
         gm = shared_graph(model, leaf_modules=leaf_modules)
         sites = find_sites(gm, spec, REPAIRS[mode].sites) if mode != "none" else []
@@ -333,7 +347,7 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
     lock = Lockstep(models, plan.gm)
     for x in calibration_batches(loader, desc=f"statistics of {len(models)} models", progress=progress, **batches):
         outs = lock.run(x, hooks, override=overrides)
-        check_values(outs, "the models' outputs")
+        check_values(outs, "the models' outputs", x)
         st.samples += x.shape[0]
     if req.sites and plan.sites:
         st.channels = {(node, k): m for node, ms in per_site.items() for k, m in enumerate(ms)}

@@ -102,13 +102,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     import torch
 
     from .merge import merge, merge_many
-    from .output import write_output_folder
+    from .output import check_output_folder, write_output_folder
 
     t0 = time.perf_counter()
     config = _load_config(args)
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():  # found before the models are loaded, not after the merge
-        raise ConfigError(f"OUT_DIR '{out}' is a file; give a folder path (it is created if missing)")
+    check_output_folder(args.out_dir, "OUT_DIR")  # found before the models are loaded, not after the merge
     timings: Dict[str, float] = {}
     models, calib, evaluation, sources = _load_all(config, timings)
     a = models[0]
@@ -141,6 +139,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     # the merge's own stages (trace, pass_ab, match, ...) sit inside "merge"
     report.timings = {"load_models": timings["load_models"], "load_data": timings["load_data"],
                       **report.timings, **{k: v for k, v in timings.items() if k not in ("load_models", "load_data")}}
+    args.writing_started = True  # from here on an interrupt can leave OUT_DIR incomplete
     with _stage(timings, "write_output"):
         write_output_folder(args.out_dir, merged, config, report, model_name=config.models[0].arch,
                             library=config.models[0].library, metrics=metrics)
@@ -153,6 +152,7 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     import torch
 
     from .export import write_json_atomic
+    from .output import check_output_folder
 
     try:
         from .evaluate import interpolation_curve, plot_curve
@@ -162,6 +162,10 @@ def _cmd_curve(args: argparse.Namespace) -> int:
         raise MergeVisionError("curve needs mergekit_vision.evaluate, which this installation lacks; "
                                "update mergekit-vision") from None
     config = _load_config(args)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out '{out}' is a folder; give the PNG's file path, e.g. {out / 'curve.png'}")
+    check_output_folder(out.parent, "the folder of --out")  # before the models are loaded and evaluated
     if config.evaluation is None:
         raise ConfigError(f"{args.config}: evaluation: missing — curve measures accuracy along the path: give "
                           "evaluation: {path: DATA, split: test} (the same keys as calibration)")
@@ -179,7 +183,6 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     if all(v is not None for _, v in mids):
         print("accuracy barrier at alpha=0.5 (mean endpoint minus midpoint, points): "
               + ", ".join(f"{m} {100 * v:.2f}" for m, v in mids))
-    out = Path(args.out)
     write_json_atomic(out.with_suffix(".json"), curve.to_dict())
     if importlib.util.find_spec("matplotlib") is None:  # an optional extra
         logger.warning("matplotlib is not installed, so no plot: pip install 'mergekit-vision[plot]'. "
@@ -338,9 +341,26 @@ def _run(args: argparse.Namespace) -> int:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted" + (f"; {args.out_dir} is incomplete (no README.md)"
-                                      if getattr(args, "out_dir", None) else ""), file=sys.stderr)
+        print("error: interrupted" + _left_behind(args), file=sys.stderr)
         return 130
+
+
+def _left_behind(args: argparse.Namespace) -> str:
+    """What an interrupted ``merge`` left in OUT_DIR. Every file is written atomically and README.md
+    last (removed first), so a folder with README.md is complete; before the writing starts the
+    folder is not touched at all."""
+    from .output import CARD_NAME
+
+    if not getattr(args, "out_dir", None):
+        return ""
+    out = Path(args.out_dir)
+    complete = (out / CARD_NAME).is_file()
+    if getattr(args, "writing_started", False):
+        return (f"; {out} holds a complete result ({CARD_NAME} is there)" if complete else
+                f"; {out} is incomplete (no {CARD_NAME}): run the merge again")
+    if not out.exists():
+        return f"; nothing was written ({out} was not created)"
+    return f"; nothing was written to {out}" + (", its earlier complete result is untouched" if complete else "")
 
 
 if __name__ == "__main__":

@@ -509,20 +509,20 @@ def load_model(mc: ModelConfig, *, where: str = "models[0]", dtype: Optional[tor
         fix = (f" Set {where}.kwargs to the kwargs the checkpoint was trained with (e.g. num_classes), "
                f"or {where}.model to its architecture.")
         if ckpt.is_dir() or ckpt.suffix.lower() == ".safetensors":
-            from .export import load_into
+            from .export import load_sharded
 
             try:
-                load_into(model, ckpt)
+                state_dict, _ = load_sharded(ckpt)  # a file, or a folder of shards and their index
             except MergeVisionError as exc:
-                raise type(exc)(f"{where}.checkpoint: {exc}" + (fix if isinstance(exc, ArchitectureMismatchError)
-                                                                  else "")) from exc
+                raise type(exc)(f"{where}.checkpoint: {exc}") from exc
         else:
             state_dict = _read_torch_state_dict(ckpt, where)
-            problems = _state_dict_problems(model, state_dict)
-            if problems:
-                raise ArchitectureMismatchError(f"{where}.checkpoint: {type(model).__name__} ({mc.model}) does not "
-                                                f"fit '{ckpt}': {problems}.{fix}")
-            model.load_state_dict(state_dict)
+        state_dict = _unwrapped(state_dict, model)
+        problems = _state_dict_problems(model, state_dict)
+        if problems:
+            raise ArchitectureMismatchError(f"{where}.checkpoint: {type(model).__name__} ({mc.model}) does not "
+                                            f"fit '{ckpt}': {problems}.{fix}")
+        model.load_state_dict(state_dict)
     logger.debug("%s: %s from %s (sha256 %s)", where, mc.model, ckpt, source["sha256"][:12])
     return (model.eval().to(dtype) if dtype else model.eval()), source
 
@@ -574,9 +574,23 @@ def _read_torch_state_dict(path: Path, where: str) -> Dict[str, torch.Tensor]:
         found = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
         raise ConfigError(f"{where}.checkpoint: '{path}' holds no state dict (found {found}); expected "
                           f"{{name: tensor}} or one under {' / '.join(_STATE_DICT_WRAPPERS)}.")
-    sd = dict(sd)
-    if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+# the key prefixes of a state dict saved from a wrapped model: DataParallel/DDP, torch.compile
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unwrapped(sd: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``sd`` without the prefixes a wrapper adds to every key (``module.``, ``_orig_mod.``, nested in
+    any order), as long as ``model``'s own keys do not carry that prefix themselves."""
+    own = list(model.state_dict())
+    while sd:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)
+                       and not (own and all(k.startswith(p) for k in own))), None)
+        if prefix is None:
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .errors import DataError
 
 __all__ = [
-    "iter_inputs", "count_samples", "digits_dataset", "load_image_folder", "load_cifar10", "load_npz",
-    "load_dataset", "DATASET_KINDS", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "iter_inputs", "check_reiterable", "count_samples", "digits_dataset", "load_image_folder", "load_cifar10",
+    "load_npz", "load_dataset", "DATASET_KINDS", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,50 @@ def _input_of(batch: Any, index: int) -> torch.Tensor:
     if x.dim() == 0 or x.shape[0] == 0:
         raise DataError(f"calibration batch {index} has no samples (shape {tuple(x.shape)}); "
                         "drop empty batches or use a batch-first tensor (N, ...).")
+    if x.dim() == 1:
+        what = ("integers: that looks like labels, not images" if not x.is_floating_point()
+                else "values: one number per sample, not images")
+        raise DataError(f"calibration batch {index} is a 1-D tensor of shape {tuple(x.shape)} holding "
+                        f"{str(x.dtype).removeprefix('torch.')} {what}. Each batch must hold the inputs, batch "
+                        "first (N, C, H, W): a Tensor, or a tuple/list with the inputs first ((images, labels)).")
     return x
+
+
+def _check_batch(x: torch.Tensor, index: int, first: Optional[torch.Tensor],
+                 dtype: Optional[torch.dtype]) -> None:
+    """A batch the models can take: floating point when they are, and shaped like the first batch."""
+    if dtype is not None and dtype.is_floating_point and x.dtype == torch.uint8:
+        raise DataError(
+            f"calibration batch {index} holds uint8 values (raw pixels, 0..255?) and the models take "
+            f"{str(dtype).removeprefix('torch.')} inputs: convert the images to float and normalize them as in "
+            "training, e.g. torchvision.transforms.ToTensor() (or ConvertImageDtype(torch.float32)) followed by "
+            "Normalize(mean, std).")
+    if first is not None and (x.dim() != first.dim() or x.shape[1] != first.shape[1]):
+        raise DataError(
+            f"calibration batch {index} has shape {tuple(x.shape)} but batch 0 had {tuple(first.shape)}: every "
+            "batch needs the first one's number of dimensions and of channels (dim 1; spatial sizes may "
+            "differ). Check the transform, e.g. convert every image to RGB (PIL: image.convert('RGB')).")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise DataError(f"calibration batch {index} has NaN or inf values; fix the data or its normalization "
+                        "(e.g. a division by a zero std).")
+
+
+def check_reiterable(loader: Any, name: str = "calib_loader") -> None:
+    """Raise DataError when ``loader`` is a one-shot iterator (a generator, ``iter(list)``, ``zip``, ...).
+
+    A merge reads its calibration data several times (a batch to trace the model, the statistics
+    pass, REPAIR's pass), and a second read of an iterator finds only what the first left: the
+    tracing batch would be missing from the statistics, or a later pass would get nothing. Refusing
+    it up front is the one behaviour that never drops data silently; keeping a copy of every batch
+    instead would hold a whole (possibly streamed, possibly large) data set in memory unasked.
+    """
+    if isinstance(loader, abc.Iterator):
+        raise DataError(
+            f"{name} is a one-shot iterator ({type(loader).__name__}): a merge reads the calibration data "
+            "several times (to trace the model, for the statistics, for REPAIR), so an iterator would lose "
+            "batches. Pass data that can be read again: a list of batches (e.g. list(generator)), a "
+            "DataLoader, a Dataset or a batch-first Tensor."
+        )
 
 
 def iter_inputs(loader: Any, *, max_batches: Optional[int] = None, max_samples: Optional[int] = None,
@@ -107,10 +150,13 @@ def iter_inputs(loader: Any, *, max_batches: Optional[int] = None, max_samples: 
     ``dtype`` applies to floating inputs only (integer inputs such as token ids keep theirs).
 
     A merge reads its calibration data several times, so ``loader`` must be re-iterable: a DataLoader,
-    a list or a Tensor is; a generator or another one-shot iterator is not (its second pass raises).
+    a list or a Tensor is; a generator or another one-shot iterator is not (``merge`` and
+    ``merge_many`` refuse one up front: :func:`check_reiterable`).
 
     Raises:
-        DataError: the loader yields nothing, a batch is not a tensor/tuple/dict, or a batch is empty.
+        DataError: the loader yields nothing; a batch is not a tensor/tuple/dict, is empty, is 1-D
+        (labels only), holds NaN/inf, or has another number of dimensions or channels (dim 1) than the
+        first; uint8 inputs for a floating ``dtype`` (unconverted images).
     """
     if max_batches is not None and max_batches < 1:
         raise DataError(f"max_batches must be >= 1 or None, got {max_batches}.")
@@ -121,8 +167,11 @@ def iter_inputs(loader: Any, *, max_batches: Optional[int] = None, max_samples: 
     one_shot = batches is loader and isinstance(loader, abc.Iterator)
     seen = 0
     n_batches = 0
+    first = None
     for i, batch in enumerate(batches):
         x = _input_of(batch, i)
+        _check_batch(x, i, first, dtype)
+        first = x if first is None else first
         if max_samples is not None:
             x = x[: max_samples - seen]
         if dtype is not None and x.is_floating_point():

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -233,6 +234,42 @@ def _write_safetensors(tensors: StateDict, path: Path, header: dict[str, str]) -
     with atomic_write(path) as tmp:
         # Looked up at call time so tests can simulate a crash mid-write.
         safetensors.torch.save_file(tensors, os.fspath(tmp), metadata=header)
+        _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header of the safetensors file at `path` with its metadata keys sorted.
+
+    safetensors keeps the metadata in a Rust HashMap, whose order is random per process, so the same
+    tensors and metadata gave different bytes on every run. The tensor entries (their order and
+    offsets) are kept as written; only `__metadata__` is reordered. The data starts where the header
+    ends: a header of the same length is rewritten in place, another one means copying the data.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        if not meta:
+            return
+        ordered = {"__metadata__": dict(sorted(meta.items())), **header}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (-(8 + len(text)) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+        if len(text) == n:
+            f.seek(8)
+            f.write(text)
+            return
+        f.seek(8 + n)
+        rest = path.with_name(path.name + ".data")
+        try:
+            with open(rest, "wb") as g:
+                shutil.copyfileobj(f, g)
+            f.seek(0)
+            f.truncate()
+            f.write(len(text).to_bytes(8, "little") + text)
+            with open(rest, "rb") as g:
+                shutil.copyfileobj(g, f)
+        finally:
+            rest.unlink(missing_ok=True)
 
 
 def save_safetensors(

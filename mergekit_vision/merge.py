@@ -9,15 +9,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .calibration import (CalibrationPlan, Collect, LocalCollector, Statistics, StatisticsRequest, plan_calibration,
-                          timed)
-from .data import iter_inputs
+from .calibration import (CalibrationPlan, Collect, LocalCollector, Statistics, StatisticsRequest, input_scale_hint,
+                          plan_calibration, timed)
+from .data import check_reiterable, iter_inputs
 from .errors import ArchitectureMismatchError, ConfigError, DataError, NumericalError
 from .interpolate import weighted_average
 from .match import (WEIGHT_TOL, LINEAGE_THRESHOLD, lineage_cosine, lineage_keys, match_from_correlations,
@@ -39,7 +40,24 @@ __all__ = ["merge", "merge_many", "align", "prepare_merge", "finish_merge", "Pre
 
 
 # ---- input checks ------------------------------------------------------------------------
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``), in any nesting; any other model as it is. Nothing is changed:
+    the wrapper still holds the same model."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        dynamo = sys.modules.get("torch._dynamo.eval_frame")  # imported by torch.compile itself
+        if dynamo is not None and isinstance(model, getattr(dynamo, "OptimizedModule", ())):
+            model = model._orig_mod
+            continue
+        return model
+
+
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("model_a", "model_b")) -> None:
+    """The models have the same state-dict keys and shapes, and each tensor the same dtype and device
+    in both (a bfloat16 A and a float32 B would otherwise fail deep inside the first forward pass)."""
     sa, sb = model_a.state_dict(), model_b.state_dict()
     for (ka, va), (kb, vb) in zip(sa.items(), sb.items()):
         if ka != kb:
@@ -50,6 +68,15 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("mode
             raise ArchitectureMismatchError(
                 f"{names[1]} differs from {names[0]} at {ka!r}: {tuple(vb.shape)} vs {tuple(va.shape)}. "
                 "Build both with the same architecture name and kwargs (e.g. num_classes, width).")
+        if va.dtype != vb.dtype:
+            raise ArchitectureMismatchError(
+                f"{names[1]} is {str(vb.dtype).removeprefix('torch.')} and {names[0]} "
+                f"{str(va.dtype).removeprefix('torch.')} (at {ka!r}); convert one to the other's dtype before "
+                f"merging, e.g. {names[1]}.to({va.dtype}).")
+        if va.device != vb.device:
+            raise ArchitectureMismatchError(
+                f"{names[1]} is on {vb.device} and {names[0]} on {va.device} (at {ka!r}); put both on one "
+                f"device before merging, e.g. {names[1]}.to({str(va.device)!r}) (device= sets where the merge runs).")
     if len(sa) != len(sb):
         extra = list(sa)[len(sb):] or list(sb)[len(sa):]
         raise ArchitectureMismatchError(
@@ -57,10 +84,16 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module, names=("mode
             "Build both with the same architecture name and kwargs.")
 
 
-def check_finite(model: nn.Module, name: str) -> None:
+def check_finite(model: nn.Module, name: str, fix: str = "fix or re-train the checkpoint before merging.") -> None:
     for k, v in model.state_dict().items():
         if v.is_floating_point() and v.numel() and not torch.isfinite(v.sum(dtype=torch.float64)):
-            raise NumericalError(f"{name} has NaN or inf values in {k!r}; fix or re-train the checkpoint before merging.")
+            raise NumericalError(f"{name} has NaN or inf values in {k!r}; {fix}")
+
+
+def check_merged_finite(merged: nn.Module, first_batch: Optional[torch.Tensor]) -> None:
+    # interpolating finite weights gives finite weights: what overflowed is a correction's statistics
+    check_finite(merged, "the merged model",
+                 fix="the REPAIR/RESET statistics overflowed: " + input_scale_hint(first_batch))
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -75,6 +108,16 @@ def state_dict_sha256(model: nn.Module) -> str:
 def source_info(model: nn.Module, role: str) -> Dict[str, str]:
     name = getattr(model, "pretrained_cfg", {}).get("architecture") if hasattr(model, "pretrained_cfg") else None
     return {"role": role, "architecture": name or type(model).__name__, "sha256": state_dict_sha256(model)}
+
+
+def ordinary_tensors(model: nn.Module) -> nn.Module:
+    """``model`` itself, or, when it holds inference tensors (a merge called inside
+    ``torch.inference_mode()``, a natural place for code that only runs models forward), a copy made
+    outside inference mode: autograd refuses inference tensors, so it could not be fine-tuned."""
+    if not any(t.is_inference() for t in model.state_dict().values()):
+        return model
+    with torch.inference_mode(False):
+        return copy.deepcopy(model)
 
 
 # ---- the pipeline ------------------------------------------------------------------------
@@ -124,7 +167,8 @@ def merge_many(
     with the reference's, compared unpermuted (FedAvg clients of one global model, gossip nodes,
     fine-tunes of one checkpoint), the models already share one coordinate system: matching is skipped
     and the report says why (``matching_skipped``, ``lineage_cosines``; ``lineage_keys``: the tensors
-    compared, those the spec's free groups permute). None always matches.
+    compared, those the spec's free groups permute). None always matches. Wrapped models
+    (``nn.DataParallel``, ``torch.compile``) are merged as the models inside, as by :func:`merge`.
     """
     models = list(models)
     if not models:
@@ -171,8 +215,10 @@ def merge(
     call of :func:`merge_many` (weights ``[1 - alpha, alpha]``, reference ``model_a``).
 
     Returns a new model of ``model_a``'s class and architecture, in eval mode, on ``model_a``'s device
-    and dtype (``merged.merge_report`` holds the report; ``return_report=True`` returns it too).
+    and dtype (``merged.merge_report`` holds the report; ``return_report=True`` returns it too), with
+    ordinary tensors even when called inside ``torch.inference_mode()`` (it can be fine-tuned).
     ``calib_loader``: any re-iterable of batches (Tensor, (x, y) tuples, a DataLoader); no labels needed.
+    A generator or another one-shot iterator raises DataError (the merge reads the data several times).
     ``method``: "activation" (correlation matching), "weight" (data-free), "none" (naive average).
     ``repair``: True/"repair", "reset" (re-estimate BatchNorm statistics only), False/"none", or
     "stream": as "repair" plus a correction on every residual add (the REPAIR authors' ImageNet ResNet
@@ -180,7 +226,10 @@ def merge(
     conv used only by the add (projection shortcuts); otherwise (identity shortcuts) it is kept as an
     explicit ``ChannelAffine`` module and the result is a ``torch.fx.GraphModule`` with those extra
     modules (``fold_stream=False`` keeps every stream correction explicit). The default, "repair",
-    always returns exactly ``model_a``'s architecture.
+    always returns exactly ``model_a``'s architecture. Models wrapped in ``nn.DataParallel``,
+    ``DistributedDataParallel`` or ``torch.compile`` are merged as the models inside (``.module``,
+    ``._orig_mod``; the wrappers are left as they are): the result is the inner architecture,
+    neither wrapped nor compiled.
     ``lineage_threshold``: when the models' conv/linear weights, compared unpermuted, have a median
     cosine similarity at least this (fine-tunes of one checkpoint, FedAvg clients, gossip nodes), their
     channels already correspond: matching is skipped, the report says so (``matching_skipped``,
@@ -249,6 +298,7 @@ class PreparedMerge:
     gather: Collect
     report: MergeReport                 # the fields known before averaging
     out_device: torch.device
+    first_batch: Optional[torch.Tensor] = None  # for the messages about the inputs' scale
 
 
 def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOptions, *,
@@ -258,7 +308,7 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
     sweeps; default equal)."""
     from . import __version__
 
-    models = list(models)
+    models = [unwrap_model(m) for m in models]  # DataParallel, torch.compile: the model inside
     names = list(names) if names is not None else [f"models[{i}]" for i in range(len(models))]
     w = list(weights) if weights is not None else [1.0 / len(models)] * len(models)
     ref = reference
@@ -268,6 +318,8 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
         raise DataError(f"method={method!r} with repair={mode!r} needs calibration data: pass calib_loader "
                         "(any iterable of input batches) or collect=, or use method='weight', repair=False "
                         "for a data-free merge.")
+    if calib_loader is not None:
+        check_reiterable(calib_loader)  # the merge reads the data several times
     for i in range(1, k_models):
         check_same_architecture(models[0], models[i], (names[0], names[i]))
     for name, m in zip(names, models):
@@ -286,13 +338,16 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
 
     # ---- plan: trace once ------------------------------------------------------------------
     with timed(timings, "trace"):
+        first = example  # a batch for the messages about the inputs' scale
         if example is None and calib_loader is not None:
-            example = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))[:1]
+            first = next(iter_inputs(calib_loader, max_batches=1, device=work, dtype=dtype))
+            example = first[:1]
         if example is None and spec is None:
             raise DataError("a data-free merge needs an input batch to trace the models: pass calib_loader, "
                             "example= (one input batch) or spec= (mergekit_vision.trace_permutation_spec(model, x))")
         plan = plan_calibration(ms[ref], None if example is None else example.to(work, dtype), spec=spec,
-                                repair=mode, leaf_modules=opts.leaf_modules, name=names[ref])
+                                repair=mode, leaf_modules=opts.leaf_modules, name=names[ref],
+                                first_batch=None if first is example else first)
     spec = plan.spec
     report.frozen_groups = {g.name: g.reason for g in spec.groups if g.frozen}
     if method != "none":
@@ -312,9 +367,9 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
         pairs = tuple((i, j) for i in range(k_models) for j in range(i + 1, k_models))
     else:
         pairs = tuple((ref, k) for k in range(k_models) if k != ref) if method == "activation" else ()
-    first = StatisticsRequest(pairs=pairs, sites=opts.mode.needs_targets, taps=opts.taps)
+    request = StatisticsRequest(pairs=pairs, sites=opts.mode.needs_targets, taps=opts.taps)
     with timed(timings, "pass_ab" if two else "statistics"):
-        stats = gather(ms, plan, first) if not first.empty else Statistics()
+        stats = gather(ms, plan, request) if not request.empty else Statistics()
     report.calibration_samples = stats.samples
     for i, j in pairs:
         check_matching_evidence(((g, node, m) for (g, node, a, b), m in stats.cross.items() if (a, b) == (i, j)),
@@ -360,7 +415,7 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
     report.rows = _group_rows(spec, perms, corrs, notes)
 
     report.timings = timings
-    return PreparedMerge(ms, names, ref, w, opts, plan, stats, perms, gather, report, out_device)
+    return PreparedMerge(ms, names, ref, w, opts, plan, stats, perms, gather, report, out_device, first)
 
 
 def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Optional[float] = None,
@@ -413,8 +468,8 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
         if explicit:
             merged = with_affines(merged, plan.gm, explicit)
 
-    merged = merged.to(p.out_device).eval()
-    check_finite(merged, "the merged model")
+    merged = ordinary_tensors(merged.to(p.out_device).eval())  # a merge inside torch.inference_mode() too
+    check_merged_finite(merged, p.first_batch)
     report.timings = timings
     merged.merge_report = report
     logger.info(report.summary())

@@ -5,6 +5,7 @@ Files are written atomically, weights first and README.md last: a folder without
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -14,7 +15,7 @@ from .errors import ExportError
 from .export import CONFIG_NAME, save_sharded, timm_config, write_json_atomic, write_text_atomic
 from .report import MergeReport
 
-__all__ = ["write_output_folder", "CONFIG_YAML", "REPORT_NAME", "CARD_NAME"]
+__all__ = ["write_output_folder", "check_output_folder", "CONFIG_YAML", "REPORT_NAME", "CARD_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,29 @@ _REPAIR_WORDS = {"repair": "REPAIR (per-channel mean and std restored, fused int
                  "reset": "RESET (BatchNorm statistics re-estimated)", "none": "none"}
 
 
+def check_output_folder(out_dir: Union[str, Path], what: str = "output folder") -> Path:
+    """Fail before any work when ``out_dir`` cannot be written: it must be a folder this process can
+    write, or one it can create (its nearest existing ancestor a writable folder, no file on the way).
+    The probe creates and removes a temporary file there, so permissions, ACLs and read-only mounts
+    all count, for root too; nothing is left behind and a missing folder is not created yet."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{what} '{out}' is a file; give a folder path (it is created if missing)")
+    base = out
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise ExportError(f"{what} '{out}' cannot be created: '{base}' is a file, not a folder; give another path")
+    try:
+        with tempfile.TemporaryFile(dir=base, prefix=".mergekit_vision-write-test-"):
+            pass
+    except OSError as exc:
+        where = "is not writable" if base == out else f"cannot be created: '{base}' is not writable"
+        raise ExportError(f"{what} '{out}' {where} ({exc.strerror or exc}); choose another folder or fix "
+                          "its permissions") from exc
+    return out
+
+
 def write_output_folder(out_dir: Union[str, Path], merged: nn.Module, config: Any, report: MergeReport, *,
                         model_name: str, library: str, metrics: Optional[Mapping[str, Any]] = None) -> List[Path]:
     """Write the folder: model.safetensors (sharded above ``config.out_shard_size``), config.json,
@@ -39,9 +63,7 @@ def write_output_folder(out_dir: Union[str, Path], merged: nn.Module, config: An
     """
     from . import __version__
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output folder '{out}' is a file; give a folder path (it is created if missing)")
+    out = check_output_folder(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # README.md marks a finished folder: an earlier run's card goes first, so a re-run that is
     # interrupted never pairs new weights with an old card.

@@ -335,6 +335,78 @@ def test_cli_refuses_a_result_that_does_not_fit_the_architecture(tiny, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_two_runs_of_one_config_write_the_same_weights_file(tiny, tmp_path):
+    path = write_yaml(tiny.dir / "ok.yml", tiny.config)
+    for out in ("out1", "out2"):
+        assert main(["-q", "merge", str(path), str(tmp_path / out)]) == 0
+    first, second = (tmp_path / out / "model.safetensors" for out in ("out1", "out2"))
+    assert first.read_bytes() == second.read_bytes()
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("models were loaded although the output could not be written")
+
+
+def test_an_output_under_a_file_exits_2_before_any_work(tiny, tmp_path, capsys, monkeypatch):
+    import mergekit_vision.cli as cli
+
+    monkeypatch.setattr(cli, "_load_inputs", _no_work)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    path = write_yaml(tiny.dir / "ok.yml", tiny.config)
+    for out, msg in ((blocker / "out", f"cannot be created: '{blocker}' is a file"),
+                     (blocker / "a" / "b", f"cannot be created: '{blocker}' is a file"),
+                     (blocker, "is a file; give a folder path")):
+        assert main(["-q", "merge", str(path), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: OUT_DIR ") and err.count("\n") == 1 and msg in err
+    cfg = write_yaml(tiny.dir / "curve_out.yml", {**tiny.config, "evaluation": {"path": "eval.npz"}})
+    assert main(["-q", "curve", str(cfg), "--out", str(blocker / "curve.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{blocker}' is a file" in err
+    assert blocker.read_text() == "a file, not a folder"
+
+
+# Root writes into any folder: without CAP_DAC_OVERRIDE it meets file modes as any user does.
+_AS_A_USER = r"""
+import ctypes, os, sys
+if os.geteuid() == 0:
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()
+    assert libc.capget(ctypes.byref(header), data) == 0
+    data[0].effective &= ~(1 << 1)  # CAP_DAC_OVERRIDE
+    data[0].permitted &= ~(1 << 1)
+    assert libc.capset(ctypes.byref(header), data) == 0, os.strerror(ctypes.get_errno())
+from mergekit_vision.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_read_only_output_folder_exits_2_before_any_work(tiny, tmp_path):
+    import os
+
+    path = write_yaml(tiny.dir / "ok.yml", tiny.config)
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    try:
+        for out, msg in ((ro / "out", f"OUT_DIR '{ro / 'out'}' cannot be created: '{ro}' is not writable"),
+                         (ro, f"OUT_DIR '{ro}' is not writable")):
+            r = subprocess.run([sys.executable, "-c", _AS_A_USER, "-q", "merge", str(path), str(out)],
+                               capture_output=True, text=True, timeout=300, env=env)
+            assert r.returncode == 2, r.stderr
+            assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and msg in r.stderr
+            assert "Permission denied" in r.stderr
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
 def test_checkpoint_that_does_not_fit_names_the_key(tiny):
     ctx = {"base_dir": tiny.dir}
     for ckpt in ("a.pt", "b.safetensors"):
@@ -385,6 +457,37 @@ def test_cli_interrupted_while_saving_leaves_no_complete_folder(tiny, tmp_path, 
     assert main(["-q", "merge", str(write_yaml(tiny.dir / "ok.yml", tiny.config)), str(out)]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == []  # no weights, no card, no temporary file
+
+
+def test_the_interrupt_message_says_what_is_in_the_folder(tiny, tmp_path, monkeypatch, capsys):
+    path = write_yaml(tiny.dir / "ok.yml", tiny.config)
+
+    def interrupted_merge(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    # the module: the package's own `merge` attribute is the function
+    monkeypatch.setattr(sys.modules["mergekit_vision.merge"], "merge", interrupted_merge)
+    assert main(["-q", "merge", str(path), str(out)]) == 130
+    assert capsys.readouterr().err == f"error: interrupted; nothing was written ({out} was not created)\n"
+    assert not out.exists()
+
+    # a complete earlier result, then a run interrupted before it writes: the folder is as it was
+    config = MergeConfig.from_dict(tiny.config, base_dir=tiny.dir)
+    report = MergeReport(method="activation", alpha=0.5, repair="repair", calibration_samples=48)
+    write_output_folder(out, tiny.a, config, report, model_name="tiny_resnet", library="mkv")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["-q", "merge", str(path), str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err == f"error: interrupted; nothing was written to {out}, its earlier complete result is untouched\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # interrupted while writing: now it is incomplete, and the message says so
+    monkeypatch.undo()
+    _crash_midway(monkeypatch)
+    assert main(["-q", "merge", str(path), str(out)]) == 130
+    assert capsys.readouterr().err == f"error: interrupted; {out} is incomplete (no README.md): run the merge again\n"
+    assert not (out / "README.md").exists()
 
 
 def test_interrupted_rerun_and_interrupted_shards(tiny, tmp_path, monkeypatch):

@@ -108,6 +108,69 @@ def test_metadata_round_trip(tmp_path):
     assert json.loads(header["recipe"]) == metadata["recipe"]
 
 
+_SAVE = r"""
+import sys, torch
+from mergekit_vision.export import save_safetensors, save_sharded
+g = torch.Generator().manual_seed(0)
+sd = {"conv.weight": torch.randn(4, 3, 3, 3, generator=g), "fc.bias": torch.randn(4, generator=g),
+      "bn.num_batches_tracked": torch.tensor(7)}
+meta = {"merge_method": "activation", "alpha": 0.5, "repair": "repair", "calibration_samples": 128,
+        "sources": [{"model": "timm:resnet18", "checkpoint": "a.safetensors", "sha256": "ab"}],
+        "zeta": "z", "beta": "b", "caf\u00e9": "cr\u00e8me"}
+if sys.argv[2] == "reversed":
+    meta = dict(reversed(list(meta.items())))
+save_safetensors(sd, sys.argv[1] + "/single.safetensors", metadata=meta)
+save_sharded(sd, sys.argv[1] + "/sharded", max_shard_size=200, metadata=meta)
+"""
+
+
+def test_same_inputs_give_the_same_bytes(tmp_path):
+    """Two processes (other hash seeds, metadata given in another order) write byte-identical files:
+    safetensors keeps metadata in a per-process randomly ordered map, the header is rewritten sorted."""
+    import os
+    import subprocess
+    import sys
+
+    runs = []
+    for seed, order in (("1", "given"), ("2", "reversed")):
+        out = tmp_path / order
+        out.mkdir()
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", _SAVE, str(out), order], check=True, env=env)
+        runs.append({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert len(runs[0]) == 4  # single file, two shards, the index
+    assert runs[0] == runs[1]
+    tensors, meta = load_safetensors(tmp_path / "given" / "single.safetensors")
+    assert meta["alpha"] == 0.5 and meta["caf\u00e9"] == "cr\u00e8me" and int(tensors["bn.num_batches_tracked"]) == 7
+    raw = (tmp_path / "given" / "single.safetensors").read_bytes()
+    keys = list(json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"])
+    assert keys == sorted(keys) and len(keys) == 10  # format and the JSON-keys list too
+
+
+def test_sorting_a_header_of_another_length_keeps_the_data(tmp_path, monkeypatch):
+    """A writer that pads its header differently: the sorted header has another length, so the data moves."""
+    real = safetensors.torch.save_file
+
+    def padded(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "rb") as f:
+            raw = f.read()
+        n = int.from_bytes(raw[:8], "little")
+        header = raw[8:8 + n] + b" " * 16
+        with open(filename, "wb") as f:
+            f.write(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+
+    sd = {"a": torch.arange(5.0), "b": torch.ones(2, 3, dtype=torch.bfloat16)}
+    plain = save_safetensors(sd, tmp_path / "plain.safetensors", metadata={"z": 1, "a": "x"}).read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", padded)
+    path = save_safetensors(sd, tmp_path / "padded.safetensors", metadata={"z": 1, "a": "x"})
+    assert path.read_bytes() == plain
+    tensors, meta = load_safetensors(path)
+    _assert_same_state(sd, tensors)
+    assert meta == {"z": 1, "a": "x"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["padded.safetensors", "plain.safetensors"]
+
+
 def test_reserved_or_unserializable_metadata_is_rejected(tmp_path):
     with pytest.raises(ExportError, match="reserved"):
         save_safetensors({"w": torch.ones(1)}, tmp_path / "m.safetensors", metadata={"format": "np"})

@@ -11,6 +11,8 @@ import math
 import warnings
 from typing import Iterable, Tuple
 
+import torch
+
 from ..errors import CalibrationWarning, DataError
 from .stats import ChannelMoments, CrossMoments
 
@@ -36,6 +38,12 @@ def check_matching_evidence(taps: Iterable[Tuple[str, str, CrossMoments]], sampl
     informative, few, dead = 0, [], []
     for group, seen in sorted(by_group.items()):
         size = seen[0][1].ma.numel()
+        for node, m in seen:
+            if not all(bool(torch.isfinite(t).all()) for t in (m.maa, m.mbb, m.mab)):
+                raise DataError(
+                    f"the activations at tap {node!r} (group {group!r}) overflow the statistics' float32 "
+                    "products: the inputs are far larger than the models were trained on. Pass images "
+                    "normalized as in training.")
         node, mom = min(seen, key=lambda t: t[1].n)
         if mom.n < 2:
             raise DataError(

@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("mergekit_vision.recipes.flower needs Flower >= 1.42: "
                       "pip install 'mergekit-vision[federated]'") from exc
 
-from ..data import iter_inputs
+from ..data import check_reiterable, iter_inputs
 from ..errors import ConfigError, DataError, MergeVisionError
 from ..merge_many import (CalibrationPlan, MergeManyReport, Statistics, StatisticsRequest, collect_statistics,
                           merge_many, plan_calibration)
@@ -116,6 +116,7 @@ def answer_statistics_query(message: Message, context: Context, *, model_fn: Mod
     """A client's reply to a ``"query.merge_statistics"`` message: the sums the server asked for, over
     ``data`` (any re-iterable of input batches), in one ArrayRecord ``"statistics"`` plus a
     MetricRecord ``{"num-examples": n}``. ``model_fn()`` builds a fresh model of the architecture."""
+    check_reiterable(data, "data")  # one batch traces, the pass reads them all
     n, mode, req = _parse_request(message.content)
     models = [_load(model_fn, message.content[f"model.{i}"]) for i in range(n)]
     example = next(iter_inputs(data, max_batches=1))[:1]
