@@ -1,4 +1,5 @@
-"""merge_many across 2 data-parallel gloo workers equals merge_many in one process on all the data."""
+"""merge_many, and a two-model merge with collect=, across 2 data-parallel gloo workers equal the same
+merge in one process on all the data."""
 import os
 import socket
 
@@ -7,10 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mergekit_vision import merge_many
+from mergekit_vision import merge, merge_many
 from mergekit_vision.distributed import all_reduce_statistics, merge_many_distributed
 from mergekit_vision.errors import MergeVisionError
-from mergekit_vision.merge_many import Statistics
+from mergekit_vision.merge_many import LocalCollector, Statistics
 from mergekit_vision.models import tiny_resnet
 from mergekit_vision.testing import randomize_model
 
@@ -43,8 +44,12 @@ def _worker(rank, port, out_dir):
         shard = batches[rank::WORLD]
         merged, rep = merge_many_distributed(models, shard, iterations=2, repair=True, return_report=True,
                                              progress=False)
+        # a two-model merge takes the same collect: its statistics pooled across the ranks too
+        two, rep2 = merge(models[0], models[1], shard, alpha=0.3, return_report=True, progress=False,
+                          collect=LocalCollector(shard, reduce=all_reduce_statistics))
         torch.save({"state": merged.state_dict(), "samples": rep.calibration_samples,
-                    "changes": rep.changes_per_sweep}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "changes": rep.changes_per_sweep, "two": two.state_dict(), "two_samples": rep2.calibration_samples},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
         # the statistics themselves: the all-reduced sums of the shards
         st = Statistics(samples=len(shard))
         pooled = all_reduce_statistics(st)
@@ -59,6 +64,7 @@ def test_two_gloo_workers_equal_one_process(tmp_path):
     models, batches = _setup()
     torch.set_num_threads(1)
     ref, rep = merge_many(models, batches, iterations=2, repair=True, return_report=True, progress=False)
+    ref2 = merge(models[0], models[1], batches, alpha=0.3, progress=False)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for res in results:
         assert res["samples"] == rep.calibration_samples == 96  # every rank saw the pooled count
@@ -66,6 +72,9 @@ def test_two_gloo_workers_equal_one_process(tmp_path):
         for k, v in ref.state_dict().items():
             # the same sums added in another order: equal up to float64 rounding, then cast to float32
             assert torch.allclose(res["state"][k].double(), v.double(), rtol=1e-5, atol=1e-6), k
+        assert res["two_samples"] == 96
+        for k, v in ref2.state_dict().items():
+            assert torch.allclose(res["two"][k].double(), v.double(), rtol=1e-5, atol=1e-6), k
     assert all(torch.load(tmp_path / f"samples{r}.pt") == 6 for r in range(WORLD))
 
 
