@@ -21,6 +21,7 @@ from .data import check_reiterable, iter_inputs
 from .engine import Lockstep, bind, shared_graph
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError, NumericalError
 from .interpolate import interpolate_state_dicts
+from .match.activation import match_blind_by_weights
 from .match.evidence import check_matching_evidence, check_site_evidence
 from .match import (LINEAGE_THRESHOLD, TAP_POLICIES, ChannelMoments, PairCollector, lineage_cosine, lineage_keys,
                     match_from_correlations, match_weights, shared_lineage, WEIGHT_TOL)
@@ -325,6 +326,9 @@ def merge(
     notes: Dict[str, str] = {}
     if method == "activation":  # groups seen only across another group's axis: a pass with B aligned there
         notes = _match_crossed(spec, taps, perms, corrs, lock, calib_loader, batches, progress, timings)
+        with _timer(timings, "match"):  # groups the data shows nothing of: their weights decide, not a guess
+            notes.update(match_blind_by_weights(spec, corrs, perms, a.state_dict(), b.state_dict(),
+                                                max_iter=weight_iters, tol=weight_tol, seed=seed))
     for g in spec.free_groups:
         gr = GroupReport(size=g.size, blocks=g.blocks, note=notes.get(g.name))
         p = perms.get(g.name)

@@ -25,7 +25,7 @@ from .interpolate import weighted_average
 from .match import (LINEAGE_THRESHOLD, ChannelMoments, CrossMoments, lineage_cosine, lineage_keys,
                     match_from_correlations,
                     match_weights, shared_lineage, WEIGHT_TOL, solve_assignment)
-from .match.activation import tap_plan
+from .match.activation import match_blind_by_weights, tap_plan
 from .match.evidence import check_matching_evidence, check_site_evidence
 from .merge import (METHODS, _batches, _chain, _check_matching_options, _check_values, _repair_mode,
                     _site_recorders, _timer, check_finite, check_merged_finite, check_same_architecture,
@@ -462,6 +462,9 @@ def merge_many(
             if method == "activation":
                 corrs[k] = _pair_correlations(stats, ref, k)
                 perms[k] = match_from_correlations(spec, corrs[k])
+                for g, note in match_blind_by_weights(spec, corrs[k], perms[k], sds[ref], sds[k], max_iter=weight_iters,
+                                                      tol=weight_tol, seed=seed).items():
+                    logger.info("merge_many: model %d, group %s %s", k, g, note)
             else:
                 perms[k] = match_weights(spec, sds[ref], sds[k], max_iter=weight_iters, tol=weight_tol,
                                          seed=seed)
