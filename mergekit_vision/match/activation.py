@@ -20,6 +20,7 @@ import torch
 from ..spec import PermutationGroup, PermutationSpec, Tap
 from .assignment import solve_assignment
 from .stats import CrossMoments
+from .weight import match_weights
 
 ACT_OPS = {
     "relu", "relu_", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu", "selu", "celu", "relu6", "softplus",
@@ -158,8 +159,6 @@ def match_blind_by_weights(spec: PermutationSpec, corrs: Dict[str, torch.Tensor]
                            sd_a, sd_b, **weight_kwargs) -> Dict[str, str]:
     """Assign the :func:`blind_groups` by weight matching, every other group held at its activation
     assignment (``perms`` is updated); returns a note per group so handled."""
-    from .weight import match_weights
-
     blind = blind_groups(corrs)
     if not blind:
         return {}

@@ -175,10 +175,6 @@ class ChannelMoments:
         """Channels that vary on the calibration data (relative to their own scale)."""
         return _spread(self.m2, self.n, self.mean)[1]
 
-    def permuted(self, index: torch.Tensor) -> "ChannelMoments":
-        """The moments with channels reordered, ``new[i] = old[index[i]]``."""
-        return ChannelMoments(self.n, self.mean[index], self.m2[index])
-
     def as_tensors(self) -> List[torch.Tensor]:
         return [torch.tensor([self.n], dtype=torch.float64, device=self.mean.device), self.mean, self.m2]
 

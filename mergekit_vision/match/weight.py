@@ -73,7 +73,8 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
     solved_at: Dict[str, Tuple[int, ...]] = {}
     gen = torch.Generator().manual_seed(seed)
     gained = 0.0
-    solve = groups if only is None else [g for g in groups if g.name in set(only)]
+    wanted = None if only is None else set(only)
+    solve = groups if wanted is None else [g for g in groups if g.name in wanted]
     for it in range(max_iter):
         improved = False
         sweep_gain = 0.0
