@@ -24,6 +24,7 @@ from .interpolate import weighted_average
 from .match import (WEIGHT_TOL, LINEAGE_THRESHOLD, lineage_cosine, lineage_keys, match_from_correlations,
                     match_weights, shared_lineage)
 from .match.activation import aligned_tap_plan
+from .match.activation import match_blind_by_weights
 from .match.evidence import check_matching_evidence, check_site_evidence
 from .match.many import (DEFAULT_SWEEPS, IDENTITY_TOL, activation_sweeps, in_reference_order, near_identity,
                          pair_correlations, weight_sweeps)
@@ -412,6 +413,12 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
     notes: List[Dict[str, str]] = [{} for _ in ms]
     if method == "activation":
         notes = _match_crossed(spec, opts.taps, perms, corrs, ref, names, ms, plan, gather, timings)
+        with timed(timings, "match"):  # groups the data shows nothing of: their weights decide, not a guess
+            for k in range(k_models):
+                if k != ref:
+                    notes[k].update(match_blind_by_weights(spec, corrs[k], perms[k], sds[ref], sds[k],
+                                                           max_iter=opts.weight_iters, tol=opts.weight_tol,
+                                                           seed=opts.seed))
     report.rows = _group_rows(spec, perms, corrs, notes)
 
     report.timings = timings

@@ -38,13 +38,17 @@ DEFAULT = {
     "timm:mobilenetv3_small_050", "timm:test_convnext", "timm:test_vit", "timm:dla46_c", "timm:cs3darknet_focus_s",
     "timm:gmlp_ti16_224", "timm:pit_ti_224", "timm:mobilevit_xxs", "timm:resnest14d", "timm:skresnet18",
     "timm:test_nfnet", "timm:rexnet_100", "timm:ese_vovnet19b_slim_dw", "timm:regnetx_002",
+    "timm:csatv2",  # MLPs fed a constant: no activation evidence, matched on weights
     # torchvision: the cheapest of each family (DenseNet, EfficientNet, MNASNet: float64 in tests/test_zoo.py)
     "tv:resnet18", "tv:mobilenet_v2", "tv:mobilenet_v3_small", "tv:shufflenet_v2_x0_5", "tv:squeezenet1_1",
     "tv:googlenet", "tv:regnet_x_400mf",
 }
 
 # what the census found that is not (yet) checkable, with the reason; strict: a fix must remove it
-EXPECTED = {}
+_COAT = ("align(A, permute(A)) gives back every tensor of the stage groups except the conv position "
+         "encodings cpe*.proj (depthwise convs shared by the serial blocks), although the assignment's matched "
+         "correlation is 1.000 and permute() composes to identity there: a bug, open")
+EXPECTED = {"timm:coat_lite_tiny": _COAT, "timm:coat_tiny": _COAT}
 
 
 def _build(key):

@@ -20,6 +20,7 @@ import torch
 from ..spec import PermutationGroup, PermutationSpec, Tap
 from .assignment import solve_assignment
 from .stats import CrossMoments
+from .weight import match_weights
 
 ACT_OPS = {
     "relu", "relu_", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu", "selu", "celu", "relu6", "softplus",
@@ -143,6 +144,27 @@ class PairCollector:
         for (gname, _), mom in self.moments.items():
             acc.setdefault(gname, []).append(mom.correlation())
         return {g: torch.stack(cs).mean(0) for g, cs in acc.items()}
+
+
+BLIND_NOTE = "matched on weights: no channel varies on the calibration data at any of its taps"
+
+
+def blind_groups(corrs: Dict[str, torch.Tensor]) -> List[str]:
+    """Groups whose correlation matrix is all zero: the calibration data shows none of their channels
+    varying (e.g. an MLP fed a constant), so activations carry no evidence for their assignment."""
+    return [g for g, c in corrs.items() if not bool((c != 0).any())]
+
+
+def match_blind_by_weights(spec: PermutationSpec, corrs: Dict[str, torch.Tensor], perms: Dict[str, torch.Tensor],
+                           sd_a, sd_b, **weight_kwargs) -> Dict[str, str]:
+    """Assign the :func:`blind_groups` by weight matching, every other group held at its activation
+    assignment (``perms`` is updated); returns a note per group so handled."""
+    blind = blind_groups(corrs)
+    if not blind:
+        return {}
+    found = match_weights(spec, sd_a, sd_b, init=perms, only=blind, **weight_kwargs)
+    perms.update({g: found[g] for g in blind})
+    return {g: BLIND_NOTE for g in blind}
 
 
 def match_from_correlations(spec: PermutationSpec, corrs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

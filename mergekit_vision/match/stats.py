@@ -49,17 +49,39 @@ def channels_last_2d(x: torch.Tensor, dim: int, start: int = 0, length: Optional
     return x.movedim(dim, -1).reshape(-1, x.shape[dim])
 
 
-def channel_moments(x: torch.Tensor, dim: int) -> BatchMoments:
-    """Per-channel ``(count, mean, centred sum of squares)`` of ``x`` along channel axis ``dim``,
-    reduced in place over the other axes (no channels-last copy) by torch's stable ``var_mean``."""
+def _channel_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-channel sum over every other axis, reduced in place (NC...: positions, then samples; about
+    5x faster on CPU than one reduction over (0, 2, 3))."""
+    if x.dim() >= 3 and dim % x.dim() == 1 and x[0, 0].numel() > 1:
+        return x.flatten(2).sum(2).to(torch.float64).sum(0)  # per-sample partial sums, pooled in float64
+    others = tuple(d for d in range(x.dim()) if d != dim % x.dim())
+    return x.sum(others, dtype=torch.float64) if others else x.double()  # a bare channel vector: one position
+
+
+def _channel_sqsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-channel sum of squares over every other axis, as a squared vector norm: one pass, no
+    squared copy (as fast as a plain sum on CPU)."""
+    if x.dim() >= 3 and dim % x.dim() == 1 and x[0, 0].numel() > 1:
+        return torch.linalg.vector_norm(x.flatten(2), dim=2).square().sum(0)
+    others = tuple(d for d in range(x.dim()) if d != dim % x.dim())
+    return torch.linalg.vector_norm(x, dim=others).square() if others else x * x
+
+
+def _centred(x: torch.Tensor, dim: int) -> Tuple[BatchMoments, torch.Tensor]:
+    """The batch's moments by the two-pass algorithm (mean, then the sum of squares about it), and the
+    centred values themselves (a cross-moment reuses them)."""
     x = _work(x.detach())
     c = x.shape[dim]
     n = x.numel() // c if c else 0
-    dims = tuple(d for d in range(x.dim()) if d != dim % x.dim())
-    if not dims:  # a bare channel vector: one position
-        return BatchMoments(n, x.clone(), torch.zeros_like(x))
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
-    return BatchMoments(n, mean, var * n)
+    mean = _channel_sum(x, dim) / max(n, 1)  # accumulated in float64: the centring is then exact to x's rounding
+    centred = x - mean.to(x.dtype).view(_shape(x, dim))
+    return BatchMoments(n, mean, _channel_sqsum(centred, dim)), centred
+
+
+def channel_moments(x: torch.Tensor, dim: int) -> BatchMoments:
+    """Per-channel ``(count, mean, centred sum of squares)`` of ``x`` along channel axis ``dim``,
+    reduced in place over the other axes (no channels-last copy), in the activations' precision."""
+    return _centred(x, dim)[0]
 
 
 def cross_sum(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -153,10 +175,6 @@ class ChannelMoments:
         """Channels that vary on the calibration data (relative to their own scale)."""
         return _spread(self.m2, self.n, self.mean)[1]
 
-    def permuted(self, index: torch.Tensor) -> "ChannelMoments":
-        """The moments with channels reordered, ``new[i] = old[index[i]]``."""
-        return ChannelMoments(self.n, self.mean[index], self.m2[index])
-
     def as_tensors(self) -> List[torch.Tensor]:
         return [torch.tensor([self.n], dtype=torch.float64, device=self.mean.device), self.mean, self.m2]
 
@@ -191,12 +209,13 @@ class CrossMoments:
             a, b = a.narrow(dim, start, length), b.narrow(dim, start, length)
             moments = None
         a, b = _work(a.detach()), _work(b.detach())
-        mom_a = moments[0] if moments is not None else channel_moments(a, dim)
-        mom_b = moments[1] if moments is not None else channel_moments(b, dim)
+        if moments is not None:  # centred before the product: no cancellation
+            (mom_a, mom_b), ac, bc = moments, a - moments[0].mean.to(a.dtype).view(_shape(a, dim)), \
+                b - moments[1].mean.to(b.dtype).view(_shape(b, dim))
+        else:
+            (mom_a, ac), (mom_b, bc) = _centred(a, dim), _centred(b, dim)
         if not mom_a.n:
             return
-        ac = a - mom_a.mean.to(a.dtype).view(_shape(a, dim))  # centred before the product: no cancellation
-        bc = b - mom_b.mean.to(b.dtype).view(_shape(b, dim))
         self._add(mom_a.n, mom_a.mean, mom_b.mean, mom_a.m2, mom_b.m2, cross_sum(ac, bc, dim))
 
     def _add(self, n2, ma, mb, maa, mbb, mab) -> None:

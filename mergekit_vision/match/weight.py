@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -48,8 +48,12 @@ def _rows(t: torch.Tensor, m: Member) -> List[Tuple[int, torch.Tensor]]:
 
 def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], *,
                   max_iter: int = 100, seed: int = 0, init: Optional[Dict[str, torch.Tensor]] = None,
-                  tol: float = WEIGHT_TOL, history: Optional[List[float]] = None) -> Dict[str, torch.Tensor]:
+                  tol: float = WEIGHT_TOL, history: Optional[List[float]] = None,
+                  only: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
     """Permutations of B's free groups that maximize sum of <W_A, P W_B> over all members.
+
+    ``only``: solve just these groups, the others held at ``init`` (e.g. groups that activation
+    matching could not see).
 
     Sweeps over the groups in a seeded random order until a sweep changes nothing, or adds at most
     ``tol`` times the improvement made so far (0 = run to a fixed point), or ``max_iter`` sweeps.
@@ -69,11 +73,13 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
     solved_at: Dict[str, Tuple[int, ...]] = {}
     gen = torch.Generator().manual_seed(seed)
     gained = 0.0
+    wanted = None if only is None else set(only)
+    solve = groups if wanted is None else [g for g in groups if g.name in wanted]
     for it in range(max_iter):
         improved = False
         sweep_gain = 0.0
-        for gi in torch.randperm(len(groups), generator=gen).tolist():
-            g = groups[gi]
+        for gi in torch.randperm(len(solve), generator=gen).tolist():
+            g = solve[gi]
             seen = tuple(version[n] for n in neighbours[g.name])
             if solved_at.get(g.name) == seen:
                 continue
