@@ -6,10 +6,11 @@ fused activation (timm's BatchNormAct2d), or the conv/linear output.
 """
 from __future__ import annotations
 
+import logging
+import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
-
-import operator
 
 import torch
 import torch.fx as fx
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..spec import PermutationSpec
+
+logger = logging.getLogger(__name__)
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -86,7 +89,14 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
         if sum(s[2] for s in segs) != channels or any(s[4] for s in segs):
             continue  # channels not fully tracked, or the model output (logits are not repaired)
         sites.append(Site(n.name, n.target, kind, key[1], channels, [s[:4] for s in segs]))
-    return sites
+    # a module the graph calls more than once (coat's shared position encodings) has one set of weights
+    # for every call: a correction fused into it for one call would change the others too
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    shared = sorted({s.module for s in sites if s.module and calls[s.module] > 1})
+    if shared:
+        logger.info("REPAIR: %d module(s) called more than once are not corrected (one fused correction "
+                    "cannot serve every call): %s", len(shared), ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else ""))
+    return [s for s in sites if not (s.module and calls[s.module] > 1)]
 
 
 def _is_add(n: fx.Node) -> bool:
