@@ -166,6 +166,10 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"--out '{out}' is a folder; give the PNG's file path, e.g. {out / 'curve.png'}")
     check_output_folder(out.parent, "the folder of --out")  # before the models are loaded and evaluated
+    if len(config.models) != 2:
+        raise ConfigError(f"{args.config}: models: lists {len(config.models)} models, and curve interpolates "
+                          "between two (alpha is the weight of the second); give a config with two, or merge "
+                          "all of them with `mergekit-vision merge` (weight: per model)")
     if config.evaluation is None:
         raise ConfigError(f"{args.config}: evaluation: missing — curve measures accuracy along the path: give "
                           "evaluation: {path: DATA, split: test} (the same keys as calibration)")
@@ -200,9 +204,22 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .sources import create_model
     from .trace import trace_permutation_spec
 
+    from .errors import TraceError
+
     model = create_model(args.model, kwargs={"num_classes": args.num_classes} if args.num_classes else None)
-    shape = (1, args.in_chans, args.size, args.size)
-    spec = trace_permutation_spec(model, torch.randn(*shape))
+    native = _native_size(model)
+    size = args.size if args.size is not None else 64  # small and quick, for any fully convolutional net
+    try:
+        spec = trace_permutation_spec(model, torch.randn(1, args.in_chans, size, size))
+    except TraceError as exc:
+        if native is None or native == size:
+            raise
+        if args.size is not None:  # the user's size: say which one the model declares
+            raise TraceError(f"{exc}\n{args.model} declares {native}-pixel inputs: try --size {native}") from exc
+        # a fixed patch grid or window size (ViT, Swin): the model's own size
+        logger.info("%s does not run at %d px; tracing at its own input size, %d px (--size to choose)",
+                    args.model, size, native)
+        spec = trace_permutation_spec(model, torch.randn(1, args.in_chans, native, native))
     print(spec.summary())
     print(spec.table(show_frozen=not args.free_only))
     if args.members:
@@ -213,6 +230,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _native_size(model) -> Optional[int]:
+    """The input size a model declares (timm's pretrained config), if any."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return int(size[-1]) if size else None
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         from .demo import run_demo
@@ -221,6 +245,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise
         raise MergeVisionError("demo needs mergekit_vision.demo, which this installation lacks; "
                                "update mergekit-vision") from None
+    if args.device not in (None, "cpu") or args.dtype not in (None, "float32"):
+        # the demo's models are a few hundred kilobytes on 16-pixel digits: a GPU or another dtype would
+        # change nothing but the last digits; merge and curve take --device/--dtype
+        raise ConfigError(f"demo runs on the CPU in float32 (got --device {args.device or 'cpu'} --dtype "
+                          f"{args.dtype or 'float32'}); --device and --dtype apply to merge and curve")
     results = run_demo(Path(args.out), quiet=args.quiet)
     if isinstance(results, dict) and results.get("table"):
         print(results["table"])
@@ -266,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pi = sub.add_parser("inspect", help="print a model's permutation groups")
     pi.add_argument("model", help="timm:NAME, torchvision:NAME, mkv:NAME (this package's small models)")
-    pi.add_argument("--size", type=int, default=64, help="example input size (pixels)")
+    pi.add_argument("--size", type=int, default=None,
+                    help="example input size in pixels (default 64, or the model's own size where 64 fails)")
     pi.add_argument("--in-chans", type=int, default=3)
     pi.add_argument("--num-classes", type=int, default=None)
     pi.add_argument("--free-only", action="store_true", help="hide frozen groups")

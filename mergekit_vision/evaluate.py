@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .data import check_reiterable, iter_inputs
 from .errors import ConfigError, DataError, MergeVisionError
-from .merge import align, finish_merge, prepare_merge, unwrap_model
+from .merge import finish_merge, prepare_merge, unwrap_model
 from .options import MergeOptions
 from .repair.sites import is_batchnorm
 from .trace import trace_permutation_spec
@@ -222,16 +222,18 @@ def interpolation_curve(
     # trace once: every merge below reuses the spec
     example = next(iter_inputs(calib_loader, max_batches=1, device=device, dtype=p0.dtype))[:1]
     spec = trace_permutation_spec(copy.deepcopy(model_a).eval(), example)
-    common = dict(max_samples=calib_samples, progress=False, spec=spec)
 
     curve = Curve(alphas, {}, {}, {"a": score(model_a), "b": score(model_b)})
     curve.meta.update(method=method, calib_samples=None, eval_samples=None)
     aligned = None
     if any(MODES[m][0] for m in modes):
         t0 = time.perf_counter()
-        aligned = align(model_a, model_b, calib_loader, method=method, **common)
+        # align(): merge at alpha = 1 without correction, its summary left to the curve's own
+        prepared = prepare_merge([model_a, model_b], calib_loader, MergeOptions.create(
+            method=method, repair=False, iterations=0, max_samples=calib_samples, progress=False),
+            names=["model_a", "model_b"], spec=spec)
+        aligned, rep = finish_merge(prepared, [0.0, 1.0], alpha=1.0, return_report=True, log_summary=False)
         timings["align"] = time.perf_counter() - t0
-        rep = aligned.merge_report
         curve.meta["matched_corr"] = rep.mean_corr
         curve.meta["calib_samples"] = rep.calibration_samples or None
     has_bn = any(is_batchnorm(m) for m in model_a.modules())
@@ -251,9 +253,10 @@ def interpolation_curve(
                 names=["model_a", "model_b"], spec=spec)
             timings["merge"] += time.perf_counter() - t0
             for alpha in alphas:
-                bar.set_postfix_str(f"{mode} alpha={alpha:.2f}")
+                bar.set_postfix_str(f"{_LABELS.get(mode, mode)}, alpha={alpha:.2f}")
                 t0 = time.perf_counter()
-                merged, rep = finish_merge(prepared, [1.0 - alpha, alpha], alpha=alpha, return_report=True)
+                merged, rep = finish_merge(prepared, [1.0 - alpha, alpha], alpha=alpha, return_report=True,
+                                           log_summary=False)
                 timings["merge"] += time.perf_counter() - t0
                 r = score(merged)
                 curve.acc[mode].append(r["acc"])
@@ -273,6 +276,10 @@ def interpolation_curve(
     curve.meta["eval_samples"] = _count(eval_data)
     timings["total"] = time.perf_counter() - t_start
     curve.meta["timings"] = timings
+    logger.info("interpolation curve: %d modes x %d alphas (%s); matched correlation %s; %.1fs (merges %.1fs, "
+                "evaluation %.1fs)", len(todo), len(alphas), ", ".join(_LABELS.get(m, m) for m in todo),
+                "n/a" if curve.meta.get("matched_corr") is None else f"{curve.meta['matched_corr']:.3f}",
+                timings["total"], timings["merge"] + timings["align"], timings["eval"])
     return curve
 
 

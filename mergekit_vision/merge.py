@@ -426,10 +426,11 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
 
 
 def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Optional[float] = None,
-                 return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
+                 return_report: bool = False, log_summary: bool = True) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Average the prepared merge's aligned models with ``weights`` (as given: normalize them first),
     correct the result (REPAIR targets ``sum_k w_k stat_k``) and report. ``prepared`` is not changed:
-    call it again for other weights."""
+    call it again for other weights. ``log_summary=False``: the report is not logged (a caller that
+    runs many, such as the interpolation curve, reports on its own)."""
     p, opts, w = prepared, prepared.opts, list(weights)
     ms, plan, stats, perms, gather, ref, mode = p.models, p.plan, p.stats, p.perms, p.gather, p.reference, opts.repair
     spec, two = plan.spec, len(ms) == 2
@@ -479,7 +480,8 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
     check_merged_finite(merged, p.first_batch)
     report.timings = timings
     merged.merge_report = report
-    logger.info(report.summary())
+    if log_summary:
+        logger.info(report.summary())
     return (merged, report) if return_report else merged
 
 

@@ -532,8 +532,15 @@ def test_inspect_prints_the_group_table(capsys):
     assert "layer1.0.conv1" in out and "model output" in out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mergekit_vision.evaluate") is None,
-                    reason="mergekit_vision.evaluate (interpolation_curve) is not written yet")
+@pytest.mark.slow
+def test_inspect_traces_a_fixed_size_model_at_its_own_size_or_says_which(capsys):
+    assert main(["inspect", "timm:vit_tiny_patch16_224", "--num-classes", "10"]) == 0  # 64 px fails: 224
+    captured = capsys.readouterr()
+    assert "tracing at its own input size, 224 px" in captured.err and "VisionTransformer" in captured.out
+    assert main(["inspect", "timm:vit_tiny_patch16_224", "--num-classes", "10", "--size", "96"]) == 2
+    assert "declares 224-pixel inputs: try --size 224" in capsys.readouterr().err
+
+
 def test_curve_prints_the_table_and_saves_the_plot(tiny, tmp_path, capsys):
     cfg = {**copy.deepcopy(tiny.config), "evaluation": {"path": "eval.npz"}}
     out = tmp_path / "curve.png"
@@ -547,12 +554,41 @@ def test_curve_prints_the_table_and_saves_the_plot(tiny, tmp_path, capsys):
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_curve_refuses_a_config_of_three_models(tiny, tmp_path, capsys):
+    cfg = {**tiny.config, "evaluation": {"path": "eval.npz"}}
+    cfg["models"] = cfg["models"] + [cfg["models"][1]]
+    del cfg["alpha"]  # a two-model key
+    assert main(["-q", "curve", str(write_yaml(tiny.dir / "curve3.yml", cfg)), "--out", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "lists 3 models" in err and "between two" in err and "mergekit-vision merge" in err
+
+
 def test_curve_needs_an_evaluation_set(tiny, tmp_path, capsys):
-    if importlib.util.find_spec("mergekit_vision.evaluate") is None:
-        pytest.skip("mergekit_vision.evaluate is not written yet")
     path = write_yaml(tiny.dir / "ok.yml", tiny.config)
     assert main(["curve", str(path), "--out", str(tmp_path / "c.png")]) == 2
     assert "evaluation: missing" in capsys.readouterr().err
+
+
+def test_demo_refuses_device_and_dtype_it_does_not_use(tmp_path, capsys):
+    assert main(["demo", "--device", "cuda", "--out", str(tmp_path / "d")]) == 2
+    assert "demo runs on the CPU in float32" in capsys.readouterr().err
+    assert main(["demo", "--dtype", "bfloat16", "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_training_says_what_it_does_and_shows_progress(tmp_path, caplog, capsys):
+    import logging
+
+    from mergekit_vision.demo import train_digits_model
+
+    with caplog.at_level(logging.INFO, logger="mergekit_vision"):
+        train_digits_model(0, width=4, epochs=1, cache_dir=str(tmp_path), progress=True)
+    assert any("training demo model seed 0" in r.getMessage() for r in caplog.records)
+    assert "train" in capsys.readouterr().err  # the bar
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mergekit_vision"):
+        train_digits_model(0, width=4, epochs=1, cache_dir=str(tmp_path), progress=True)  # from the cache
+    assert not any("training demo model" in r.getMessage() for r in caplog.records)
 
 
 def test_demo_calls_run_demo(monkeypatch, tmp_path, capsys):

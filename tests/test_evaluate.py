@@ -222,3 +222,16 @@ def test_curve_takes_wrapped_models_and_refuses_one_shot_iterators(pair, digits)
     wrapped = interpolation_curve(torch.nn.DataParallel(pair[0]), pair[1], test, calib_loader=calib, alphas=(0.5,),
                                   modes=("repair",), progress=False)
     assert wrapped.acc == plain.acc and wrapped.loss == plain.loss
+
+
+def test_curve_logs_one_summary_not_one_per_inner_merge(pair, digits, caplog):
+    import logging
+
+    train, test = digits
+    with caplog.at_level(logging.INFO, logger="mergekit_vision"):
+        interpolation_curve(*pair, test, calib_loader=[train.tensors[0][:256]], alphas=(0.0, 0.5, 1.0),
+                            modes=("aligned", "repair"), progress=False)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [m for m in messages if m.startswith("merge:")], messages  # no "merge: method=none ..." per point
+    summary = [m for m in messages if m.startswith("interpolation curve:")]
+    assert len(summary) == 1 and "aligned + REPAIR" in summary[0] and "2 modes x 3 alphas" in summary[0]
