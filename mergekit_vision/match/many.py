@@ -4,7 +4,7 @@ on weights; on activations, the pairwise correlations of one statistics pass).""
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -72,6 +72,13 @@ def _objective(pair, spec, perms, w) -> float:
     return total
 
 
+def _leave_one_out(k: int, w: Sequence[float]) -> Tuple[List[int], List[float]]:
+    """Every model but ``k`` and their weights renormalized (equal where they sum to zero)."""
+    others = [j for j in range(len(w)) if j != k]
+    wo = [w[j] for j in others]
+    return others, [v / sum(wo) for v in wo] if sum(wo) > 0 else [1.0 / len(others)] * len(others)
+
+
 def _ascend(pair, spec, perms, corrs, w, iterations, seed):
     k_models = len(perms)
     gen = torch.Generator().manual_seed(seed)
@@ -79,9 +86,7 @@ def _ascend(pair, spec, perms, corrs, w, iterations, seed):
     for sweep in range(iterations):
         changed = 0
         for k in torch.randperm(k_models, generator=gen).tolist():
-            others = [j for j in range(k_models) if j != k]
-            wo = [w[j] for j in others]
-            wo = [v / sum(wo) for v in wo] if sum(wo) > 0 else [1.0 / len(others)] * len(others)
+            others, wo = _leave_one_out(k, w)
             new_perm, new_corr, moved = {}, {}, False
             for g in spec.free_groups:
                 if g.name not in pair[(others[0], k)]:
@@ -128,9 +133,7 @@ def weight_sweeps(sds, perms, w, spec, iterations, weight_iters, weight_tol, see
     for sweep in range(iterations):
         changed = 0
         for k in torch.randperm(k_models, generator=gen).tolist():
-            others = [j for j in range(k_models) if j != k]
-            wo = [w[j] for j in others]
-            wo = [v / sum(wo) for v in wo] if sum(wo) > 0 else [1.0 / len(others)] * len(others)
+            others, wo = _leave_one_out(k, w)
             with torch.no_grad():
                 target = weighted_average([permute_state_dict(sds[j], spec, perms[j]) if perms[j] else sds[j]
                                            for j in others], wo)
