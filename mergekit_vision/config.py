@@ -20,9 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from . import data as D
+from .data import guess_dataset_kind
 from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError
-from .match import LINEAGE_THRESHOLD, WEIGHT_TOL
-from .merge import METHODS, REPAIR_MODES
+from .export import load_sharded, parse_size
+from .match import LINEAGE_THRESHOLD, TAP_POLICIES, WEIGHT_TOL
+from .options import METHODS, REPAIR_MODES
+from .sources import create_model, split_name
 
 __all__ = ["ModelConfig", "CalibrationConfig", "EvaluationConfig", "MergeConfig", "load_config",
            "load_model", "load_data", "file_sha256", "DTYPES", "DATA_KINDS"]
@@ -90,7 +94,6 @@ class ModelConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _known_library(cls, v: str) -> str:
-        from .sources import split_name
 
         if not v.strip():
             raise ValueError("is empty; " + _MISSING_HINTS["model"])
@@ -122,7 +125,6 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _weights_given(self) -> "ModelConfig":
-        from .sources import split_name
 
         lib, arch = split_name(self.model)
         hub = arch.startswith(("hf-hub:", "local-dir:"))
@@ -150,13 +152,11 @@ class ModelConfig(_Strict):
 
     @property
     def library(self) -> str:
-        from .sources import split_name
 
         return split_name(self.model)[0]
 
     @property
     def arch(self) -> str:
-        from .sources import split_name
 
         return split_name(self.model)[1]
 
@@ -221,9 +221,7 @@ class CalibrationConfig(_Strict):
 def _guess_data_kind(p: Path) -> str:
     """data's guess, except that a .npz of x_train/y_train/x_test/y_test arrays is CIFAR-10 only if its
     images are (N, 32, 32, 3) uint8: any other split .npz is a plain "npz" (read as x_{split}/y_{split})."""
-    from .data import _guess_kind
-
-    kind = _guess_kind(p)
+    kind = guess_dataset_kind(p)
     if kind == "cifar10" and p.is_file():
         with np.load(p, allow_pickle=False) as arrays:
             if "x_train" in arrays.files and "train_jpeg_blob" not in arrays.files:
@@ -303,7 +301,6 @@ class MergeConfig(_Strict):
     @field_validator("taps")
     @classmethod
     def _taps(cls, v: str) -> str:
-        from .match.activation import TAP_POLICIES
 
         if v not in TAP_POLICIES:
             raise ValueError(f"must be one of {', '.join(TAP_POLICIES)}, got {v!r}")
@@ -348,7 +345,6 @@ class MergeConfig(_Strict):
     @field_validator("out_shard_size", mode="before")
     @classmethod
     def _shard_size(cls, v: Any) -> Union[int, str]:
-        from .export import parse_size
 
         try:
             parse_size(v)
@@ -485,7 +481,6 @@ def load_model(mc: ModelConfig, *, where: str = "models[0]", dtype: Optional[tor
     The source record (``model``, ``checkpoint`` file name, ``sha256``) goes into the merge report and
     the safetensors metadata. Errors name ``where`` (the config key) and the fix.
     """
-    from .sources import create_model
 
     kwargs = dict(mc.kwargs)
     source: Dict[str, Any] = {"model": mc.model, "kwargs": kwargs, "checkpoint": None, "sha256": None}
@@ -509,7 +504,6 @@ def load_model(mc: ModelConfig, *, where: str = "models[0]", dtype: Optional[tor
         fix = (f" Set {where}.kwargs to the kwargs the checkpoint was trained with (e.g. num_classes), "
                f"or {where}.model to its architecture.")
         if ckpt.is_dir() or ckpt.suffix.lower() == ".safetensors":
-            from .export import load_sharded
 
             try:
                 state_dict, _ = load_sharded(ckpt)  # a file, or a folder of shards and their index
@@ -528,7 +522,6 @@ def load_model(mc: ModelConfig, *, where: str = "models[0]", dtype: Optional[tor
 
 
 def _build(mc: ModelConfig, kwargs: Dict[str, Any], where: str) -> nn.Module:
-    from .sources import create_model
 
     try:
         return create_model(mc.model, kwargs=kwargs)
@@ -624,8 +617,6 @@ def load_data(dc: CalibrationConfig, *, where: str = "calibration", seed: int = 
               model: Optional[nn.Module] = None, labels: bool = False) -> DataLoader:
     """A DataLoader over ``dc``: its split, a seeded random subset of ``samples`` (all when null),
     ``batch_size``, no shuffling. ``labels=True`` requires labelled data (an evaluation set)."""
-    from . import data as D
-
     p = Path(dc.path)
     try:
         if dc.kind == "image_folder":

@@ -502,7 +502,7 @@ DATASET_KINDS = {
 }
 
 
-def _guess_kind(p: Path) -> str:
+def guess_dataset_kind(p: Path) -> str:
     if p.is_file():
         if p.suffix.lower() != ".npz":
             raise DataError(f"load_dataset: cannot tell the kind of {str(p)!r}; expected a .npz file or a "
@@ -526,7 +526,7 @@ def load_dataset(path: Union[str, os.PathLike], kind: Optional[str] = None, **kw
     """
     p = _check_readable(path, "load_dataset")
     if kind is None:
-        kind = _guess_kind(p)
+        kind = guess_dataset_kind(p)
         logger.info("load_dataset: %s looks like %r", p, kind)
     try:
         loader = DATASET_KINDS[kind]

@@ -22,7 +22,7 @@ from .merge import align, finish_merge, prepare_merge
 from .options import MergeOptions
 from .repair.sites import is_batchnorm
 from .trace import trace_permutation_spec
-from .training import _iter_labelled, _labelled_tensors, evaluate
+from .training import iter_labelled, labelled_tensors, evaluate
 
 __all__ = ["Curve", "interpolation_curve", "plot_curve", "MODES"]
 
@@ -136,7 +136,7 @@ class _Head:
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         seen = 0
-        for x, y in _iter_labelled(self.data, self.batch_size):
+        for x, y in iter_labelled(self.data, self.batch_size):
             x, y = x[: self.n - seen], y[: self.n - seen]
             seen += int(y.shape[0])
             yield x, y
@@ -149,7 +149,7 @@ def _head(data: Any, n: Optional[int]) -> Any:
         return data
     if n < 1:
         raise DataError(f"max_samples must be >= 1 or None, got {n}")
-    tensors = _labelled_tensors(data)
+    tensors = labelled_tensors(data)
     if tensors is not None:
         return TensorDataset(tensors[0][:n], tensors[1][:n])
     return _Head(data, n)
@@ -272,7 +272,7 @@ def interpolation_curve(
 
 def _count(data: Any) -> Optional[int]:
     """The number of labelled samples, where known without reading the data again."""
-    tensors = _labelled_tensors(data)
+    tensors = labelled_tensors(data)
     if tensors is not None:
         return int(tensors[1].shape[0])
     if isinstance(data, Dataset) and hasattr(data, "__len__"):

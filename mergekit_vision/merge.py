@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ._version import __version__
 from .calibration import (CalibrationPlan, Collect, LocalCollector, Statistics, StatisticsRequest, input_scale_hint,
                           plan_calibration, timed)
 from .data import check_reiterable, iter_inputs
@@ -307,8 +308,6 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
                   reference: int = 0, device=None, spec=None, collect=None, example=None) -> PreparedMerge:
     """Checks, plan, the statistics pass and the matching of a merge (``weights``: normalized, for the
     sweeps; default equal)."""
-    from . import __version__
-
     models = [unwrap_model(m) for m in models]  # DataParallel, torch.compile: the model inside
     names = list(names) if names is not None else [f"models[{i}]" for i in range(len(models))]
     w = list(weights) if weights is not None else [1.0 / len(models)] * len(models)

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .merge import align
 from .permute import permute, random_perms
 from .spec import PermutationSpec
 from .trace import trace_permutation_spec
@@ -141,8 +142,6 @@ def check_recovery(model: nn.Module, x: torch.Tensor, seed: int = 0, spec: Optio
     """``merge(A, permute(A), [x], repair=False)`` in float32, with A a randomized copy of ``model``
     whose BatchNorm statistics are measured on ``x``: matching must find the inverse permutation of
     every free group and so give back A's weights."""
-    from .merge import align
-
     a = measure_norm_statistics(randomize_model(copy.deepcopy(model).float(), seed), [x])
     if spec is None:
         spec = trace_permutation_spec(a, x[:1])

@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import TraceError
+from .rules import timm_rule_types
 
 
 def _timm_leaf_modules() -> Tuple[List[Type[nn.Module]], List]:
@@ -128,8 +129,6 @@ def trace_model(
     (BatchNormAct2d, Conv2dSame, ...) are always leaves. Forward arguments after the input that
     have defaults are traced at their defaults (see ``default_args``): the graph takes the input alone.
     """
-    from .rules import timm_rule_types  # the rule table knows which timm leaves it understands
-
     timm_leaves, _ = _timm_leaf_modules()
     leaves = list(leaf_modules) + [t for t in timm_leaves if t in timm_rule_types()]
     timm_set = set(timm_leaves)
