@@ -124,7 +124,7 @@ class ModelConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _weights_given(self) -> "ModelConfig":
+    def _weights_given(self) -> ModelConfig:
 
         lib, arch = split_name(self.model)
         hub = arch.startswith(("hf-hub:", "local-dir:"))
@@ -210,7 +210,7 @@ class CalibrationConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CalibrationConfig":
+    def _consistent(self) -> CalibrationConfig:
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean: and std:, or neither")
         if self.kind == "cifar10" and self.split not in ("train", "test"):
@@ -275,7 +275,7 @@ class MergeConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _alpha_or_weights(self) -> "MergeConfig":
+    def _alpha_or_weights(self) -> MergeConfig:
         weighted = self.models[0].weight is not None
         if "alpha" in self.model_fields_set and (len(self.models) > 2 or weighted):
             raise ValueError("alpha: is the weight of models[1] in a two-model merge; with "
@@ -368,7 +368,7 @@ class MergeConfig(_Strict):
 
     @classmethod
     def from_dict(cls, data: Any, *, base_dir: Union[str, os.PathLike, None] = None,
-                  source: str = "config") -> "MergeConfig":
+                  source: str = "config") -> MergeConfig:
         """Validate a dict (e.g. parsed YAML); relative paths are taken from ``base_dir`` (default: cwd)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping of keys (models:, method:, alpha:, ...), "

@@ -5,7 +5,6 @@ naively, aligned, and aligned + REPAIR, print the accuracy table, write ``merged
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -81,8 +80,9 @@ def run_demo(out_dir: str = "demo_out", *, quiet: bool = False, cache_dir: Optio
     lines = [f"digits ({size}x{size}), tiny_resnet width {DEMO_CONFIG['width']}, two seeds; test accuracy:",
              "", "| model | accuracy |", "|---|---|"]
     lines += [f"| {k} | {100 * v:.1f}% |" for k, v in results.items()]
+    summary = report.summary().splitlines()
     lines += ["", f"barrier of the aligned midpoint removed by REPAIR: {100 * removed:.0f}%",
-              f"variance collapse: {report.summary().splitlines()[2].strip() if len(report.summary().splitlines()) > 2 else ''}",
+              f"variance collapse: {summary[2].strip() if len(summary) > 2 else ''}",
               f"total time {time.perf_counter() - t0:.1f}s"]
     text = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)

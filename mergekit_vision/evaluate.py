@@ -98,7 +98,8 @@ class Curve:
         width = max([7] + [len(m) for m in self.modes])
         has_red = "aligned" in self.acc
         for metric, scale, fmt in (("acc", 100.0, "{:7.2f}"), ("loss", 1.0, "{:7.4f}")):
-            head = f"{metric + (' %' if metric == 'acc' else ''):<{width}} " + " ".join(f"a={a:<5.2f}" for a in self.alphas)
+            label = metric + (" %" if metric == "acc" else "")
+            head = f"{label:<{width}} " + " ".join(f"a={a:<5.2f}" for a in self.alphas)
             head += " | barrier mid     max"
             if metric == "acc" and has_red:
                 head += " | reduction"
@@ -123,7 +124,7 @@ class Curve:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Curve":
+    def from_dict(cls, d: dict) -> Curve:
         return cls(list(d["alphas"]), dict(d["acc"]), dict(d["loss"]), dict(d["endpoints"]),
                    dict(d.get("notes", {})), dict(d.get("meta", {})))
 

@@ -349,7 +349,7 @@ def load_into(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Modul
     if problems:
         raise ArchitectureMismatchError(
             f"{type(model).__name__} does not fit '{path}': " + "; ".join(problems) + ". "
-            f"Build the model with the same architecture name and kwargs (e.g. num_classes) as the saved one"
+            "Build the model with the same architecture name and kwargs (e.g. num_classes) as the saved one"
             + ("." if strict else ", or pass strict=False to skip missing/unexpected keys.")
         )
     if missing:

@@ -37,8 +37,8 @@ from .spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["merge", "merge_many", "align", "prepare_merge", "finish_merge", "PreparedMerge", "METHODS", "REPAIR_MODES", "check_same_architecture", "check_finite",
-           "state_dict_sha256", "source_info"]
+__all__ = ["merge", "merge_many", "align", "prepare_merge", "finish_merge", "PreparedMerge", "METHODS", "REPAIR_MODES",
+           "check_same_architecture", "check_finite", "state_dict_sha256", "source_info"]
 
 
 # ---- input checks ------------------------------------------------------------------------

@@ -190,5 +190,6 @@ def _model_card(config: Any, report: MergeReport, *, model_name: str, library: s
     lines += ["", "## Merge report", "", "```text", report.summary(), "```", "",
               "Per-group correlations and per-site variance ratios: `merge_report.json`.",
               "", "## Load it", "", "```python", _load_snippet(model_name, library, config.models[0].kwargs, sharded),
-              "```", "", "## Configuration", "", f"`{CONFIG_YAML}`:", "", "```yaml", config.to_yaml().rstrip(), "```", ""]
+              "```", "", "## Configuration", "", f"`{CONFIG_YAML}`:", "", "```yaml", config.to_yaml().rstrip(), "```",
+              ""]
     return "\n".join(lines)

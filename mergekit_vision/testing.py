@@ -96,7 +96,8 @@ def check_spec(model: nn.Module, x: torch.Tensor, seed: int = 0, spec: Optional[
     flags = [mod.training for mod in m.modules()]
     # the spec does not depend on the dtype: trace a float32 copy (float64 depthwise convs are slow)
     if spec is None:
-        spec = trace_permutation_spec(copy.deepcopy(m).float(), x.float()) if copy_model else trace_permutation_spec(m, x)
+        spec = (trace_permutation_spec(copy.deepcopy(m).float(), x.float()) if copy_model
+                else trace_permutation_spec(m, x))
     with torch.no_grad():
         y = _flatten_outputs(m(x))
         perms = random_perms(spec, torch.Generator().manual_seed(seed + 1))

@@ -201,7 +201,8 @@ def test_config_takes_two_or_more_models_with_optional_weights(tiny):
 
 @pytest.mark.slow
 def test_merge_torchvision_loads_back_into_torchvision(tmp_path):
-    build = lambda seed: randomize_model(torchvision.models.squeezenet1_1(num_classes=10), seed=seed).eval()
+    def build(seed):
+        return randomize_model(torchvision.models.squeezenet1_1(num_classes=10), seed=seed).eval()
     a, b = build(0), build(1)
     torch.save(a.state_dict(), tmp_path / "a.pth")
     torch.save(b.state_dict(), tmp_path / "b.pth")

@@ -46,7 +46,8 @@ def test_matching_recovers_a_permutation(name, build, size):
         assert differ > 0
         merged = merge(a, b, list(x.split(48)), repair=False, progress=False)
         assert _rel(merged(x), a(x)) < 1e-5
-        assert all(torch.allclose(v.float(), merged.state_dict()[k].float(), atol=1e-6) for k, v in a.state_dict().items())
+        assert all(torch.allclose(v.float(), merged.state_dict()[k].float(), atol=1e-6)
+                   for k, v in a.state_dict().items())
         wm = merge(a, b, list(x.split(48)), method="weight", repair=False, progress=False)
         assert _rel(wm(x), a(x)) < 1e-5
 

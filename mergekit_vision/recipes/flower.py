@@ -363,8 +363,8 @@ class InProcessGrid(Grid):
                 reply = self.client(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # reported as an error reply, as Flower's runtime does
                 logger.exception("ClientApp raised on node %d", msg.metadata.dst_node_id)
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
-                                reply_to=delivered)
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
+                reply = Message(error, reply_to=delivered)
             reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self._replies[msg.metadata.message_id] = message_from_proto(message_to_proto(reply))
             ids.append(msg.metadata.message_id)

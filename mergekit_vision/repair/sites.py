@@ -7,7 +7,7 @@ fused activation (timm's BatchNormAct2d), or the conv/linear output.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import operator
 
@@ -47,7 +47,8 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
     taps: Dict[Tuple[str, int], List[Tuple[int, int, int, str, bool]]] = {}
     for g in spec.groups:
         for t in g.taps:
-            taps.setdefault((t.node, t.dim), []).append((t.start, t.offset, t.length, g.name, g.reason == "model output"))
+            taps.setdefault((t.node, t.dim), []).append((t.start, t.offset, t.length, g.name,
+                                                          g.reason == "model output"))
     sites: List[Site] = []
     for n in gm.graph.nodes:
         if mode == "stream" and _is_add(n):
@@ -90,7 +91,8 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
 
 
 def _is_add(n: fx.Node) -> bool:
-    is_add = (n.op == "call_function" and n.target in ADD_TARGETS) or (n.op == "call_method" and n.target in ("add", "add_"))
+    is_add = ((n.op == "call_function" and n.target in ADD_TARGETS)
+              or (n.op == "call_method" and n.target in ("add", "add_")))
     return is_add and len(n.args) >= 2 and all(isinstance(a, fx.Node) for a in n.args[:2])
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -19,8 +18,7 @@ from ..errors import MergeVisionError, TraceError
 from ..spec import Member, PermutationGroup, PermutationSpec, Tap
 from .layout import Elements, Seg
 from .rules import (
-    FUNCTION_RULES, METHOD_RULES, Multi, RuleCall, ensure_library_rules, fresh_layout, freeze_all, iter_layouts,
-    module_rule, unknown,
+    FUNCTION_RULES, METHOD_RULES, Multi, RuleCall, ensure_library_rules, freeze_all, module_rule, unknown,
 )
 from .tracer import trace_model
 
@@ -69,7 +67,8 @@ class CouplingPass(fx.Interpreter):
         layout = self._layout(n, value)
         self.layouts[n] = layout
         # only values computed from the input are activations (a weight-standardization chain is not)
-        self.dynamic[n] = (n.op == "placeholder" and isinstance(value, torch.Tensor)) or any(self.dynamic.get(a, False) for a in n.all_input_nodes)
+        self.dynamic[n] = ((n.op == "placeholder" and isinstance(value, torch.Tensor))
+                           or any(self.dynamic.get(a, False) for a in n.all_input_nodes))
         if self.dynamic[n] and isinstance(value, torch.Tensor) and isinstance(layout, tuple) \
                 and not isinstance(layout, Multi):
             op = self._op_name(n)
@@ -288,7 +287,7 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
             by_axis[(m.key, m.axis)].append((m.start, m.start + m.length * m.inner, gi, m.offset))
     for (key, axis), spans in by_axis.items():
         spans.sort()
-        for (a0, a1, ga, _), (b0, b1, gb, _) in zip(spans, spans[1:]):
+        for (_, a1, ga, _), (b0, _, gb, _) in zip(spans, spans[1:]):
             if b0 < a1:
                 for g in (ga, gb):
                     msg = f"'{key}' axis {axis} is claimed twice"

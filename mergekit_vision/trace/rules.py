@@ -11,13 +11,13 @@ import math
 import operator
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import DimLayout, Elements, ExtraMember, Seg, dim_span, pieces, slice_dim
+from .layout import DimLayout, Elements, ExtraMember, Seg, pieces, slice_dim
 
 
 @dataclass
@@ -82,11 +82,11 @@ def iter_layouts(layout):
     if layout is None:
         return
     if isinstance(layout, Multi):
-        for l in layout:
-            yield from iter_layouts(l)
+        for lay in layout:
+            yield from iter_layouts(lay)
     elif isinstance(layout, dict):
-        for l in layout.values():
-            yield from iter_layouts(l)
+        for lay in layout.values():
+            yield from iter_layouts(lay)
     elif isinstance(layout, tuple):
         yield layout
 
@@ -191,18 +191,18 @@ def elementwise(call: RuleCall):
     out = call.out
     if not _is_tensor(out):
         return None
-    vals = [(v, l) for v, l in zip(list(call.args) + list(call.kwargs.values()),
+    vals = [(v, lay) for v, lay in zip(list(call.args) + list(call.kwargs.values()),
                                    list(call.largs) + list(call.lkwargs.values())) if _is_tensor(v)]
     nd = out.dim()
     layout: List[DimLayout] = []
     for d in range(nd):
         size = out.shape[d]
         dims = []
-        for v, l in vals:
+        for v, lay in vals:
             k = d - (nd - v.dim())
             if k < 0 or v.shape[k] != size or (size == 1 and v.dim() != nd):
                 continue
-            dims.append(_layout_or_none(l, v)[k])
+            dims.append(_layout_or_none(lay, v)[k])
         acc = None
         if dims:
             acc = dims[0]
@@ -268,7 +268,8 @@ def spatial_op(call: RuleCall, n_lead: int = 2):
     for d in range(n_lead, x.dim()):
         if lx[d] is not None:
             call.E.freeze_dim(lx[d], f"{call.where} works across a channel axis as if it were spatial")
-            layout.append(call.E.fresh_dim(out.shape[d], call.where, "spatial op over channels") if out.shape[d] > 1 else None)
+            fresh = call.E.fresh_dim(out.shape[d], call.where, "spatial op over channels") if out.shape[d] > 1 else None
+            layout.append(fresh)
         else:
             layout.append(None)
     for d in range(n_lead):
@@ -299,28 +300,33 @@ def reshape_layout(E: Elements, where: str, in_shape, lx, out_shape):
         pi = pj = 1
         # grow the chunk until products match (size-1 dims attach to the current chunk)
         if i < len(in_shape):
-            pi *= in_shape[i]; i += 1
+            pi *= in_shape[i]
+            i += 1
         if j < len(out_shape):
-            pj *= out_shape[j]; j += 1
+            pj *= out_shape[j]
+            j += 1
         while pi != pj:
             if pi < pj and i < len(in_shape):
-                pi *= in_shape[i]; i += 1
+                pi *= in_shape[i]
+                i += 1
             elif j < len(out_shape):
-                pj *= out_shape[j]; j += 1
+                pj *= out_shape[j]
+                j += 1
             else:
                 break
-        while i < len(in_shape) and in_shape[i] == 1 and lx[i] is None and not (j < len(out_shape) and out_shape[j] == 1):
+        while (i < len(in_shape) and in_shape[i] == 1 and lx[i] is None
+               and not (j < len(out_shape) and out_shape[j] == 1)):
             i += 1
         a = [k for k in range(i0, i) if in_shape[k] != 1]
         b = [k for k in range(j0, j) if out_shape[k] != 1]
         ins = [lx[k] for k in a]
-        if all(l is None for l in ins):
+        if all(lay is None for lay in ins):
             continue
         if len(a) == 1 and len(b) == 1:
             out[b[0]] = ins[0]
         elif len(b) == 1 and ins[0] is not None:  # merge: channel outermost, the rest become inner
-            for l in ins[1:]:
-                E.freeze_dim(l, f"{where} flattens an axis inside another channel axis")
+            for lay in ins[1:]:
+                E.freeze_dim(lay, f"{where} flattens an axis inside another channel axis")
             inner = math.prod(in_shape[k] for k in a[1:])
             out[b[0]] = tuple(Seg(s.elem, s.off, s.length, s.inner * inner) for s in ins[0])
         elif len(a) == 1 and ins[0] is not None and all(
@@ -329,8 +335,8 @@ def reshape_layout(E: Elements, where: str, in_shape, lx, out_shape):
             rest = math.prod(out_shape[k] for k in b[1:])
             out[b[0]] = tuple(Seg(s.elem, s.off, s.length, s.inner // rest) for s in ins[0])
         else:
-            for l in ins:
-                E.freeze_dim(l, f"{where} reshapes a channel axis (mixes or splits channels)")
+            for lay in ins:
+                E.freeze_dim(lay, f"{where} reshapes a channel axis (mixes or splits channels)")
             for k in b:
                 out[k] = E.fresh_dim(out_shape[k], where, "output of a channel-mixing reshape")
     return tuple(out)
@@ -466,26 +472,27 @@ def cat_rule(call: RuleCall):
     out = call.out
     nd = out.dim()
     dim %= nd
-    lts = [_layout_or_none(l, t) for t, l in zip(tensors, ltensors) if _is_tensor(t) and t.numel() > 0 or t.dim() == nd]
+    lts = [_layout_or_none(lay, t) for t, lay in zip(tensors, ltensors)
+           if (_is_tensor(t) and t.numel() > 0) or t.dim() == nd]
     ts = [t for t in tensors if _is_tensor(t) and (t.numel() > 0 or t.dim() == nd)]
     layout: List[DimLayout] = []
     for d in range(nd):
         if d == dim:
             segs: List[Seg] = []
-            if all(l[d] is None for l in lts):
+            if all(lay[d] is None for lay in lts):
                 layout.append(None)
                 continue
-            for t, l in zip(ts, lts):
-                if l[d] is None:
+            for t, lay in zip(ts, lts):
+                if lay[d] is None:
                     if t.shape[d] > 0:
                         segs.extend(call.E.fresh_dim(t.shape[d], call.where, "non-channel part of a channel concat"))
                 else:
-                    segs.extend(l[d])
+                    segs.extend(lay[d])
             layout.append(tuple(segs))
         else:
             acc = lts[0][d]
-            for l in lts[1:]:
-                acc = join_dim(call.E, acc, l[d], call.where)
+            for lay in lts[1:]:
+                acc = join_dim(call.E, acc, lay[d], call.where)
             layout.append(acc)
     return tuple(layout)
 
@@ -494,12 +501,12 @@ def stack_rule(call: RuleCall):
     tensors = call.arg(0, "tensors")
     ltensors = call.larg(0, "tensors") or [None] * len(tensors)
     dim = call.arg(1, "dim", 0) % call.out.dim()
-    lts = [_layout_or_none(l, t) for t, l in zip(tensors, ltensors)]
+    lts = [_layout_or_none(lay, t) for t, lay in zip(tensors, ltensors)]
     layout: List[DimLayout] = []
     for d in range(tensors[0].dim()):
         acc = lts[0][d]
-        for l in lts[1:]:
-            acc = join_dim(call.E, acc, l[d], call.where)
+        for lay in lts[1:]:
+            acc = join_dim(call.E, acc, lay[d], call.where)
         layout.append(acc)
     layout.insert(dim, None)
     return tuple(layout)
@@ -538,7 +545,7 @@ def unbind_rule(call: RuleCall):
     lx = _layout_or_none(call.largs[0], x)
     dim = call.arg(1, "dim", 0) % x.dim()
     call.E.freeze_dim(lx[dim], f"{call.where} unbinds a channel axis")
-    rest = tuple(l for k, l in enumerate(lx) if k != dim)
+    rest = tuple(lay for k, lay in enumerate(lx) if k != dim)
     return Multi(rest for _ in call.out)
 
 
@@ -648,7 +655,9 @@ def conv_functional(call: RuleCall):
 def linear_core(call: RuleCall, x, lx, lw, lb, weight_key: Optional[str]):
     E = call.E
     cin = lx[-1]
-    lout = lw[0] if lw[0] is not None else E.fresh_dim(call.out.shape[-1], call.where, "linear weight of unknown provenance")
+    lout = lw[0]
+    if lout is None:
+        lout = E.fresh_dim(call.out.shape[-1], call.where, "linear weight of unknown provenance")
     if lb is not None:
         join_dim(E, lout, lb, call.where)
     if cin is not None and any(s.inner != 1 for s in cin):
