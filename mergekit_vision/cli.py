@@ -154,18 +154,17 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     from .export import write_json_atomic
     from .output import check_output_folder
 
-    try:
-        from .evaluate import interpolation_curve, plot_curve
-    except ModuleNotFoundError as exc:
-        if exc.name != "mergekit_vision.evaluate":
-            raise
-        raise MergeVisionError("curve needs mergekit_vision.evaluate, which this installation lacks; "
-                               "update mergekit-vision") from None
+    from .evaluate import interpolation_curve, plot_curve
+
     config = _load_config(args)
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out '{out}' is a folder; give the PNG's file path, e.g. {out / 'curve.png'}")
     check_output_folder(out.parent, "the folder of --out")  # before the models are loaded and evaluated
+    if len(config.models) != 2:
+        raise ConfigError(f"{args.config}: curve interpolates between two models, (1 - alpha)·A + alpha·B; the "
+                          f"config has {len(config.models)}. Keep the two whose path you want, or use merge for "
+                          "all of them")
     if config.evaluation is None:
         raise ConfigError(f"{args.config}: evaluation: missing — curve measures accuracy along the path: give "
                           "evaluation: {path: DATA, split: test} (the same keys as calibration)")
@@ -214,13 +213,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        from .demo import run_demo
-    except ModuleNotFoundError as exc:
-        if exc.name != "mergekit_vision.demo":
-            raise
-        raise MergeVisionError("demo needs mergekit_vision.demo, which this installation lacks; "
-                               "update mergekit-vision") from None
+    from .demo import run_demo
+
     results = run_demo(Path(args.out), quiet=args.quiet)
     if isinstance(results, dict) and results.get("table"):
         print(results["table"])
@@ -256,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_flags(p, suppress=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pm = sub.add_parser("merge", help="merge the two models of a YAML config into an output folder",
-                        description="Merge the two models of CONFIG and write OUT_DIR: model.safetensors, "
+    pm = sub.add_parser("merge", help="merge the models of a YAML config (two or more) into an output folder",
+                        description="Merge the models of CONFIG and write OUT_DIR: model.safetensors, "
                                     "config.json, mergekit_vision_config.yml, merge_report.json, README.md.")
     pm.add_argument("config", help="YAML merge config (docs/config.md)")
     pm.add_argument("out_dir", help="output folder (created; files of an earlier run are replaced)")

@@ -529,8 +529,6 @@ def test_inspect_prints_the_group_table(capsys):
     assert "layer1.0.conv1" in out and "model output" in out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mergekit_vision.evaluate") is None,
-                    reason="mergekit_vision.evaluate (interpolation_curve) is not written yet")
 def test_curve_prints_the_table_and_saves_the_plot(tiny, tmp_path, capsys):
     cfg = {**copy.deepcopy(tiny.config), "evaluation": {"path": "eval.npz"}}
     out = tmp_path / "curve.png"
@@ -544,9 +542,16 @@ def test_curve_prints_the_table_and_saves_the_plot(tiny, tmp_path, capsys):
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_curve_refuses_a_config_of_three_models(tiny, tmp_path, capsys):
+    cfg = {**copy.deepcopy(tiny.config), "evaluation": {"path": "eval.npz"}}
+    cfg.pop("alpha")
+    cfg["models"] = cfg["models"] + cfg["models"][:1]
+    assert main(["curve", str(write_yaml(tiny.dir / "three.yml", cfg)), "--out", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "curve interpolates between two models" in err and "the config has 3" in err
+
+
 def test_curve_needs_an_evaluation_set(tiny, tmp_path, capsys):
-    if importlib.util.find_spec("mergekit_vision.evaluate") is None:
-        pytest.skip("mergekit_vision.evaluate is not written yet")
     path = write_yaml(tiny.dir / "ok.yml", tiny.config)
     assert main(["curve", str(path), "--out", str(tmp_path / "c.png")]) == 2
     assert "evaluation: missing" in capsys.readouterr().err
