@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from .data import iter_inputs
 from .errors import ConfigError, DataError, MergeVisionError
 from .merge import align, finish_merge, prepare_merge
+from .ops import is_batchnorm
 from .options import MergeOptions
-from .repair.sites import is_batchnorm
 from .trace import trace_permutation_spec
 from .training import iter_labelled, labelled_tensors, evaluate
 

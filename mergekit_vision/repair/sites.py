@@ -9,21 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
-import operator
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import PRODUCER_MODULES, is_add, is_batchnorm
 from ..spec import PermutationSpec
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) or (
-        type(m).__name__.startswith("FrozenBatchNorm") and hasattr(m, "running_var"))
 
 
 @dataclass
@@ -37,8 +30,6 @@ class Site:
     inputs: List[str] = field(default_factory=list)  # "add" sites: the addend nodes
 
 
-ADD_TARGETS = {operator.add, torch.add, operator.iadd}
-
 
 def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Site]:
     """Sites in graph order. ``mode`` is "repair" (BN + unnormalized conv/linear), "reset" (BN only) or
@@ -51,7 +42,7 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
                                                           g.reason == "model output"))
     sites: List[Site] = []
     for n in gm.graph.nodes:
-        if mode == "stream" and _is_add(n):
+        if mode == "stream" and is_add(n):
             for d in (1, -1, 2, 3):
                 segs = taps.get((n.name, d))
                 if segs and not any(s[4] for s in segs):
@@ -67,7 +58,7 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
                 continue
             key = (n.args[0].name, 1)
             kind = "bn"
-        elif isinstance(m, CONV_TYPES) and mode in ("repair", "stream"):
+        elif isinstance(m, PRODUCER_MODULES) and mode in ("repair", "stream"):
             users = list(n.users)
             if users and all(u.op == "call_module" and is_batchnorm(modules[u.target]) for u in users):
                 continue  # the BatchNorm that follows is the site
@@ -88,12 +79,6 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
             continue  # channels not fully tracked, or the model output (logits are not repaired)
         sites.append(Site(n.name, n.target, kind, key[1], channels, [s[:4] for s in segs]))
     return sites
-
-
-def _is_add(n: fx.Node) -> bool:
-    is_add = ((n.op == "call_function" and n.target in ADD_TARGETS)
-              or (n.op == "call_method" and n.target in ("add", "add_")))
-    return is_add and len(n.args) >= 2 and all(isinstance(a, fx.Node) for a in n.args[:2])
 
 
 def bn_eval(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
