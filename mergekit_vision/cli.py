@@ -201,7 +201,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     model = create_model(args.model, kwargs={"num_classes": args.num_classes} if args.num_classes else None)
     shape = (1, args.in_chans, args.size, args.size)
-    spec = trace_permutation_spec(model, torch.randn(*shape))
+    x = torch.randn(*shape)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as exc:  # the model's own message, and the input size it was built for
+        own = _built_for_size(model)
+        fix = (f"it was built for {own}-px inputs: pass --size {own}" if own and own != args.size
+               else "pass --size and --in-chans that fit it")
+        raise ConfigError(f"{args.model} does not run on an input of shape {shape} "
+                          f"({type(exc).__name__}: {str(exc).strip()[:200]}); {fix}") from None
+    spec = trace_permutation_spec(model, x)
     print(spec.summary())
     print(spec.table(show_frozen=not args.free_only))
     if args.members:
@@ -210,6 +220,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             for m in g.members:
                 print(f"    {m}")
     return 0
+
+
+def _built_for_size(model) -> Optional[int]:
+    """The input size a timm model's pretrained config names (ViTs: 224), else None."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return int(size[-1]) if size else None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

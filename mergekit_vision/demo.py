@@ -31,8 +31,9 @@ def _cache_dir(cache_dir: Optional[str]) -> Path:
 
 
 def train_digits_model(seed: int, *, width: int = 32, size: int = 16, epochs: int = 10, batch_size: int = 128,
-                       lr: float = 0.1, cache_dir: Optional[str] = None) -> nn.Module:
-    """A tiny_resnet trained on digits from ``seed`` (init and data order), cached as safetensors."""
+                       lr: float = 0.1, cache_dir: Optional[str] = None, progress: bool = False) -> nn.Module:
+    """A tiny_resnet trained on digits from ``seed`` (init and data order), cached as safetensors;
+    ``progress`` shows a bar while it trains (a minute or two on a CPU, once)."""
     torch.manual_seed(seed)
     model = tiny_resnet(width=width, norm="bn", in_chans=1)
     path = _cache_dir(cache_dir) / f"tiny_resnet_w{width}_s{size}_e{epochs}_seed{seed}.safetensors"
@@ -41,15 +42,20 @@ def train_digits_model(seed: int, *, width: int = 32, size: int = 16, epochs: in
             return load_into(model, path).eval()
         except Exception:  # a stale or foreign file: retrain
             logger.warning("ignoring unreadable cache file %s", path)
-    train_classifier(model, digits_dataset(size, "train"), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    logger.info("training the demo's model for seed %d (%d epochs); cached for the next run in %s",
+                seed, epochs, path.parent)
+    train_classifier(model, digits_dataset(size, "train"), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                     progress=progress)
     model.eval()
     save_safetensors(model, path, metadata={"seed": seed, "config": DEMO_CONFIG})
     return model
 
 
-def digits_pair(seeds: Tuple[int, int] = (0, 1), cache_dir: Optional[str] = None, **cfg) -> Tuple[nn.Module, nn.Module]:
+def digits_pair(seeds: Tuple[int, int] = (0, 1), cache_dir: Optional[str] = None, progress: bool = False,
+                **cfg) -> Tuple[nn.Module, nn.Module]:
     c = {**DEMO_CONFIG, **cfg}
-    return tuple(train_digits_model(s, cache_dir=cache_dir, **c) for s in seeds)  # type: ignore[return-value]
+    return tuple(train_digits_model(s, cache_dir=cache_dir, progress=progress, **c)  # type: ignore[return-value]
+                 for s in seeds)
 
 
 def run_demo(out_dir: str = "demo_out", *, quiet: bool = False, cache_dir: Optional[str] = None,
@@ -61,9 +67,9 @@ def run_demo(out_dir: str = "demo_out", *, quiet: bool = False, cache_dir: Optio
     out = Path(out_dir)
     size = DEMO_CONFIG["size"]
     train, test = digits_dataset(size, "train"), digits_dataset(size, "test")
-    a, b = digits_pair(seeds, cache_dir=cache_dir)
-    calib = [x for x, _ in zip(train.tensors[0].split(256), range(100))]
     progress = not quiet
+    a, b = digits_pair(seeds, cache_dir=cache_dir, progress=progress)
+    calib = [x for x, _ in zip(train.tensors[0].split(256), range(100))]
     results = {
         "model A": evaluate(a, test)["acc"],
         "model B": evaluate(b, test)["acc"],

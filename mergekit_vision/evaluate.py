@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -36,7 +37,24 @@ MODES: Dict[str, Tuple[bool, Union[bool, str]]] = {
     "repair": (True, True),
     "stream": (True, "stream"),  # REPAIR plus a correction on every residual add; not in the default modes
 }
+LABELS = {"naive": "naive average", "aligned": "aligned", "reset": "aligned + RESET", "repair": "aligned + REPAIR",
+          "stream": "aligned + REPAIR (+ streams)"}
 METRICS = ("acc", "loss")
+
+
+@contextmanager
+def quiet_merges():
+    """The curve's inner merges log warnings only: the curve shows one progress bar and a line per mode,
+    not a merge summary per point (their numbers are in the curve)."""
+    loggers = [logging.getLogger(n) for n in ("mergekit_vision.merge", "mergekit_vision.calibration")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @dataclass
@@ -224,7 +242,9 @@ def interpolation_curve(
     aligned = None
     if any(MODES[m][0] for m in modes):
         t0 = time.perf_counter()
-        aligned = align(model_a, model_b, calib_loader, method=method, **common)
+        logger.info("curve: aligning model_b to model_a (%s matching)", method)
+        with quiet_merges():
+            aligned = align(model_a, model_b, calib_loader, method=method, **common)
         timings["align"] = time.perf_counter() - t0
         rep = aligned.merge_report
         curve.meta["matched_corr"] = rep.mean_corr
@@ -239,16 +259,18 @@ def interpolation_curve(
             matched, repair = MODES[mode]
             b = aligned if matched else model_b
             curve.acc[mode], curve.loss[mode] = [], []
+            logger.info("curve: %s at %d alphas", LABELS[mode], len(alphas))
             # the endpoints' statistics do not depend on alpha: measured once per mode, the correction per alpha
             t0 = time.perf_counter()
-            prepared = prepare_merge([model_a, b], calib_loader, MergeOptions.create(
-                method="none", repair=repair, max_samples=calib_samples, progress=False),
-                names=["model_a", "model_b"], spec=spec)
+            with quiet_merges():
+                opts = MergeOptions.create(method="none", repair=repair, max_samples=calib_samples, progress=False)
+                prepared = prepare_merge([model_a, b], calib_loader, opts, names=["model_a", "model_b"], spec=spec)
             timings["merge"] += time.perf_counter() - t0
             for alpha in alphas:
-                bar.set_postfix_str(f"{mode} alpha={alpha:.2f}")
+                bar.set_postfix_str(f"{LABELS[mode]}, alpha={alpha:.2f}")
                 t0 = time.perf_counter()
-                merged, rep = finish_merge(prepared, [1.0 - alpha, alpha], alpha=alpha, return_report=True)
+                with quiet_merges():
+                    merged, rep = finish_merge(prepared, [1.0 - alpha, alpha], alpha=alpha, return_report=True)
                 timings["merge"] += time.perf_counter() - t0
                 r = score(merged)
                 curve.acc[mode].append(r["acc"])
@@ -282,8 +304,6 @@ def _count(data: Any) -> Optional[int]:
 
 
 _COLORS = {"naive": "#7f7f7f", "aligned": "#1f77b4", "reset": "#ff7f0e", "repair": "#2ca02c", "stream": "#d62728"}
-_LABELS = {"naive": "naive average", "aligned": "aligned", "reset": "aligned + RESET", "repair": "aligned + REPAIR",
-           "stream": "aligned + REPAIR (+ streams)"}
 
 
 def plot_curve(curve: Curve, path: Union[str, Path], *, metric: str = "acc", title: Optional[str] = None) -> Path:
@@ -305,7 +325,7 @@ def plot_curve(curve: Curve, path: Union[str, Path], *, metric: str = "acc", tit
     for mode in curve.modes:
         ys = curve.values(mode, metric)
         ax.plot(xs, [scale * ys[i] for i in order], marker="o", ms=3.5, lw=1.6, color=_COLORS.get(mode),
-                label=_LABELS.get(mode, mode))
+                label=LABELS.get(mode, mode))
     ax.plot([0.0, 1.0], [scale * curve.endpoints["a"][metric], scale * curve.endpoints["b"][metric]], ls=":",
             color="black", lw=1.0, label="endpoints")
     ax.set_xlabel("interpolation alpha (weight of model B)")

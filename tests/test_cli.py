@@ -570,3 +570,26 @@ def test_demo_calls_run_demo(monkeypatch, tmp_path, capsys):
     assert main(["--quiet", "demo", "--out", str(tmp_path / "d")]) == 0
     assert calls == [(tmp_path / "d", True)]
     assert capsys.readouterr().out == "naive 10% | aligned 50% | repair 90%\n"
+
+
+def test_inspect_names_the_input_size_a_model_was_built_for(capsys):
+    """timm's ViTs take the input size they were built for: at the default 64 px, inspect says which."""
+    assert main(["inspect", "timm:vit_tiny_patch16_224"]) == 2
+    err = capsys.readouterr().err
+    assert "timm:vit_tiny_patch16_224 does not run on an input of shape (1, 3, 64, 64)" in err
+    assert "it was built for 224-px inputs: pass --size 224" in err
+
+
+def test_demo_trains_with_a_progress_bar_unless_quiet(monkeypatch, tmp_path):
+    import mergekit_vision.demo as demo
+
+    seen = []
+
+    def fake_train(model, data, **kw):
+        seen.append(kw["progress"])
+        return model
+
+    monkeypatch.setattr(demo, "train_classifier", fake_train)
+    for quiet in (False, True):
+        demo.digits_pair((0, 1), cache_dir=str(tmp_path / str(quiet)), progress=not quiet)
+    assert seen == [True, True, False, False]

@@ -1,6 +1,7 @@
 """interpolation_curve / Curve / plot_curve: shape, endpoints, barrier math, the plot, errors; align()."""
 import copy
 import json
+import logging
 import sys
 
 import pytest
@@ -207,3 +208,14 @@ def test_errors_are_clear(pair, digits):
         interpolation_curve(*pair, test, method="none", progress=False)
     with pytest.raises(ConfigError, match="activation, weight"):
         align(*pair, [test.tensors[0][:8]], method="none")
+
+
+def test_the_curve_runs_its_merges_quietly(pair, digits, caplog):
+    """One line per mode, labelled by what it is; no merge summary per point (``method=none``)."""
+    train, test = digits
+    with caplog.at_level(logging.INFO, logger="mergekit_vision"):
+        interpolation_curve(*pair, test, calib_loader=[train.tensors[0][:128]], alphas=(0.0, 0.5, 1.0),
+                            modes=("naive", "repair"), progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "curve: naive average at 3 alphas" in messages and "curve: aligned + REPAIR at 3 alphas" in messages
+    assert not [m for m in messages if "method=" in m or m.startswith("merge:")], messages
