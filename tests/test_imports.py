@@ -115,6 +115,10 @@ class Package:
                     bad.append(f"{m}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
         return bad
 
+    def unresolved(self) -> List[str]:
+        return [f"{i.module}:{i.line} imports {i.target}, which is no module of the package"
+                for i in self.imports if i.target not in self.paths]
+
     def root_imports(self) -> List[str]:
         return [f"{i.module}:{i.line} imports {', '.join(i.names) or i.target} from the package root"
                 for i in self.imports if i.target == self.name and i.module != self.name]
@@ -170,6 +174,11 @@ def test_the_walk_sees_the_package(package):
     assert any(i.module == "mergekit_vision.cli" and i.deferred for i in package.imports)
 
 
+def test_every_import_of_the_package_resolves(package):
+    found = package.unresolved()
+    assert not found, "\n".join(found)
+
+
 def test_no_import_cycles(package):
     found = package.cycles()
     assert not found, "import cycles:\n" + "\n".join(found)
@@ -220,3 +229,8 @@ def test_the_cycle_check_on_a_toy_package(tmp_path):
 def test_the_root_check_on_a_toy_package(tmp_path):
     pkg = toy_package(tmp_path, {"a": "def version():\n    from . import __version__\n    return __version__\n"})
     assert pkg.root_imports() == ["pkg.a:2 imports __version__ from the package root"]
+
+
+def test_the_resolution_check_on_a_toy_package(tmp_path):
+    pkg = toy_package(tmp_path, {"a": "from .errors import E\nfrom . import b\n", "b": ""})
+    assert pkg.unresolved() == ["pkg.a:1 imports pkg.errors, which is no module of the package"]
