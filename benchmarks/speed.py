@@ -13,6 +13,7 @@ own subprocess: its peak resident memory (ru_maxrss) is its own.
     python benchmarks/speed.py --only resnet18:32:5000      # one configuration: model:pixels:images
     python benchmarks/speed.py --only resnet50:32:5000:lean # the same with merge(taps="lean")
     python benchmarks/speed.py --json speed.json            # also keep the raw numbers
+    python benchmarks/speed.py --curve resnet18:32:1000     # interpolation_curve vs one merge() per point
 
 Inputs are random tensors (speed does not depend on the pixels); models are timm's, randomly
 initialized with random BatchNorm statistics. One thread unless --threads says otherwise.
@@ -65,7 +66,7 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps
     # the merge report's stage timings read the same clock (the package's `merge` is the function:
     # the module is looked up in sys.modules)
     shim = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
-    sys.modules["mergekit_vision.merge"].time = types.SimpleNamespace(**{**shim, "perf_counter": clock})
+    sys.modules["mergekit_vision.calibration"].time = types.SimpleNamespace(**{**shim, "perf_counter": clock})
     a = randomize_model(timm.create_model(model_name, pretrained=False), seed=0).eval()
     b = randomize_model(timm.create_model(model_name, pretrained=False), seed=1).eval()
     g = torch.Generator().manual_seed(0)
@@ -105,6 +106,59 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps
                 groups=len(report.groups), sites=len(report.sites))
 
 
+def run_curve(model_name: str, pixels: int, n: int, batch: int, threads: int) -> dict:
+    """``interpolation_curve`` (each mode measured once, the correction per alpha) against what it
+    replaced: one ``merge()`` per mode and alpha. Evaluation is left out of both (it is the same work);
+    the merged tensors of every point are compared."""
+    import timm
+    import torch
+
+    import importlib
+
+    ev = importlib.import_module("mergekit_vision.evaluate")  # the module (the package exports a function too)
+    from mergekit_vision import merge
+    from mergekit_vision.evaluate import MODES, interpolation_curve
+    from mergekit_vision.testing import randomize_model
+
+    torch.set_num_threads(threads)
+    clock = time.process_time
+    a = randomize_model(timm.create_model(model_name, pretrained=False, num_classes=10), seed=0).eval()
+    b = randomize_model(timm.create_model(model_name, pretrained=False, num_classes=10), seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(min(batch, n - i), 3, pixels, pixels, generator=g) for i in range(0, n, batch)]
+    labelled = [(torch.randn(8, 3, pixels, pixels, generator=g), torch.randint(0, 10, (8,), generator=g))]
+    alphas, modes = (0.0, 0.25, 0.5, 0.75, 1.0), ("naive", "aligned", "reset", "repair")
+
+    merged_points = {}
+    real_eval = ev.evaluate
+
+    def keep(model, data, **kw):  # the curve's models, kept to compare with merge()'s
+        merged_points[len(merged_points)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real_eval(model, data, **kw)
+
+    ev.evaluate = keep
+    try:
+        t0 = clock()
+        curve = interpolation_curve(a, b, labelled, calib_loader=calib, alphas=alphas, modes=modes, progress=False)
+        t_curve = clock() - t0 - curve.meta["timings"]["eval"]
+    finally:
+        ev.evaluate = real_eval
+    t0 = clock()
+    aligned = merge(a, b, calib, alpha=1.0, repair=False, progress=False)
+    points, same = 2, True  # the curve's first two scored models are the endpoints
+    for mode in modes:
+        matched, repair = MODES[mode]
+        for alpha in alphas:
+            m = merge(a, aligned if matched else b, calib, alpha=alpha, method="none", repair=repair,
+                      progress=False)
+            got = merged_points[points]
+            same &= all(torch.equal(got[k], v) for k, v in m.state_dict().items())
+            points += 1
+    t_merges = clock() - t0
+    return dict(model=model_name, pixels=pixels, images=n, batch=batch, threads=threads, curve_s=t_curve,
+                merges_s=t_merges, speedup=t_merges / t_curve, points=len(alphas) * len(modes), identical=same)
+
+
 def table(rows) -> str:
     head = ("| model | px | images | taps | floor CPU s (A+B+merged) | merge+export CPU s | ratio | "
             + " | ".join(PARTS) + " | RSS after setup / peak floor / peak merge (MB) |")
@@ -124,8 +178,22 @@ def main(argv=None) -> int:
     p.add_argument("--batch224", type=int, default=32, help="calibration batch size at larger sizes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="append raw results (one JSON object per line)")
+    p.add_argument("--curve", default=None, metavar="MODEL:PX:IMAGES",
+                   help="time interpolation_curve against one merge() per mode and alpha instead")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.curve:
+        m, px, n = args.curve.split(":")
+        r = run_curve(m, int(px), int(n), args.batch32 if int(px) <= 64 else args.batch224, args.threads)
+        print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s)")
+        print("| model | px | images | curve points | curve CPU s | merge() per point CPU s | speed-up | identical |")
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| {r['model']} | {r['pixels']} | {r['images']} | {r['points']} | {r['curve_s']:.1f} | "
+              f"{r['merges_s']:.1f} | **{r['speedup']:.1f}x** | {r['identical']} |")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        return 0
     if args.child:  # one configuration, in this process
         m, px, n, *taps = args.child.split(":")
         bs = args.batch32 if int(px) <= 64 else args.batch224

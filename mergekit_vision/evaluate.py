@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from .data import iter_inputs
+from .data import check_reiterable, iter_inputs
 from .errors import ConfigError, DataError, MergeVisionError
-from .merge import align, finish_merge, prepare_merge
+from .merge import align, finish_merge, prepare_merge, unwrap_model
 from .ops import is_batchnorm
 from .options import MergeOptions
 from .trace import trace_permutation_spec
@@ -216,6 +216,12 @@ def interpolation_curve(
     if method not in ("activation", "weight"):
         raise ConfigError(f"unknown matching method {method!r}; valid: activation, weight")
     alphas = _check_alphas(alphas)
+    # the models inside DataParallel / torch.compile, as merge() takes them; the data is read once per
+    # mode and for the trace, so a one-shot iterator is refused here rather than silently short a batch
+    model_a, model_b = unwrap_model(model_a), unwrap_model(model_b)
+    check_reiterable(eval_loader, "eval_loader")  # read once per point
+    if calib_loader is not None:
+        check_reiterable(calib_loader)
     eval_data = _head(eval_loader, max_samples)
     if calib_loader is None:
         logger.warning("interpolation_curve: no calib_loader; matching and REPAIR statistics use the evaluation "

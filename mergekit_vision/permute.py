@@ -94,11 +94,27 @@ def permute_state_dict(
     out = OrderedDict(state_dict)
     if hasattr(state_dict, "_metadata"):  # module versions (torchvision's MNASNet checks them on load)
         out._metadata = state_dict._metadata
+    done = {}
     for (key, axis, groups), members in _by_axis(spec, perms).items():
         if key not in out:
             raise _missing(key)
-        out[key] = permute_tensor(out[key], axis, groups, members)
+        out[key] = done[key] = permute_tensor(out[key], axis, groups, members)
+    # a module registered under two names (coat's position encodings, tied weights) appears in the state
+    # dict under every name but in the spec under one: its other names take the same permuted tensor, or
+    # load_state_dict would write the unpermuted alias over it
+    by_storage = {_storage_id(state_dict[k]): k for k in done if _storage_id(state_dict[k]) is not None}
+    for key, t in state_dict.items():
+        source = by_storage.get(_storage_id(t))
+        if source is not None and key not in done:
+            out[key] = done[source]
     return out
+
+
+def _storage_id(t):
+    """What makes two state-dict entries one tensor (None for empty or non-tensor entries)."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0:
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
 def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import types
@@ -37,8 +38,11 @@ TIMM_KW = {"num_classes": 10, "channels": [8, 16, 32, 64], "stem_width": 8}  # a
 
 
 def run_cli(*args, cwd=None, module="mergekit_vision.cli") -> subprocess.CompletedProcess:
+    # this checkout's package, whatever the cwd and wherever an installed copy points
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=300, cwd=cwd, env=env)
 
 
 def write_yaml(path: Path, data: dict) -> Path:

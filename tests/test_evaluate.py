@@ -10,7 +10,7 @@ from torch import nn
 
 from mergekit_vision import permute, random_perms, trace_permutation_spec
 from mergekit_vision.data import digits_dataset
-from mergekit_vision.errors import ConfigError, MergeVisionError
+from mergekit_vision.errors import ConfigError, DataError, MergeVisionError
 from mergekit_vision.evaluate import Curve, interpolation_curve, plot_curve
 from mergekit_vision.merge import align
 from mergekit_vision.models import tiny_resnet
@@ -219,3 +219,18 @@ def test_the_curve_runs_its_merges_quietly(pair, digits, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert "curve: naive average at 3 alphas" in messages and "curve: aligned + REPAIR at 3 alphas" in messages
     assert not [m for m in messages if "method=" in m or m.startswith("merge:")], messages
+
+
+def test_curve_takes_wrapped_models_and_refuses_one_shot_iterators(pair, digits):
+    train, test = digits
+    calib = [train.tensors[0][:256]]
+    with pytest.raises(DataError, match="one-shot iterator"):  # it would lose the trace's batch, silently
+        interpolation_curve(*pair, test, calib_loader=(x for x in calib), alphas=(0.5,), modes=("aligned",),
+                            progress=False)
+    with pytest.raises(DataError, match="eval_loader is a one-shot iterator"):
+        interpolation_curve(*pair, iter([test.tensors]), calib_loader=calib, alphas=(0.5,), modes=("aligned",),
+                            progress=False)
+    plain = interpolation_curve(*pair, test, calib_loader=calib, alphas=(0.5,), modes=("repair",), progress=False)
+    wrapped = interpolation_curve(torch.nn.DataParallel(pair[0]), pair[1], test, calib_loader=calib, alphas=(0.5,),
+                                  modes=("repair",), progress=False)
+    assert wrapped.acc == plain.acc and wrapped.loss == plain.loss

@@ -418,3 +418,46 @@ def test_calibration_samples_count_every_pass_that_read_data():
     assert rep.calibration_samples == 24
     _, rep = merge_many([a, b], list(x.split(8)), method="none", repair="reset", progress=False, return_report=True)
     assert rep.calibration_samples == 24
+
+
+class _SharedConv(nn.Module):
+    """One depthwise conv registered under two names and called twice (as coat's position encodings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.pos = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.blocks = nn.ModuleList([nn.Module(), nn.Module()])
+        for blk in self.blocks:
+            blk.pos = self.pos  # the same module, a second name in the state dict
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.blocks[0].pos(x)
+        x = torch.relu(self.mid(x))
+        x = x + self.blocks[1].pos(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_module_under_two_names_is_permuted_under_both_and_not_corrected_twice():
+    from mergekit_vision.permute import permute_state_dict
+    from mergekit_vision.testing import check_recovery
+
+    torch.manual_seed(0)
+    a = randomize_model(_SharedConv().eval(), 0)
+    x = torch.randn(64, 3, 8, 8)
+    spec = trace_permutation_spec(a, x[:1])
+    perms = random_perms(spec, torch.Generator().manual_seed(1))
+    sd = permute_state_dict(a.state_dict(), spec, perms)
+    assert torch.equal(sd["pos.weight"], sd["blocks.0.pos.weight"])
+    assert torch.equal(sd["pos.weight"], sd["blocks.1.pos.weight"])
+    assert not torch.equal(sd["pos.weight"], a.state_dict()["pos.weight"])  # the group did move
+    rec = check_recovery(a, x, spec=spec)  # merge(A, permute(A)): A back, every name of the shared conv
+    assert rec.wrong_groups == {} and rec.max_weight_error < 1e-6
+    b = randomize_model(_SharedConv().eval(), 1)
+    out, rep = merge(a, b, list(x.split(16)), progress=False, return_report=True)
+    assert not any(s.module == "pos" for s in rep.sites.values())  # one fused correction cannot serve two calls
+    assert {s.module for s in rep.sites.values()} >= {"stem", "mid"}
+    assert out.pos is out.blocks[0].pos  # the merged model keeps the sharing

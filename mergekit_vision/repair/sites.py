@@ -6,9 +6,10 @@ fused activation (timm's BatchNormAct2d), or the conv/linear output.
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
-
 
 import torch
 import torch.fx as fx
@@ -17,6 +18,8 @@ from torch import nn
 
 from ..ops import PRODUCER_MODULES, is_add, is_batchnorm
 from ..spec import PermutationSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,7 +81,15 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
         if sum(s[2] for s in segs) != channels or any(s[4] for s in segs):
             continue  # channels not fully tracked, or the model output (logits are not repaired)
         sites.append(Site(n.name, n.target, kind, key[1], channels, [s[:4] for s in segs]))
-    return sites
+    # a module the graph calls more than once (coat's shared position encodings) has one set of weights
+    # for every call: a correction fused into it for one call would change the others too
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    shared = sorted({s.module for s in sites if s.module and calls[s.module] > 1})
+    if shared:
+        logger.info("REPAIR: %d module(s) called more than once are not corrected (one fused correction "
+                    "cannot serve every call): %s", len(shared),
+                    ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else ""))
+    return [s for s in sites if not (s.module and calls[s.module] > 1)]
 
 
 def bn_eval(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
