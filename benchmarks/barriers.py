@@ -100,7 +100,7 @@ def markdown(rows) -> str:
                  + [_pm(r[f"barrier_{m}"]) for m in corrected]
                  + [_pm(r[f"reduction_{m}"], fmt="{:.0f}%") for m in corrected]
                  + [f"{paper[0]}, {paper[1]}, {paper[2]}, {100 * paper[3]:.0f}%" if paper else "-",
-                    "≥ %d%%" % round(100 * tgt) if tgt else "-"])
+                    f"≥ {round(100 * tgt)}%" if tgt else "-"])
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             logger.warning("%s: %d seed(s) cached, need 2; skipped", config, len(seeds))
             continue
         pairs = list(itertools.combinations(seeds, 2)) if args.all_pairs else [tuple(seeds[:2])]
-        for (sa, meta_a), (sb, meta_b) in pairs:
+        for (sa, meta_a), (sb, _) in pairs:
             key = f"{config}_s{sa}_s{sb}"
             t0 = time.perf_counter()
             a, b = load_checkpoint(ckpt, config, sa), load_checkpoint(ckpt, config, sb)

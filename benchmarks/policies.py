@@ -89,7 +89,8 @@ def main(argv=None) -> int:
             match_weights(spec, sd_a, sd_b, seed=order_seed, tol=0.0, history=history)
             seconds = clock() - t0
             gains = [y - x for x, y in zip([0.0] + history, history)]
-            stop = next(i for i, g in enumerate(gains) if g == 0.0 or g <= WEIGHT_TOL * history[i] or i == len(gains) - 1)
+            stop = next(i for i, g in enumerate(gains)
+                        if g == 0.0 or g <= WEIGHT_TOL * history[i] or i == len(gains) - 1)
             _emit(args.out, dict(kind="weight_convergence", config=config, order_seed=order_seed,
                                  sweeps_to_fixed_point=len(history), cpu_s=seconds, objective=history,
                                  default_tol=WEIGHT_TOL, default_stops_after=stop + 1,

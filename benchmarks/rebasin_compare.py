@@ -151,7 +151,8 @@ def table(rows) -> str:
             diff = d["differ_from_a"]
             rec = "-" if diff is None else ("yes" if not diff else f"no: {len(diff)} tensors differ, e.g. {diff[0]}")
             lines.append(f"| {r['model']} | {r['pair']} | {lib} | {d['total_s']:.2f} | {d['match_s']:.2f} | "
-                         f"{d['function_change']:.1e} | {rec} | {d['tensors_moved']} | {d.get('objective', float('nan')):.4f} |")
+                         f"{d['function_change']:.1e} | {rec} | {d['tensors_moved']} | "
+                         f"{d.get('objective', float('nan')):.4f} |")
     speed = [r for r in rows if "error" not in r["rebasin"] and "error" not in r["mergekit_vision"]]
     for r in speed:
         lines.append("")
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s); torch {torch.__version__}",
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s); "
+          f"torch {torch.__version__}",
           flush=True)
     rows = []
     for name in args.models:

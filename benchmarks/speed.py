@@ -99,7 +99,8 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps
     total = t_merge + t_export
     return dict(model=model_name, pixels=pixels, images=n, batch=batch, threads=threads, taps=taps,
                 params_m=sum(p.numel() for p in a.parameters()) / 1e6,
-                floor=floor, floor_s=floor_total, merge_s=t_merge, merge_wall_s=wall_merge, total_s=total, ratio=total / floor_total,
+                floor=floor, floor_s=floor_total, merge_s=t_merge, merge_wall_s=wall_merge, total_s=total,
+                ratio=total / floor_total,
                 parts=parts, unaccounted_s=t_merge - sum(report.timings.values()),
                 rss_setup_mb=rss_setup, peak_floor_mb=peak_floor, peak_merge_mb=peak_merge,
                 groups=len(report.groups), sites=len(report.sites))
@@ -163,7 +164,8 @@ def table(rows) -> str:
             + " | ".join(PARTS) + " | RSS after setup / peak floor / peak merge (MB) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['pixels']} | {r['images']} | {r.get('taps', 'all')} | {r['floor_s']:.1f} | {r['total_s']:.1f} | "
+        lines.append(f"| {r['model']} | {r['pixels']} | {r['images']} | {r.get('taps', 'all')} | {r['floor_s']:.1f} | "
+                     f"{r['total_s']:.1f} | "
                      f"**{r['ratio']:.2f}** | " + " | ".join(f"{r['parts'].get(p, 0.0):.2f}" for p in PARTS)
                      + f" | {r['rss_setup_mb']:.0f} / {r['peak_floor_mb']:.0f} / {r['peak_merge_mb']:.0f} |")
     return "\n".join(lines)
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
         m, px, n = args.curve.split(":")
         r = run_curve(m, int(px), int(n), args.batch32 if int(px) <= 64 else args.batch224, args.threads)
         print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s)")
-        print(f"| model | px | images | curve points | curve CPU s | merge() per point CPU s | speed-up | identical |")
+        print("| model | px | images | curve points | curve CPU s | merge() per point CPU s | speed-up | identical |")
         print("|---|---|---|---|---|---|---|---|")
         print(f"| {r['model']} | {r['pixels']} | {r['images']} | {r['points']} | {r['curve_s']:.1f} | "
               f"{r['merges_s']:.1f} | **{r['speedup']:.1f}x** | {r['identical']} |")
@@ -212,7 +214,8 @@ def main(argv=None) -> int:
         r = json.loads(line[len("RESULT "):])
         rows.append(r)
         print(f"{cfg}: ratio {r['ratio']:.2f} (merge+export {r['total_s']:.1f}s, floor {r['floor_s']:.1f}s; "
-              f"wall {time.perf_counter() - t0:.0f}s) parts " + json.dumps({k: round(v, 2) for k, v in r['parts'].items()}),
+              f"wall {time.perf_counter() - t0:.0f}s) parts "
+              + json.dumps({k: round(v, 2) for k, v in r['parts'].items()}),
               flush=True)
         if args.json:
             with open(args.json, "a") as f:

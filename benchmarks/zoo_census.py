@@ -70,7 +70,7 @@ def main():
     for module in timm.list_modules():
         sized = []
         for name in timm.list_models(module=module):
-            n = _params(lambda: timm.create_model(name, pretrained=False))
+            n = _params(lambda name=name: timm.create_model(name, pretrained=False))
             if n is not None and n <= MAX_PARAMS:
                 sized.append([name, n])
         sized.sort(key=lambda t: (t[1], t[0]))
@@ -81,7 +81,7 @@ def main():
             out["timm"][module] = chosen
         print(module, chosen, file=sys.stderr)
     for name in torchvision.models.list_models(module=torchvision.models):
-        n = _params(lambda: torchvision.models.get_model(name, weights=None))
+        n = _params(lambda name=name: torchvision.models.get_model(name, weights=None))
         if n is not None and n <= MAX_PARAMS:
             out["torchvision"].append([name, n])
     out["torchvision"].sort(key=lambda t: t[0])

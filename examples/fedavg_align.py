@@ -115,7 +115,7 @@ def main() -> None:
             box = {}
 
             @app.main()
-            def main_fn(grid, context, strategy=strategy, box=box):
+            def main_fn(grid, context, strategy=strategy, box=box, epochs=epochs):
                 torch.manual_seed(args.seed)  # one common init for every strategy
                 box["result"] = strategy.start(
                     grid, ArrayRecord.from_torch_state_dict(build().state_dict()), num_rounds=args.rounds,
@@ -129,7 +129,8 @@ def main() -> None:
             hit = next((r for r, a in enumerate(accs) if a >= args.target), None)
             run = {"accuracy per round": accs, "rounds to target": hit, "seconds": time.perf_counter() - t0}
             if isinstance(strategy, AlignedFedAvg):
-                run["max channels moved per round"] = [max(rep.moved()[1:]) for _, rep in sorted(strategy.reports.items())]
+                run["max channels moved per round"] = [max(rep.moved()[1:])
+                                                      for _, rep in sorted(strategy.reports.items())]
                 run["near identity per round"] = [rep.near_identity for _, rep in sorted(strategy.reports.items())]
             results["runs"][f"{name}, E={epochs}"] = run
             log.info("E=%d %s: %s (%.0fs)", epochs, name, " ".join(f"{100 * a:.1f}" for a in accs), run["seconds"])

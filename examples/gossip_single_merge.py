@@ -76,7 +76,8 @@ def main() -> None:
     results = {"args": vars(args), "sizes": sizes, "variants": {}}
 
     torch.manual_seed(10_000 + args.seed)
-    central = train_cached(build, (x, y), out / f"central_w{args.width}_n{args.train_samples}_e{args.epochs}.safetensors",
+    central_file = out / f"central_w{args.width}_n{args.train_samples}_e{args.epochs}.safetensors"
+    central = train_cached(build, (x, y), central_file,
                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment="crop_flip",
                            seed=args.seed)
     results["centralized"] = evaluate(central, test)["acc"]
@@ -130,7 +131,8 @@ def main() -> None:
         r = curve[-1]
         moved = max(r["aligned: channels moved per node"])
         lines.append(f"| {name} | {100 * r['mean local']:.1f}% | {100 * r['merged (average + BN re-estimation)']:.1f}% "
-                     f"| {100 * r['aligned + REPAIR']:.1f}% | {100 * moved:.0f}% | {100 * r['mergeability gap']:+.1f} |")
+                     f"| {100 * r['aligned + REPAIR']:.1f}% | {100 * moved:.0f}% "
+                     f"| {100 * r['mergeability gap']:+.1f} |")
     lines.append(f"| centralized (union) | | {100 * results['centralized']:.1f}% | | | |")
     lines += ["", "mergeability gap per epoch (points):", ""]
     lines.append("| variant | " + " | ".join(str(e) for e in range(1, args.epochs + 1)) + " |")

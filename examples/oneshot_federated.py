@@ -115,7 +115,8 @@ def main() -> None:
              "| | " + " | ".join(f"K={k}" for k in args.clients) + " |", "|---|" + "---|" * len(args.clients)]
     keys = ["mean client", "logit ensemble"] + list(MERGES)
     for key in keys:
-        lines.append(f"| {key} | " + " | ".join(f"{100 * results['runs'][str(k)][key]:.1f}%" for k in args.clients) + " |")
+        cells = " | ".join(f"{100 * results['runs'][str(k)][key]:.1f}%" for k in args.clients)
+        lines.append(f"| {key} | {cells} |")
     lines.append("| centralized (union of the clients' data) | "
                  + " | ".join(f"{100 * results['centralized']:.1f}%" for _ in args.clients) + " |")
     best = "aligned + REPAIR (activation, MergeMany)"

@@ -29,8 +29,8 @@ from .trace import trace_permutation_spec
 logger = logging.getLogger(__name__)
 
 __all__ = ["CalibrationPlan", "plan_calibration", "Statistics", "StatisticsRequest", "Collect",
-           "collect_statistics", "LocalCollector", "timed", "input_scale_hint", "calibration_batches", "check_values", "chain",
-           "site_recorders"]
+           "collect_statistics", "LocalCollector", "timed", "input_scale_hint", "calibration_batches", "check_values",
+           "chain", "site_recorders"]
 
 
 # ---- helpers every pass uses -------------------------------------------------------------
@@ -178,7 +178,7 @@ class Statistics:
     channels: Dict[Tuple[str, int], ChannelMoments] = field(default_factory=dict)
     samples: int = 0
 
-    def __add__(self, other: "Statistics") -> "Statistics":
+    def __add__(self, other: Statistics) -> Statistics:
         if not isinstance(other, Statistics):
             return NotImplemented
         cross = dict(self.cross)
@@ -204,7 +204,7 @@ class Statistics:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "Statistics":
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Statistics:
         """The inverse of :meth:`as_tensors` (any mapping of names to tensors or arrays)."""
         t = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in tensors.items()}
         cross: Dict[str, Dict[str, torch.Tensor]] = {}

@@ -154,22 +154,17 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     from .export import write_json_atomic
     from .output import check_output_folder
 
-    try:
-        from .evaluate import interpolation_curve, plot_curve
-    except ModuleNotFoundError as exc:
-        if exc.name != "mergekit_vision.evaluate":
-            raise
-        raise MergeVisionError("curve needs mergekit_vision.evaluate, which this installation lacks; "
-                               "update mergekit-vision") from None
+    from .evaluate import interpolation_curve, plot_curve
+
     config = _load_config(args)
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out '{out}' is a folder; give the PNG's file path, e.g. {out / 'curve.png'}")
     check_output_folder(out.parent, "the folder of --out")  # before the models are loaded and evaluated
     if len(config.models) != 2:
-        raise ConfigError(f"{args.config}: models: lists {len(config.models)} models, and curve interpolates "
-                          "between two (alpha is the weight of the second); give a config with two, or merge "
-                          "all of them with `mergekit-vision merge` (weight: per model)")
+        raise ConfigError(f"{args.config}: curve interpolates between two models, (1 - alpha)·A + alpha·B; the "
+                          f"config has {len(config.models)}. Keep the two whose path you want, or use merge for "
+                          "all of them")
     if config.evaluation is None:
         raise ConfigError(f"{args.config}: evaluation: missing — curve measures accuracy along the path: give "
                           "evaluation: {path: DATA, split: test} (the same keys as calibration)")
@@ -204,22 +199,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .sources import create_model
     from .trace import trace_permutation_spec
 
-    from .errors import TraceError
-
     model = create_model(args.model, kwargs={"num_classes": args.num_classes} if args.num_classes else None)
-    native = _native_size(model)
-    size = args.size if args.size is not None else 64  # small and quick, for any fully convolutional net
+    shape = (1, args.in_chans, args.size, args.size)
+    x = torch.randn(*shape)
     try:
-        spec = trace_permutation_spec(model, torch.randn(1, args.in_chans, size, size))
-    except TraceError as exc:
-        if native is None or native == size:
-            raise
-        if args.size is not None:  # the user's size: say which one the model declares
-            raise TraceError(f"{exc}\n{args.model} declares {native}-pixel inputs: try --size {native}") from exc
-        # a fixed patch grid or window size (ViT, Swin): the model's own size
-        logger.info("%s does not run at %d px; tracing at its own input size, %d px (--size to choose)",
-                    args.model, size, native)
-        spec = trace_permutation_spec(model, torch.randn(1, args.in_chans, native, native))
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as exc:  # the model's own message, and the input size it was built for
+        own = _built_for_size(model)
+        fix = (f"it was built for {own}-px inputs: pass --size {own}" if own and own != args.size
+               else "pass --size and --in-chans that fit it")
+        raise ConfigError(f"{args.model} does not run on an input of shape {shape} "
+                          f"({type(exc).__name__}: {str(exc).strip()[:200]}); {fix}") from None
+    spec = trace_permutation_spec(model, x)
     print(spec.summary())
     print(spec.table(show_frozen=not args.free_only))
     if args.members:
@@ -230,21 +222,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _native_size(model) -> Optional[int]:
-    """The input size a model declares (timm's pretrained config), if any."""
+def _built_for_size(model) -> Optional[int]:
+    """The input size a timm model's pretrained config names (ViTs: 224), else None."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     return int(size[-1]) if size else None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        from .demo import run_demo
-    except ModuleNotFoundError as exc:
-        if exc.name != "mergekit_vision.demo":
-            raise
-        raise MergeVisionError("demo needs mergekit_vision.demo, which this installation lacks; "
-                               "update mergekit-vision") from None
+    from .demo import run_demo
+
     if args.device not in (None, "cpu") or args.dtype not in (None, "float32"):
         # the demo's models are a few hundred kilobytes on 16-pixel digits: a GPU or another dtype would
         # change nothing but the last digits; merge and curve take --device/--dtype
@@ -285,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_flags(p, suppress=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pm = sub.add_parser("merge", help="merge the two models of a YAML config into an output folder",
-                        description="Merge the two models of CONFIG and write OUT_DIR: model.safetensors, "
+    pm = sub.add_parser("merge", help="merge the models of a YAML config (two or more) into an output folder",
+                        description="Merge the models of CONFIG and write OUT_DIR: model.safetensors, "
                                     "config.json, mergekit_vision_config.yml, merge_report.json, README.md.")
     pm.add_argument("config", help="YAML merge config (docs/config.md)")
     pm.add_argument("out_dir", help="output folder (created; files of an earlier run are replaced)")
@@ -295,8 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pi = sub.add_parser("inspect", help="print a model's permutation groups")
     pi.add_argument("model", help="timm:NAME, torchvision:NAME, mkv:NAME (this package's small models)")
-    pi.add_argument("--size", type=int, default=None,
-                    help="example input size in pixels (default 64, or the model's own size where 64 fails)")
+    pi.add_argument("--size", type=int, default=64, help="example input size (pixels)")
     pi.add_argument("--in-chans", type=int, default=3)
     pi.add_argument("--num-classes", type=int, default=None)
     pi.add_argument("--free-only", action="store_true", help="hide frozen groups")

@@ -5,7 +5,6 @@ naively, aligned, and aligned + REPAIR, print the accuracy table, write ``merged
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -34,7 +33,7 @@ def _cache_dir(cache_dir: Optional[str]) -> Path:
 def train_digits_model(seed: int, *, width: int = 32, size: int = 16, epochs: int = 10, batch_size: int = 128,
                        lr: float = 0.1, cache_dir: Optional[str] = None, progress: bool = False) -> nn.Module:
     """A tiny_resnet trained on digits from ``seed`` (init and data order), cached as safetensors;
-    ``progress``: a bar while it trains (the first run; later runs load the cache)."""
+    ``progress`` shows a bar while it trains (a minute or two on a CPU, once)."""
     torch.manual_seed(seed)
     model = tiny_resnet(width=width, norm="bn", in_chans=1)
     path = _cache_dir(cache_dir) / f"tiny_resnet_w{width}_s{size}_e{epochs}_seed{seed}.safetensors"
@@ -43,8 +42,8 @@ def train_digits_model(seed: int, *, width: int = 32, size: int = 16, epochs: in
             return load_into(model, path).eval()
         except Exception:  # a stale or foreign file: retrain
             logger.warning("ignoring unreadable cache file %s", path)
-    logger.info("training demo model seed %d (%d epochs on digits; cached afterwards in %s)", seed, epochs,
-                path.parent)
+    logger.info("training the demo's model for seed %d (%d epochs); cached for the next run in %s",
+                seed, epochs, path.parent)
     train_classifier(model, digits_dataset(size, "train"), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                      progress=progress)
     model.eval()
@@ -87,8 +86,9 @@ def run_demo(out_dir: str = "demo_out", *, quiet: bool = False, cache_dir: Optio
     lines = [f"digits ({size}x{size}), tiny_resnet width {DEMO_CONFIG['width']}, two seeds; test accuracy:",
              "", "| model | accuracy |", "|---|---|"]
     lines += [f"| {k} | {100 * v:.1f}% |" for k, v in results.items()]
+    summary = report.summary().splitlines()
     lines += ["", f"barrier of the aligned midpoint removed by REPAIR: {100 * removed:.0f}%",
-              f"variance collapse: {report.summary().splitlines()[2].strip() if len(report.summary().splitlines()) > 2 else ''}",
+              f"variance collapse: {summary[2].strip() if len(summary) > 2 else ''}",
               f"total time {time.perf_counter() - t0:.1f}s"]
     text = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)

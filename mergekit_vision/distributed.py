@@ -10,8 +10,10 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .calibration import LocalCollector, Statistics
 from .errors import DataError, MergeVisionError
-from .merge_many import LocalCollector, MergeManyReport, Statistics, merge_many
+from .merge import merge_many
+from .report import MergeReport
 
 __all__ = ["all_reduce_statistics", "merge_many_distributed"]
 
@@ -72,7 +74,7 @@ def merge_many_distributed(models: Sequence[nn.Module], shard_loader: Any, *, gr
                            max_batches: Optional[int] = None, max_samples: Optional[int] = None,
                            device: Optional[Union[str, torch.device]] = None, progress: bool = True,
                            reduce_device: Optional[Union[str, torch.device]] = None,
-                           **kwargs) -> Union[nn.Module, Tuple[nn.Module, MergeManyReport]]:
+                           **kwargs) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """:func:`~mergekit_vision.merge_many.merge_many` on data split across the ranks of ``group``.
 
     Call it on every rank with the same ``models`` and keyword arguments and that rank's

@@ -113,11 +113,9 @@ def bind(model: nn.Module, graph: Union[fx.GraphModule, fx.Graph]) -> fx.GraphMo
             "GraphModule from mergekit_vision.engine.shared_graph (it knows how to trace each model)")
     own = trace_model(model, **options)
     ours, theirs = list(shared.nodes), list(own.graph.nodes)
-    for k, (a, b) in enumerate(zip(ours, theirs)):
-        if _signature(a) != _signature(b):
-            break
-    else:
-        k = None if len(ours) == len(theirs) else min(len(ours), len(theirs))
+    k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if _signature(a) != _signature(b)), None)
+    if k is None and len(ours) != len(theirs):
+        k = min(len(ours), len(theirs))
     if k is not None:
         where = (f"node {k}: {_signature(ours[k])!r} vs {_signature(theirs[k])!r}"
                  if k < min(len(ours), len(theirs)) else f"{len(ours)} vs {len(theirs)} nodes")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -18,11 +19,11 @@ from tqdm.auto import tqdm
 
 from .data import check_reiterable, iter_inputs
 from .errors import ConfigError, DataError, MergeVisionError
-from .merge import finish_merge, prepare_merge, unwrap_model
+from .merge import align, finish_merge, prepare_merge, unwrap_model
+from .ops import is_batchnorm
 from .options import MergeOptions
-from .repair.sites import is_batchnorm
 from .trace import trace_permutation_spec
-from .training import _iter_labelled, _labelled_tensors, evaluate
+from .training import iter_labelled, labelled_tensors, evaluate
 
 __all__ = ["Curve", "interpolation_curve", "plot_curve", "MODES"]
 
@@ -36,7 +37,24 @@ MODES: Dict[str, Tuple[bool, Union[bool, str]]] = {
     "repair": (True, True),
     "stream": (True, "stream"),  # REPAIR plus a correction on every residual add; not in the default modes
 }
+LABELS = {"naive": "naive average", "aligned": "aligned", "reset": "aligned + RESET", "repair": "aligned + REPAIR",
+          "stream": "aligned + REPAIR (+ streams)"}
 METRICS = ("acc", "loss")
+
+
+@contextmanager
+def quiet_merges():
+    """The curve's inner merges log warnings only: the curve shows one progress bar and a line per mode,
+    not a merge summary per point (their numbers are in the curve)."""
+    loggers = [logging.getLogger(n) for n in ("mergekit_vision.merge", "mergekit_vision.calibration")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @dataclass
@@ -98,7 +116,8 @@ class Curve:
         width = max([7] + [len(m) for m in self.modes])
         has_red = "aligned" in self.acc
         for metric, scale, fmt in (("acc", 100.0, "{:7.2f}"), ("loss", 1.0, "{:7.4f}")):
-            head = f"{metric + (' %' if metric == 'acc' else ''):<{width}} " + " ".join(f"a={a:<5.2f}" for a in self.alphas)
+            label = metric + (" %" if metric == "acc" else "")
+            head = f"{label:<{width}} " + " ".join(f"a={a:<5.2f}" for a in self.alphas)
             head += " | barrier mid     max"
             if metric == "acc" and has_red:
                 head += " | reduction"
@@ -123,7 +142,7 @@ class Curve:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Curve":
+    def from_dict(cls, d: dict) -> Curve:
         return cls(list(d["alphas"]), dict(d["acc"]), dict(d["loss"]), dict(d["endpoints"]),
                    dict(d.get("notes", {})), dict(d.get("meta", {})))
 
@@ -136,7 +155,7 @@ class _Head:
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         seen = 0
-        for x, y in _iter_labelled(self.data, self.batch_size):
+        for x, y in iter_labelled(self.data, self.batch_size):
             x, y = x[: self.n - seen], y[: self.n - seen]
             seen += int(y.shape[0])
             yield x, y
@@ -149,7 +168,7 @@ def _head(data: Any, n: Optional[int]) -> Any:
         return data
     if n < 1:
         raise DataError(f"max_samples must be >= 1 or None, got {n}")
-    tensors = _labelled_tensors(data)
+    tensors = labelled_tensors(data)
     if tensors is not None:
         return TensorDataset(tensors[0][:n], tensors[1][:n])
     return _Head(data, n)
@@ -222,18 +241,18 @@ def interpolation_curve(
     # trace once: every merge below reuses the spec
     example = next(iter_inputs(calib_loader, max_batches=1, device=device, dtype=p0.dtype))[:1]
     spec = trace_permutation_spec(copy.deepcopy(model_a).eval(), example)
+    common = dict(max_samples=calib_samples, progress=False, spec=spec)
 
     curve = Curve(alphas, {}, {}, {"a": score(model_a), "b": score(model_b)})
     curve.meta.update(method=method, calib_samples=None, eval_samples=None)
     aligned = None
     if any(MODES[m][0] for m in modes):
         t0 = time.perf_counter()
-        # align(): merge at alpha = 1 without correction, its summary left to the curve's own
-        prepared = prepare_merge([model_a, model_b], calib_loader, MergeOptions.create(
-            method=method, repair=False, iterations=0, max_samples=calib_samples, progress=False),
-            names=["model_a", "model_b"], spec=spec)
-        aligned, rep = finish_merge(prepared, [0.0, 1.0], alpha=1.0, return_report=True, log_summary=False)
+        logger.info("curve: aligning model_b to model_a (%s matching)", method)
+        with quiet_merges():
+            aligned = align(model_a, model_b, calib_loader, method=method, **common)
         timings["align"] = time.perf_counter() - t0
+        rep = aligned.merge_report
         curve.meta["matched_corr"] = rep.mean_corr
         curve.meta["calib_samples"] = rep.calibration_samples or None
     has_bn = any(is_batchnorm(m) for m in model_a.modules())
@@ -246,17 +265,18 @@ def interpolation_curve(
             matched, repair = MODES[mode]
             b = aligned if matched else model_b
             curve.acc[mode], curve.loss[mode] = [], []
+            logger.info("curve: %s at %d alphas", LABELS[mode], len(alphas))
             # the endpoints' statistics do not depend on alpha: measured once per mode, the correction per alpha
             t0 = time.perf_counter()
-            prepared = prepare_merge([model_a, b], calib_loader, MergeOptions.create(
-                method="none", repair=repair, max_samples=calib_samples, progress=False),
-                names=["model_a", "model_b"], spec=spec)
+            with quiet_merges():
+                opts = MergeOptions.create(method="none", repair=repair, max_samples=calib_samples, progress=False)
+                prepared = prepare_merge([model_a, b], calib_loader, opts, names=["model_a", "model_b"], spec=spec)
             timings["merge"] += time.perf_counter() - t0
             for alpha in alphas:
-                bar.set_postfix_str(f"{_LABELS.get(mode, mode)}, alpha={alpha:.2f}")
+                bar.set_postfix_str(f"{LABELS[mode]}, alpha={alpha:.2f}")
                 t0 = time.perf_counter()
-                merged, rep = finish_merge(prepared, [1.0 - alpha, alpha], alpha=alpha, return_report=True,
-                                           log_summary=False)
+                with quiet_merges():
+                    merged, rep = finish_merge(prepared, [1.0 - alpha, alpha], alpha=alpha, return_report=True)
                 timings["merge"] += time.perf_counter() - t0
                 r = score(merged)
                 curve.acc[mode].append(r["acc"])
@@ -276,16 +296,12 @@ def interpolation_curve(
     curve.meta["eval_samples"] = _count(eval_data)
     timings["total"] = time.perf_counter() - t_start
     curve.meta["timings"] = timings
-    logger.info("interpolation curve: %d modes x %d alphas (%s); matched correlation %s; %.1fs (merges %.1fs, "
-                "evaluation %.1fs)", len(todo), len(alphas), ", ".join(_LABELS.get(m, m) for m in todo),
-                "n/a" if curve.meta.get("matched_corr") is None else f"{curve.meta['matched_corr']:.3f}",
-                timings["total"], timings["merge"] + timings["align"], timings["eval"])
     return curve
 
 
 def _count(data: Any) -> Optional[int]:
     """The number of labelled samples, where known without reading the data again."""
-    tensors = _labelled_tensors(data)
+    tensors = labelled_tensors(data)
     if tensors is not None:
         return int(tensors[1].shape[0])
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
@@ -294,8 +310,6 @@ def _count(data: Any) -> Optional[int]:
 
 
 _COLORS = {"naive": "#7f7f7f", "aligned": "#1f77b4", "reset": "#ff7f0e", "repair": "#2ca02c", "stream": "#d62728"}
-_LABELS = {"naive": "naive average", "aligned": "aligned", "reset": "aligned + RESET", "repair": "aligned + REPAIR",
-           "stream": "aligned + REPAIR (+ streams)"}
 
 
 def plot_curve(curve: Curve, path: Union[str, Path], *, metric: str = "acc", title: Optional[str] = None) -> Path:
@@ -317,7 +331,7 @@ def plot_curve(curve: Curve, path: Union[str, Path], *, metric: str = "acc", tit
     for mode in curve.modes:
         ys = curve.values(mode, metric)
         ax.plot(xs, [scale * ys[i] for i in order], marker="o", ms=3.5, lw=1.6, color=_COLORS.get(mode),
-                label=_LABELS.get(mode, mode))
+                label=LABELS.get(mode, mode))
     ax.plot([0.0, 1.0], [scale * curve.endpoints["a"][metric], scale * curve.endpoints["b"][metric]], ls=":",
             color="black", lw=1.0, label="endpoints")
     ax.set_xlabel("interpolation alpha (weight of model B)")

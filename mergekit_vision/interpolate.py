@@ -12,7 +12,8 @@ def interpolate_state_dicts(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str,
     return weighted_average([sd_a, sd_b], [1.0 - alpha, alpha])
 
 
-def weighted_average(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
+def weighted_average(state_dicts: Sequence[Mapping[str, torch.Tensor]],
+                     weights: Sequence[float]) -> Dict[str, torch.Tensor]:
     """Weighted sum of floating tensors (weights need not sum to 1: extrapolation is allowed).
     Integer buffers (``num_batches_tracked``) get the rounded weighted sum; bools the first's."""
     out: Dict[str, torch.Tensor] = OrderedDict()

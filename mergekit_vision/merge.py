@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ._version import __version__
 from .calibration import (CalibrationPlan, Collect, LocalCollector, Statistics, StatisticsRequest, input_scale_hint,
                           plan_calibration, timed)
 from .data import check_reiterable, iter_inputs
@@ -36,8 +37,8 @@ from .spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["merge", "merge_many", "align", "prepare_merge", "finish_merge", "PreparedMerge", "METHODS", "REPAIR_MODES", "check_same_architecture", "check_finite",
-           "state_dict_sha256", "source_info"]
+__all__ = ["merge", "merge_many", "align", "prepare_merge", "finish_merge", "PreparedMerge", "METHODS", "REPAIR_MODES",
+           "check_same_architecture", "check_finite", "state_dict_sha256", "source_info"]
 
 
 # ---- input checks ------------------------------------------------------------------------
@@ -307,8 +308,6 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
                   reference: int = 0, device=None, spec=None, collect=None, example=None) -> PreparedMerge:
     """Checks, plan, the statistics pass and the matching of a merge (``weights``: normalized, for the
     sweeps; default equal)."""
-    from . import __version__
-
     models = [unwrap_model(m) for m in models]  # DataParallel, torch.compile: the model inside
     names = list(names) if names is not None else [f"models[{i}]" for i in range(len(models))]
     w = list(weights) if weights is not None else [1.0 / len(models)] * len(models)
@@ -426,11 +425,10 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
 
 
 def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Optional[float] = None,
-                 return_report: bool = False, log_summary: bool = True) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
+                 return_report: bool = False) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Average the prepared merge's aligned models with ``weights`` (as given: normalize them first),
     correct the result (REPAIR targets ``sum_k w_k stat_k``) and report. ``prepared`` is not changed:
-    call it again for other weights. ``log_summary=False``: the report is not logged (a caller that
-    runs many, such as the interpolation curve, reports on its own)."""
+    call it again for other weights."""
     p, opts, w = prepared, prepared.opts, list(weights)
     ms, plan, stats, perms, gather, ref, mode = p.models, p.plan, p.stats, p.perms, p.gather, p.reference, opts.repair
     spec, two = plan.spec, len(ms) == 2
@@ -480,8 +478,7 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
     check_merged_finite(merged, p.first_batch)
     report.timings = timings
     merged.merge_report = report
-    if log_summary:
-        logger.info(report.summary())
+    logger.info(report.summary())
     return (merged, report) if return_report else merged
 
 

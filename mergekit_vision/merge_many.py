@@ -1,4 +1,5 @@
-"""merge_many() and its parts, where they were before the one pipeline (issue 12): the pipeline is
+"""merge_many() and its parts, importable where they were before the one pipeline (issue 12), for
+code written against that path; the package itself imports them from their homes: the pipeline
 :func:`mergekit_vision.merge.merge_many`, the statistics substrate :mod:`mergekit_vision.calibration`,
 the sweeps :mod:`mergekit_vision.match.many`, the report :class:`mergekit_vision.report.MergeReport`.
 """

@@ -12,8 +12,8 @@ from torch import nn
 
 from .errors import MergeVisionError
 
-__all__ = ["BasicBlock", "CifarResNet", "VGG", "resnet20", "vgg11", "tiny_resnet", "MODELS", "NORMS", "UnknownNameError",
-           "create_model", "make_norm"]
+__all__ = ["BasicBlock", "CifarResNet", "VGG", "resnet20", "vgg11", "tiny_resnet", "MODELS", "NORMS",
+           "UnknownNameError", "create_model", "make_norm"]
 
 
 class UnknownNameError(MergeVisionError, ValueError):

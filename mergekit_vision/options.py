@@ -79,7 +79,7 @@ class MergeOptions:
     taps: str = "all"
 
     @classmethod
-    def create(cls, *, repair: Union[bool, str, None] = True, **kwargs) -> "MergeOptions":
+    def create(cls, *, repair: Union[bool, str, None] = True, **kwargs) -> MergeOptions:
         opts = cls(repair=repair_mode(repair), **{k: tuple(v) if k == "leaf_modules" else v
                                                   for k, v in kwargs.items()})
         lookup(MATCHERS, opts.method, "method")

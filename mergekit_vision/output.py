@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from torch import nn
 
+from ._version import __version__
 from .errors import ExportError
 from .export import CONFIG_NAME, save_sharded, timm_config, write_json_atomic, write_text_atomic
 from .report import MergeReport
@@ -61,8 +62,6 @@ def write_output_folder(out_dir: Union[str, Path], merged: nn.Module, config: An
     ("timm", "torchvision" or "mkv"); ``metrics`` the measured accuracies (``{"model_a": ..,
     "model_b": .., "merged": .., "samples": N}``), if any.
     """
-    from . import __version__
-
     out = check_output_folder(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # README.md marks a finished folder: an earlier run's card goes first, so a re-run that is
@@ -191,5 +190,6 @@ def _model_card(config: Any, report: MergeReport, *, model_name: str, library: s
     lines += ["", "## Merge report", "", "```text", report.summary(), "```", "",
               "Per-group correlations and per-site variance ratios: `merge_report.json`.",
               "", "## Load it", "", "```python", _load_snippet(model_name, library, config.models[0].kwargs, sharded),
-              "```", "", "## Configuration", "", f"`{CONFIG_YAML}`:", "", "```yaml", config.to_yaml().rstrip(), "```", ""]
+              "```", "", "## Configuration", "", f"`{CONFIG_YAML}`:", "", "```yaml", config.to_yaml().rstrip(), "```",
+              ""]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError
-from .spec import Member, PermutationSpec
+from .spec import PermutationSpec
 
 
 def check_perm(name: str, perm: torch.Tensor, size: int, blocks: int = 1) -> torch.Tensor:

@@ -25,7 +25,7 @@ class SiteReport:
     note: Optional[str] = None
 
 
-def summary_tail(sites: Dict[str, "SiteReport"], timings: Dict[str, float]) -> List[str]:
+def summary_tail(sites: Dict[str, SiteReport], timings: Dict[str, float]) -> List[str]:
     """The summary lines every merge report ends with: variance collapse before/after REPAIR, timings."""
     lines = []
     before = [s.var_ratio_before for s in sites.values() if s.var_ratio_before is not None]

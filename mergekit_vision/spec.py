@@ -91,7 +91,7 @@ class PermutationGroup:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PermutationGroup":
+    def from_dict(cls, d: dict) -> PermutationGroup:
         d = dict(d)
         d["members"] = [Member(**m) for m in d.get("members", [])]
         d["taps"] = [Tap(**{**t, "across": tuple(tuple(a) for a in t.get("across", ()))}) for t in d.get("taps", [])]
@@ -165,7 +165,7 @@ class PermutationSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PermutationSpec":
+    def from_dict(cls, d: dict) -> PermutationSpec:
         return cls(
             groups=[PermutationGroup.from_dict(g) for g in d["groups"]],
             input_shape=tuple(d.get("input_shape", ())),

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .merge import align
 from .permute import permute, random_perms
 from .spec import PermutationSpec
 from .trace import trace_permutation_spec
@@ -95,7 +96,8 @@ def check_spec(model: nn.Module, x: torch.Tensor, seed: int = 0, spec: Optional[
     flags = [mod.training for mod in m.modules()]
     # the spec does not depend on the dtype: trace a float32 copy (float64 depthwise convs are slow)
     if spec is None:
-        spec = trace_permutation_spec(copy.deepcopy(m).float(), x.float()) if copy_model else trace_permutation_spec(m, x)
+        spec = (trace_permutation_spec(copy.deepcopy(m).float(), x.float()) if copy_model
+                else trace_permutation_spec(m, x))
     with torch.no_grad():
         y = _flatten_outputs(m(x))
         perms = random_perms(spec, torch.Generator().manual_seed(seed + 1))
@@ -141,8 +143,6 @@ def check_recovery(model: nn.Module, x: torch.Tensor, seed: int = 0, spec: Optio
     """``merge(A, permute(A), [x], repair=False)`` in float32, with A a randomized copy of ``model``
     whose BatchNorm statistics are measured on ``x``: matching must find the inverse permutation of
     every free group and so give back A's weights."""
-    from .merge import align
-
     a = measure_norm_statistics(randomize_model(copy.deepcopy(model).float(), seed), [x])
     if spec is None:
         spec = trace_permutation_spec(a, x[:1])

@@ -60,7 +60,7 @@ AUGMENTATIONS: Dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 }
 
 
-def _resolve_augment(augment: Any) -> Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]]:
+def resolve_augment(augment: Any) -> Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]]:
     if augment is None or augment is False:
         return None
     if augment is True:
@@ -78,7 +78,7 @@ def _resolve_augment(augment: Any) -> Optional[Callable[[torch.Tensor, torch.Gen
 # Labelled batches
 # ----------------------------------------------------------------------------------------------------
 
-def _labelled_tensors(data: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def labelled_tensors(data: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) when the data already sit in two tensors (TensorDataset or a tuple), else None."""
     if isinstance(data, TensorDataset) and len(data.tensors) >= 2:
         return data.tensors[0], data.tensors[1]
@@ -102,8 +102,8 @@ def _split_batch(batch: Any, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _iter_labelled(data: Any, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    tensors = _labelled_tensors(data)
+def iter_labelled(data: Any, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    tensors = labelled_tensors(data)
     if tensors is not None:
         x, y = tensors
         for start in range(0, x.shape[0], batch_size):
@@ -131,7 +131,7 @@ def _restore_modes(modes: Dict[nn.Module, bool]) -> None:
 # Training
 # ----------------------------------------------------------------------------------------------------
 
-def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+def warmup_decay_lr(step: int, total: int, peak: float, warmup: float) -> float:
     """Linear warmup from 0 to ``peak`` over the first ``warmup`` fraction of steps, then linear decay to 0."""
     warm = max(1, int(round(warmup * total)))
     if step < warm:
@@ -161,9 +161,9 @@ def train_classifier(model: nn.Module, dataset: Any, *, epochs: int, batch_size:
         raise MergeVisionError(f"train_classifier: precision must be 'fp32' or 'bf16', got {precision!r}.")
     if epochs < 1 or batch_size < 1:
         raise MergeVisionError(f"train_classifier: epochs and batch_size must be >= 1, got {epochs}, {batch_size}.")
-    aug = _resolve_augment(augment)
+    aug = resolve_augment(augment)
     gen = torch.Generator().manual_seed(seed)
-    tensors = _labelled_tensors(dataset)
+    tensors = labelled_tensors(dataset)
     if tensors is None:
         if not (isinstance(dataset, Dataset) and hasattr(dataset, "__len__")):
             raise DataError(f"train_classifier: dataset of type {type(dataset).__name__} is not a Dataset or an "
@@ -208,7 +208,7 @@ def train_classifier(model: nn.Module, dataset: Any, *, epochs: int, batch_size:
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 for group in opt.param_groups:
-                    group["lr"] = _lr_at(step, total, lr, warmup)
+                    group["lr"] = warmup_decay_lr(step, total, lr, warmup)
                 with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     out = model(x)
                     loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
@@ -252,7 +252,7 @@ def evaluate(model: nn.Module, loader_or_dataset: Any, *, device: Device = None,
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     try:
-        for x, y in _iter_labelled(loader_or_dataset, batch_size):
+        for x, y in iter_labelled(loader_or_dataset, batch_size):
             if device is not None:
                 x, y = x.to(device), y.to(device)
             out = model(x)

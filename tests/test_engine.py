@@ -1,12 +1,10 @@
 """The lockstep engine and the tracer under it: tracing leaves a model as it was, every model runs with
 its own traced constants, and real models whose forward caches or folds tensors merge without crashing.
 """
-import copy
 
 import pytest
 import timm
 import torch
-import torch.fx as fx
 from torch import nn
 
 from mergekit_vision import merge

@@ -1,6 +1,7 @@
 """interpolation_curve / Curve / plot_curve: shape, endpoints, barrier math, the plot, errors; align()."""
 import copy
 import json
+import logging
 import sys
 
 import pytest
@@ -209,6 +210,17 @@ def test_errors_are_clear(pair, digits):
         align(*pair, [test.tensors[0][:8]], method="none")
 
 
+def test_the_curve_runs_its_merges_quietly(pair, digits, caplog):
+    """One line per mode, labelled by what it is; no merge summary per point (``method=none``)."""
+    train, test = digits
+    with caplog.at_level(logging.INFO, logger="mergekit_vision"):
+        interpolation_curve(*pair, test, calib_loader=[train.tensors[0][:128]], alphas=(0.0, 0.5, 1.0),
+                            modes=("naive", "repair"), progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "curve: naive average at 3 alphas" in messages and "curve: aligned + REPAIR at 3 alphas" in messages
+    assert not [m for m in messages if "method=" in m or m.startswith("merge:")], messages
+
+
 def test_curve_takes_wrapped_models_and_refuses_one_shot_iterators(pair, digits):
     train, test = digits
     calib = [train.tensors[0][:256]]
@@ -224,7 +236,7 @@ def test_curve_takes_wrapped_models_and_refuses_one_shot_iterators(pair, digits)
     assert wrapped.acc == plain.acc and wrapped.loss == plain.loss
 
 
-def test_curve_logs_one_summary_not_one_per_inner_merge(pair, digits, caplog):
+def test_curve_logs_one_line_per_mode_not_one_per_inner_merge(pair, digits, caplog):
     import logging
 
     train, test = digits
@@ -233,5 +245,4 @@ def test_curve_logs_one_summary_not_one_per_inner_merge(pair, digits, caplog):
                             modes=("aligned", "repair"), progress=False)
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert not [m for m in messages if m.startswith("merge:")], messages  # no "merge: method=none ..." per point
-    summary = [m for m in messages if m.startswith("interpolation curve:")]
-    assert len(summary) == 1 and "aligned + REPAIR" in summary[0] and "2 modes x 3 alphas" in summary[0]
+    assert [m for m in messages if m.startswith("curve: aligned + REPAIR")] == ["curve: aligned + REPAIR at 3 alphas"]

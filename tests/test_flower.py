@@ -125,7 +125,8 @@ def test_statistics_request_travels_with_its_tap_policy():
     plan = plan_calibration(models[0], torch.randn(1, 1, 8, 8))
     req = StatisticsRequest(pairs=((0, 1),), sites=True, taps="blocks", max_batches=3)
     n, mode, back = _parse_request(_request_content(models, plan, req))
-    assert (n, mode, back.pairs, back.sites, back.taps, back.max_batches) == (2, plan.mode, ((0, 1),), True, "blocks", 3)
+    assert (n, mode, back.pairs, back.sites, back.taps, back.max_batches) == \
+        (2, plan.mode, ((0, 1),), True, "blocks", 3)
 
 
 def test_statistics_request_travels_with_aligned_permutations_and_affines():

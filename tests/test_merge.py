@@ -46,7 +46,8 @@ def test_matching_recovers_a_permutation(name, build, size):
         assert differ > 0
         merged = merge(a, b, list(x.split(48)), repair=False, progress=False)
         assert _rel(merged(x), a(x)) < 1e-5
-        assert all(torch.allclose(v.float(), merged.state_dict()[k].float(), atol=1e-6) for k, v in a.state_dict().items())
+        assert all(torch.allclose(v.float(), merged.state_dict()[k].float(), atol=1e-6)
+                   for k, v in a.state_dict().items())
         wm = merge(a, b, list(x.split(48)), method="weight", repair=False, progress=False)
         assert _rel(wm(x), a(x)) < 1e-5
 
@@ -450,7 +451,8 @@ def test_a_module_under_two_names_is_permuted_under_both_and_not_corrected_twice
     spec = trace_permutation_spec(a, x[:1])
     perms = random_perms(spec, torch.Generator().manual_seed(1))
     sd = permute_state_dict(a.state_dict(), spec, perms)
-    assert torch.equal(sd["pos.weight"], sd["blocks.0.pos.weight"]) and torch.equal(sd["pos.weight"], sd["blocks.1.pos.weight"])
+    assert torch.equal(sd["pos.weight"], sd["blocks.0.pos.weight"])
+    assert torch.equal(sd["pos.weight"], sd["blocks.1.pos.weight"])
     assert not torch.equal(sd["pos.weight"], a.state_dict()["pos.weight"])  # the group did move
     rec = check_recovery(a, x, spec=spec)  # merge(A, permute(A)): A back, every name of the shared conv
     assert rec.wrong_groups == {} and rec.max_weight_error < 1e-6

@@ -51,3 +51,13 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, one_th
     assert all(torch.equal(v, merged.state_dict()[k]) for k, v in saved.items())
     printed = capsys.readouterr().out
     assert "merge: method=activation" in printed
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """README's test command and .ci/run are the same steps (the lint, then the tests)."""
+    line = next(s for s in README.read_text(encoding="utf-8").splitlines() if "pytest" in s and "pip install" in s)
+    readme = [step.strip() for step in line.split("&&")]
+    ci_lines = (README.parent / ".ci" / "run").read_text().splitlines()
+    ci = [s.strip().replace("python -m pip install -q", "pip install") for s in ci_lines
+          if s.strip() and not s.startswith(("#", "set ", "cd "))]
+    assert ci == readme == ['pip install -e ".[test]"', "ruff check .", "python -m pytest"]

@@ -5,5 +5,6 @@ from .lineage import LINEAGE_THRESHOLD, lineage_cosine, lineage_keys, shared_lin
 from .stats import ChannelMoments, CrossMoments
 from .weight import WEIGHT_TOL, match_weights
 
-__all__ = ["TAP_POLICIES", "PairCollector", "match_from_correlations", "select_taps", "solve_assignment", "ChannelMoments",
-           "CrossMoments", "match_weights", "WEIGHT_TOL", "LINEAGE_THRESHOLD", "lineage_cosine", "lineage_keys", "shared_lineage", "weight_cosines"]
+__all__ = ["TAP_POLICIES", "PairCollector", "match_from_correlations", "select_taps", "solve_assignment",
+           "ChannelMoments", "CrossMoments", "match_weights", "WEIGHT_TOL", "LINEAGE_THRESHOLD", "lineage_cosine",
+           "lineage_keys", "shared_lineage", "weight_cosines"]

@@ -17,22 +17,17 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .. import ops
 from ..spec import PermutationGroup, PermutationSpec, Tap
 from .assignment import solve_assignment
 from .stats import CrossMoments
 from .weight import match_weights
 
-ACT_OPS = {
-    "relu", "relu_", "gelu", "silu", "hardswish", "mish", "leaky_relu", "elu", "selu", "celu", "relu6", "softplus",
-    "hardtanh", "ReLU", "ReLU6", "GELU", "SiLU", "Hardswish", "Mish", "LeakyReLU", "ELU", "SELU", "CELU",
-    "Softplus", "Hardtanh", "BatchNormAct2d", "GroupNormAct", "SyncBatchNormAct", "FrozenBatchNormAct2d",
-}
-ADD_OPS = {"add", "iadd", "add_", "__add__"}
-NORM_OPS = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "LayerNorm", "batch_norm", "layer_norm",
-            "group_norm", "LayerNorm2d"}
-
-
-PRODUCER_OPS = {"Conv1d", "Conv2d", "Conv3d", "Linear", "conv1d", "conv2d", "conv3d", "linear"}
+# the op names a tap records, by what the tap policy makes of them (from the one op vocabulary, ops.py)
+ACT_OPS = ops.TAP_NAMES[ops.ACTIVATION] | ops.TAP_NAMES[ops.NORM_ACT]  # post-activation outputs
+ADD_OPS = ops.TAP_NAMES[ops.ADD]
+NORM_OPS = ops.TAP_NAMES[ops.NORM]
+PRODUCER_OPS = ops.TAP_NAMES[ops.PRODUCER]
 
 
 TAP_POLICIES = ("all", "lean", "blocks")

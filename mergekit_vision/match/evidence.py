@@ -52,7 +52,8 @@ def check_matching_evidence(taps: Iterable[Tuple[str, str, CrossMoments]], sampl
                 f"calibration samples (got {samples}).")
         best = max(seen, key=lambda t: t[1].n)[1]
         if best.n < size:
-            few.append((_samples_needed(best.n, samples, size), f"{group!r} ({size} channels, {int(best.n)} positions)"))
+            few.append((_samples_needed(best.n, samples, size),
+                        f"{group!r} ({size} channels, {int(best.n)} positions)"))
         alive = [None, None]
         for _, m in seen:
             for k, v in enumerate(m.alive()):

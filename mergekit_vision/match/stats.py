@@ -152,7 +152,7 @@ class ChannelMoments:
         self.mean = self.mean + d * (n2 / n)
         self.n = n
 
-    def __add__(self, other: "ChannelMoments") -> "ChannelMoments":
+    def __add__(self, other: ChannelMoments) -> ChannelMoments:
         if self.mean is None or not self.n:
             return other
         if other.mean is None or not other.n:
@@ -179,7 +179,7 @@ class ChannelMoments:
         return [torch.tensor([self.n], dtype=torch.float64, device=self.mean.device), self.mean, self.m2]
 
     @classmethod
-    def from_tensors(cls, ts: List[torch.Tensor]) -> "ChannelMoments":
+    def from_tensors(cls, ts: List[torch.Tensor]) -> ChannelMoments:
         return cls(float(ts[0].item()), ts[1], ts[2])
 
 
@@ -232,7 +232,7 @@ class CrossMoments:
         self.mb = self.mb + db * (n2 / n)
         self.n = n
 
-    def __add__(self, other: "CrossMoments") -> "CrossMoments":
+    def __add__(self, other: CrossMoments) -> CrossMoments:
         if self.ma is None or not self.n:
             return other
         if other.ma is None or not other.n:
@@ -262,5 +262,5 @@ class CrossMoments:
                 self.mbb, self.mab]
 
     @classmethod
-    def from_tensors(cls, ts: List[torch.Tensor]) -> "CrossMoments":
+    def from_tensors(cls, ts: List[torch.Tensor]) -> CrossMoments:
         return cls(float(ts[0].item()), *ts[1:])

@@ -94,7 +94,7 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
                     by_axis[(mm.axis, mm.groups)].append((mm, p))
                 for (ax, grp), mems in by_axis.items():
                     wb = permute_tensor(wb, ax, grp, mems)
-                for (oa, ra), (ob, rb) in zip(_rows(sd_a[m.key], m), _rows(wb, m)):
+                for (oa, ra), (_, rb) in zip(_rows(sd_a[m.key], m), _rows(wb, m)):
                     score[oa:oa + ra.shape[0], oa:oa + ra.shape[0]].addmm_(ra, rb.T)
             old = perms[g.name]
             new = solve_assignment(score, g.blocks)

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..export import load_into, save_safetensors
 from ..interpolate import weighted_average
-from ..training import _lr_at, _resolve_augment, train_classifier
+from ..training import warmup_decay_lr, resolve_augment, train_classifier
 
 __all__ = ["dirichlet_split", "Ensemble", "train_cached", "GossipTrainer"]
 
@@ -90,7 +90,7 @@ class GossipTrainer:
         self.total = total_steps
         self.batch_size, self.lr, self.warmup = batch_size, lr, warmup
         self.gossip_prob = gossip_prob
-        self.aug = _resolve_augment(augment)
+        self.aug = resolve_augment(augment)
         self.gen = torch.Generator().manual_seed(seed)
         self.opts = [torch.optim.SGD(m.parameters(), lr=0.0, momentum=momentum, nesterov=True,
                                      weight_decay=weight_decay) for m in self.models]
@@ -107,7 +107,7 @@ class GossipTrainer:
         return (self.aug(xb, self.gen) if self.aug is not None else xb), y[idx]
 
     def step(self) -> None:
-        lr = _lr_at(self.step_count, self.total, self.lr, self.warmup)
+        lr = warmup_decay_lr(self.step_count, self.total, self.lr, self.warmup)
         for k, (m, opt) in enumerate(zip(self.models, self.opts)):
             m.train()
             for g in opt.param_groups:

@@ -30,11 +30,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("mergekit_vision.recipes.flower needs Flower >= 1.42: "
                       "pip install 'mergekit-vision[federated]'") from exc
 
+from ..calibration import CalibrationPlan, Statistics, StatisticsRequest, collect_statistics, plan_calibration
 from ..data import check_reiterable, iter_inputs
 from ..errors import ConfigError, DataError, MergeVisionError
-from ..merge_many import (CalibrationPlan, MergeManyReport, Statistics, StatisticsRequest, collect_statistics,
-                          merge_many, plan_calibration)
+from ..merge import merge_many
 from ..repair import Target
+from ..report import MergeReport
 
 __all__ = ["STATISTICS_MESSAGE_TYPE", "FlowerCollector", "AlignedFedAvg", "oneshot_server_app",
            "answer_statistics_query", "client_app", "run_inprocess", "InProcessGrid", "state_dict_of"]
@@ -200,7 +201,7 @@ class AlignedFedAvg(FedAvg):
         self.method, self.repair, self.iterations, self.reference = method, repair, iterations, reference
         self.calib_loader, self.example, self.query_timeout = calib_loader, example, query_timeout
         self.merge_kwargs = dict(merge_kwargs or {})
-        self.reports: Dict[int, MergeManyReport] = {}
+        self.reports: Dict[int, MergeReport] = {}
         self._grid: Optional[Grid] = None
         self._global: Optional[ArrayRecord] = None
 
@@ -243,7 +244,7 @@ class AlignedFedAvg(FedAvg):
 def oneshot_server_app(model_fn: ModelFn, *, example: torch.Tensor, min_nodes: int = 2, method: str = "activation",
                        repair: Any = True, iterations: Optional[int] = None, weighted_by_key: str = "num-examples",
                        train_config: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None,
-                       on_merged: Optional[Callable[[nn.Module, MergeManyReport, List[nn.Module]], None]] = None,
+                       on_merged: Optional[Callable[[nn.Module, MergeReport, List[nn.Module]], None]] = None,
                        merge_kwargs: Optional[Mapping[str, Any]] = None) -> ServerApp:
     """A ServerApp for one-shot federated learning: every client trains from its own initialization
     (train messages carry no ArrayRecord, only a config with ``"init-seed"``), then the server merges the
@@ -363,8 +364,8 @@ class InProcessGrid(Grid):
                 reply = self.client(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # reported as an error reply, as Flower's runtime does
                 logger.exception("ClientApp raised on node %d", msg.metadata.dst_node_id)
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
-                                reply_to=delivered)
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
+                reply = Message(error, reply_to=delivered)
             reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self._replies[msg.metadata.message_id] = message_from_proto(message_to_proto(reply))
             ids.append(msg.metadata.message_id)

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DataError
 from ..match.stats import BatchMoments, ChannelMoments, channel_moments
-from .sites import Site, bn_eval, bn_forward, bn_post, is_batchnorm
+from .sites import Site, bn_eval, bn_forward, bn_post, is_batchnorm, permute_channel_stats
 
 _TINY = 1e-12
 
@@ -203,9 +204,6 @@ def repair_targets(sites: List[Site], stats, perms: List[Dict[str, torch.Tensor]
     """REPAIR's targets for a weighted average of aligned models: ``sum_k w_k * stat_k`` for the
     per-channel means and standard deviations (not variances), each model's statistics permuted
     into the merged coordinates first. ``stats.channels[(site node, k)]``: model k's moments."""
-    from ..errors import DataError
-    from .sites import permute_channel_stats
-
     targets = {}
     for s in sites:
         mean = std = None

@@ -7,26 +7,19 @@ fused activation (timm's BatchNormAct2d), or the conv/linear output.
 from __future__ import annotations
 
 import logging
-import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import PRODUCER_MODULES, is_add, is_batchnorm
 from ..spec import PermutationSpec
 
 logger = logging.getLogger(__name__)
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) or (
-        type(m).__name__.startswith("FrozenBatchNorm") and hasattr(m, "running_var"))
 
 
 @dataclass
@@ -40,8 +33,6 @@ class Site:
     inputs: List[str] = field(default_factory=list)  # "add" sites: the addend nodes
 
 
-ADD_TARGETS = {operator.add, torch.add, operator.iadd}
-
 
 def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Site]:
     """Sites in graph order. ``mode`` is "repair" (BN + unnormalized conv/linear), "reset" (BN only) or
@@ -50,10 +41,11 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
     taps: Dict[Tuple[str, int], List[Tuple[int, int, int, str, bool]]] = {}
     for g in spec.groups:
         for t in g.taps:
-            taps.setdefault((t.node, t.dim), []).append((t.start, t.offset, t.length, g.name, g.reason == "model output"))
+            taps.setdefault((t.node, t.dim), []).append((t.start, t.offset, t.length, g.name,
+                                                          g.reason == "model output"))
     sites: List[Site] = []
     for n in gm.graph.nodes:
-        if mode == "stream" and _is_add(n):
+        if mode == "stream" and is_add(n):
             for d in (1, -1, 2, 3):
                 segs = taps.get((n.name, d))
                 if segs and not any(s[4] for s in segs):
@@ -69,7 +61,7 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
                 continue
             key = (n.args[0].name, 1)
             kind = "bn"
-        elif isinstance(m, CONV_TYPES) and mode in ("repair", "stream"):
+        elif isinstance(m, PRODUCER_MODULES) and mode in ("repair", "stream"):
             users = list(n.users)
             if users and all(u.op == "call_module" and is_batchnorm(modules[u.target]) for u in users):
                 continue  # the BatchNorm that follows is the site
@@ -95,13 +87,9 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
     shared = sorted({s.module for s in sites if s.module and calls[s.module] > 1})
     if shared:
         logger.info("REPAIR: %d module(s) called more than once are not corrected (one fused correction "
-                    "cannot serve every call): %s", len(shared), ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else ""))
+                    "cannot serve every call): %s", len(shared),
+                    ", ".join(shared[:5]) + (" ..." if len(shared) > 5 else ""))
     return [s for s in sites if not (s.module and calls[s.module] > 1)]
-
-
-def _is_add(n: fx.Node) -> bool:
-    is_add = (n.op == "call_function" and n.target in ADD_TARGETS) or (n.op == "call_method" and n.target in ("add", "add_"))
-    return is_add and len(n.args) >= 2 and all(isinstance(a, fx.Node) for a in n.args[:2])
 
 
 def bn_eval(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -16,12 +15,10 @@ from torch import nn
 import logging
 
 from ..errors import MergeVisionError, TraceError
+from ..ops import op_name
 from ..spec import Member, PermutationGroup, PermutationSpec, Tap
 from .layout import Elements, Seg
-from .rules import (
-    FUNCTION_RULES, METHOD_RULES, Multi, RuleCall, ensure_library_rules, fresh_layout, freeze_all, iter_layouts,
-    module_rule, unknown,
-)
+from .rules import Multi, RuleCall, freeze_all, function_rule, method_rule, module_rule, unknown
 from .tracer import trace_model
 
 logger = logging.getLogger(__name__)
@@ -69,10 +66,11 @@ class CouplingPass(fx.Interpreter):
         layout = self._layout(n, value)
         self.layouts[n] = layout
         # only values computed from the input are activations (a weight-standardization chain is not)
-        self.dynamic[n] = (n.op == "placeholder" and isinstance(value, torch.Tensor)) or any(self.dynamic.get(a, False) for a in n.all_input_nodes)
+        self.dynamic[n] = ((n.op == "placeholder" and isinstance(value, torch.Tensor))
+                           or any(self.dynamic.get(a, False) for a in n.all_input_nodes))
         if self.dynamic[n] and isinstance(value, torch.Tensor) and isinstance(layout, tuple) \
                 and not isinstance(layout, Multi):
-            op = self._op_name(n)
+            op = op_name(n, self.modules)
             segs = []
             for d, dl in enumerate(layout):
                 if dl is None:
@@ -86,16 +84,9 @@ class CouplingPass(fx.Interpreter):
             self.tap_layouts[n.name] = tuple(segs)
         return value
 
-    def _op_name(self, n: fx.Node) -> str:
-        if n.op == "call_module":
-            return type(self.modules[n.target]).__name__
-        if n.op == "call_function":
-            return getattr(n.target, "__name__", str(n.target))
-        return str(n.target)
-
     def _layout(self, n: fx.Node, value: Any):
         E = self.E
-        where = f"node '{n.name}' ({self._op_name(n)})"
+        where = f"node '{n.name}' ({op_name(n, self.modules)})"
         if n.op == "placeholder":
             if not isinstance(value, torch.Tensor):
                 return None
@@ -124,10 +115,9 @@ class CouplingPass(fx.Interpreter):
             self._check_declared(call, module, layout)
             return layout
         if n.op == "call_function":
-            ensure_library_rules()  # torchvision.ops functions: their rules register once it is imported
-            rule = FUNCTION_RULES.get(n.target, unknown)
+            rule = function_rule(n.target) or unknown
         else:  # call_method
-            rule = METHOD_RULES.get(n.target, unknown)
+            rule = method_rule(n.target) or unknown
         if rule is unknown and not isinstance(value, (torch.Tensor, tuple, list)) and not any(
             isinstance(a, torch.Tensor) for a in list(args) + list(kwargs.values())
         ):
@@ -288,7 +278,7 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
             by_axis[(m.key, m.axis)].append((m.start, m.start + m.length * m.inner, gi, m.offset))
     for (key, axis), spans in by_axis.items():
         spans.sort()
-        for (a0, a1, ga, _), (b0, b1, gb, _) in zip(spans, spans[1:]):
+        for (_, a1, ga, _), (b0, _, gb, _) in zip(spans, spans[1:]):
             if b0 < a1:
                 for g in (ga, gb):
                     msg = f"'{key}' axis {axis} is claimed twice"

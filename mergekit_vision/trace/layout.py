@@ -102,7 +102,7 @@ class Elements:
         return (Seg(self.new(size, label, frozen=reason), 0, size),)
 
     # ---- resolution ----------------------------------------------------------------------
-    def resolve(self) -> "Atoms":
+    def resolve(self) -> Atoms:
         bounds = [{0, n} | c for n, c in zip(self.size, self.cuts)]
         for a, ao, b, bo, n in self.joins:
             bounds[a] |= {ao, ao + n}

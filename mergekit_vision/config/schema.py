@@ -1,13 +1,10 @@
-"""Merge configs: a YAML file -> a validated ``MergeConfig`` (pydantic v2; unknown keys are errors),
-and the helpers that turn its entries into models (``load_model``) and data loaders (``load_data``).
-
-Relative paths are resolved against the config file's folder; the validated config holds them absolute.
+"""The merge config's schema: a YAML file -> a validated ``MergeConfig`` (pydantic v2; unknown keys are
+errors, and their messages name the fix). Relative paths are resolved against the config file's
+folder; the validated config holds them absolute.
 """
 from __future__ import annotations
 
 import difflib
-import hashlib
-import logging
 import os
 import typing
 from pathlib import Path
@@ -17,24 +14,23 @@ import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .errors import ArchitectureMismatchError, ConfigError, DataError, MergeVisionError
-from .match import LINEAGE_THRESHOLD, WEIGHT_TOL
-from .merge import METHODS, REPAIR_MODES
+from ..data import guess_dataset_kind
+from ..errors import ConfigError, DataError, MergeVisionError
+from ..export import parse_size
+from ..match import LINEAGE_THRESHOLD, TAP_POLICIES, WEIGHT_TOL
+from ..options import METHODS, REPAIR_MODES
+from ..sources import split_name
 
-__all__ = ["ModelConfig", "CalibrationConfig", "EvaluationConfig", "MergeConfig", "load_config",
-           "load_model", "load_data", "file_sha256", "DTYPES", "DATA_KINDS"]
+__all__ = ["ModelConfig", "CalibrationConfig", "EvaluationConfig", "MergeConfig", "load_config", "DTYPES",
+           "DATA_KINDS", "STATE_DICT_SUFFIXES", "LOADERS"]
 
-logger = logging.getLogger(__name__)
 
 DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                   "bfloat16": torch.bfloat16, "float64": torch.float64}
 DATA_KINDS = ("image_folder", "cifar10", "npz")
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 LOADERS = ("state_dict", "timm")
-_STATE_DICT_WRAPPERS = ("state_dict", "model_state_dict", "model")  # {"state_dict": {...}} and friends
 
 # mergekit's keys that are spelled differently here: the "unknown key" message says what to write.
 _MERGEKIT_NAMES = {
@@ -90,7 +86,6 @@ class ModelConfig(_Strict):
     @field_validator("model")
     @classmethod
     def _known_library(cls, v: str) -> str:
-        from .sources import split_name
 
         if not v.strip():
             raise ValueError("is empty; " + _MISSING_HINTS["model"])
@@ -121,8 +116,7 @@ class ModelConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _weights_given(self) -> "ModelConfig":
-        from .sources import split_name
+    def _weights_given(self) -> ModelConfig:
 
         lib, arch = split_name(self.model)
         hub = arch.startswith(("hf-hub:", "local-dir:"))
@@ -150,13 +144,11 @@ class ModelConfig(_Strict):
 
     @property
     def library(self) -> str:
-        from .sources import split_name
 
         return split_name(self.model)[0]
 
     @property
     def arch(self) -> str:
-        from .sources import split_name
 
         return split_name(self.model)[1]
 
@@ -210,7 +202,7 @@ class CalibrationConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CalibrationConfig":
+    def _consistent(self) -> CalibrationConfig:
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean: and std:, or neither")
         if self.kind == "cifar10" and self.split not in ("train", "test"):
@@ -221,9 +213,7 @@ class CalibrationConfig(_Strict):
 def _guess_data_kind(p: Path) -> str:
     """data's guess, except that a .npz of x_train/y_train/x_test/y_test arrays is CIFAR-10 only if its
     images are (N, 32, 32, 3) uint8: any other split .npz is a plain "npz" (read as x_{split}/y_{split})."""
-    from .data import _guess_kind
-
-    kind = _guess_kind(p)
+    kind = guess_dataset_kind(p)
     if kind == "cifar10" and p.is_file():
         with np.load(p, allow_pickle=False) as arrays:
             if "x_train" in arrays.files and "train_jpeg_blob" not in arrays.files:
@@ -277,7 +267,7 @@ class MergeConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _alpha_or_weights(self) -> "MergeConfig":
+    def _alpha_or_weights(self) -> MergeConfig:
         weighted = self.models[0].weight is not None
         if "alpha" in self.model_fields_set and (len(self.models) > 2 or weighted):
             raise ValueError("alpha: is the weight of models[1] in a two-model merge; with "
@@ -303,7 +293,6 @@ class MergeConfig(_Strict):
     @field_validator("taps")
     @classmethod
     def _taps(cls, v: str) -> str:
-        from .match.activation import TAP_POLICIES
 
         if v not in TAP_POLICIES:
             raise ValueError(f"must be one of {', '.join(TAP_POLICIES)}, got {v!r}")
@@ -348,7 +337,6 @@ class MergeConfig(_Strict):
     @field_validator("out_shard_size", mode="before")
     @classmethod
     def _shard_size(cls, v: Any) -> Union[int, str]:
-        from .export import parse_size
 
         try:
             parse_size(v)
@@ -372,7 +360,7 @@ class MergeConfig(_Strict):
 
     @classmethod
     def from_dict(cls, data: Any, *, base_dir: Union[str, os.PathLike, None] = None,
-                  source: str = "config") -> "MergeConfig":
+                  source: str = "config") -> MergeConfig:
         """Validate a dict (e.g. parsed YAML); relative paths are taken from ``base_dir`` (default: cwd)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping of keys (models:, method:, alpha:, ...), "
@@ -460,216 +448,3 @@ def _describe(err: Mapping[str, Any]) -> str:
     if kind == "value_error":
         return f"{_loc(loc)}: {msg.removeprefix('Value error, ')}"
     return f"{_loc(loc)}: {msg[0].lower() + msg[1:]}, got {err.get('input')!r}"
-
-
-# ---- config -> models -------------------------------------------------------------------------------
-def file_sha256(path: Union[str, os.PathLike]) -> str:
-    """sha256 of a file, or of a folder's weight files and index (name and content, in name order)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
-                   and f.name.endswith((".safetensors", ".safetensors.index.json"))) if p.is_dir() else [p]
-    for f in files:
-        if p.is_dir():
-            h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def load_model(mc: ModelConfig, *, where: str = "models[0]", dtype: Optional[torch.dtype] = None,
-               ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build ``mc``'s architecture, load its weights; return (model in eval mode, source record).
-
-    The source record (``model``, ``checkpoint`` file name, ``sha256``) goes into the merge report and
-    the safetensors metadata. Errors name ``where`` (the config key) and the fix.
-    """
-    from .sources import create_model
-
-    kwargs = dict(mc.kwargs)
-    source: Dict[str, Any] = {"model": mc.model, "kwargs": kwargs, "checkpoint": None, "sha256": None}
-    if mc.pretrained:
-        try:
-            model = create_model(mc.model, pretrained=True, kwargs=kwargs)
-        except MergeVisionError as exc:
-            raise type(exc)(f"{where}.model: {exc}") from exc
-        except Exception as exc:  # network, hub or cache errors
-            raise MergeVisionError(f"{where}: cannot load the pretrained weights of {mc.model!r} "
-                                   f"({type(exc).__name__}: {exc}); check the name and that you are online, "
-                                   "or give checkpoint: PATH") from exc
-        return model.eval().to(dtype) if dtype else model.eval(), source
-
-    ckpt = Path(mc.checkpoint)
-    source.update(checkpoint=ckpt.name, sha256=file_sha256(ckpt))
-    if mc.loader == "timm":
-        model = _load_with_timm(mc, ckpt, kwargs, where)
-    else:
-        model = _build(mc, kwargs, where)
-        fix = (f" Set {where}.kwargs to the kwargs the checkpoint was trained with (e.g. num_classes), "
-               f"or {where}.model to its architecture.")
-        if ckpt.is_dir() or ckpt.suffix.lower() == ".safetensors":
-            from .export import load_sharded
-
-            try:
-                state_dict, _ = load_sharded(ckpt)  # a file, or a folder of shards and their index
-            except MergeVisionError as exc:
-                raise type(exc)(f"{where}.checkpoint: {exc}") from exc
-        else:
-            state_dict = _read_torch_state_dict(ckpt, where)
-        state_dict = _unwrapped(state_dict, model)
-        problems = _state_dict_problems(model, state_dict)
-        if problems:
-            raise ArchitectureMismatchError(f"{where}.checkpoint: {type(model).__name__} ({mc.model}) does not "
-                                            f"fit '{ckpt}': {problems}.{fix}")
-        model.load_state_dict(state_dict)
-    logger.debug("%s: %s from %s (sha256 %s)", where, mc.model, ckpt, source["sha256"][:12])
-    return (model.eval().to(dtype) if dtype else model.eval()), source
-
-
-def _build(mc: ModelConfig, kwargs: Dict[str, Any], where: str) -> nn.Module:
-    from .sources import create_model
-
-    try:
-        return create_model(mc.model, kwargs=kwargs)
-    except MergeVisionError as exc:
-        raise type(exc)(f"{where}.model: {exc}") from exc
-    except TypeError as exc:  # an unknown constructor argument
-        raise ConfigError(f"{where}.kwargs: {mc.model!r} does not take these kwargs ({exc}); "
-                          "remove or rename them") from exc
-
-
-def _load_with_timm(mc: ModelConfig, ckpt: Path, kwargs: Dict[str, Any], where: str) -> nn.Module:
-    """timm's own loader (pretrained_cfg_overlay file=...): applies the model's checkpoint filter, so
-    original-format checkpoints (e.g. a ViT .npz) load too."""
-    import timm
-
-    overlay: Dict[str, Any] = {"file": str(ckpt)}
-    if "num_classes" in kwargs:
-        overlay["num_classes"] = kwargs["num_classes"]  # else timm drops the classifier as "adapted"
-    try:
-        return timm.create_model(mc.arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{where}.kwargs: {mc.model!r} does not take these kwargs ({exc})") from exc
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise ArchitectureMismatchError(
-            f"{where}.checkpoint: timm cannot load '{ckpt}' into {mc.model!r} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:400]}). Set {where}.kwargs to the kwargs it was trained with, "
-            "or loader: state_dict for a plain state dict.") from exc
-
-
-def _read_torch_state_dict(path: Path, where: str) -> Dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for pickled objects outside the weights-only allow-list
-        raise ConfigError(
-            f"{where}.checkpoint: cannot read '{path}' with torch.load(weights_only=True) ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:300]}). Save a plain state dict (torch.save(model.state_dict(), path)) "
-            "or a .safetensors file.") from exc
-    sd = obj
-    if isinstance(obj, Mapping) and not _all_tensors(obj):
-        sd = next((obj[k] for k in _STATE_DICT_WRAPPERS if isinstance(obj.get(k), Mapping) and _all_tensors(obj[k])),
-                  None)
-    if not isinstance(sd, Mapping) or not sd or not _all_tensors(sd):
-        found = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ConfigError(f"{where}.checkpoint: '{path}' holds no state dict (found {found}); expected "
-                          f"{{name: tensor}} or one under {' / '.join(_STATE_DICT_WRAPPERS)}.")
-    return dict(sd)
-
-
-# the key prefixes of a state dict saved from a wrapped model: DataParallel/DDP, torch.compile
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _unwrapped(sd: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``sd`` without the prefixes a wrapper adds to every key (``module.``, ``_orig_mod.``, nested in
-    any order), as long as ``model``'s own keys do not carry that prefix themselves."""
-    own = list(model.state_dict())
-    while sd:
-        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)
-                       and not (own and all(k.startswith(p) for k in own))), None)
-        if prefix is None:
-            break
-        sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-def _all_tensors(m: Mapping) -> bool:
-    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in m.items())
-
-
-def _state_dict_problems(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"'{k}': {tuple(sd[k].shape)} in file vs {tuple(v.shape)} in model"
-              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-
-    def few(keys: List[str]) -> str:
-        return ", ".join(f"'{k}'" if "'" not in k else k for k in keys[:5]) + (
-            f" ... and {len(keys) - 5} more" if len(keys) > 5 else "")
-
-    parts = []
-    if shapes:
-        parts.append("shape mismatch at " + few(shapes))
-    if missing:
-        parts.append("missing from the file: " + few(missing))
-    if unexpected:
-        parts.append("not in the model: " + few(unexpected))
-    return "; ".join(parts)
-
-
-# ---- config -> data ----------------------------------------------------------------------------------
-def load_data(dc: CalibrationConfig, *, where: str = "calibration", seed: int = 0,
-              model: Optional[nn.Module] = None, labels: bool = False) -> DataLoader:
-    """A DataLoader over ``dc``: its split, a seeded random subset of ``samples`` (all when null),
-    ``batch_size``, no shuffling. ``labels=True`` requires labelled data (an evaluation set)."""
-    from . import data as D
-
-    p = Path(dc.path)
-    try:
-        if dc.kind == "image_folder":
-            root = p / dc.split if (p / dc.split).is_dir() else p
-            size = dc.image_size or _default_image_size(model)
-            ds: Dataset = D.load_image_folder(root, image_size=size, mean=dc.mean or D.IMAGENET_MEAN,
-                                              std=dc.std or D.IMAGENET_STD)
-        elif dc.kind == "cifar10":
-            ds = D.load_cifar10(p, dc.split, normalize=dc.mean is None)
-            if dc.mean is not None:
-                ds = TensorDataset(_normalize(ds.tensors[0], dc.mean, dc.std), ds.tensors[1])
-        else:
-            with np.load(p, allow_pickle=False) as arrays:
-                names = set(arrays.files)
-            x_key, y_key = (f"x_{dc.split}", f"y_{dc.split}") if f"x_{dc.split}" in names else ("x", "y")
-            ds = D.load_npz(p, x_key, y_key, mean=dc.mean, std=dc.std)
-    except DataError as exc:
-        raise DataError(f"{where}.path: {exc}") from exc
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{where}.path: cannot read '{p}' as {dc.kind} ({type(exc).__name__}: {exc})") from exc
-
-    if isinstance(ds, TensorDataset) and dc.image_size and tuple(ds.tensors[0].shape[-2:]) != (dc.image_size,) * 2:
-        x = torch.nn.functional.interpolate(ds.tensors[0], size=(dc.image_size, dc.image_size), mode="bilinear",
-                                            align_corners=False, antialias=True)
-        ds = TensorDataset(x, *ds.tensors[1:])
-    if labels and isinstance(ds, TensorDataset) and len(ds.tensors) < 2:
-        raise DataError(f"{where}.path: '{p}' has images but no labels; an evaluation set needs integer labels "
-                        "(a 'y' array in the .npz).")
-    n = len(ds)
-    if dc.samples is not None and dc.samples < n:
-        # A random subset: the first N of a class-sorted folder would be a few classes only.
-        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:dc.samples].sort().values
-        ds = TensorDataset(*(t[idx] for t in ds.tensors)) if isinstance(ds, TensorDataset) else Subset(ds, idx.tolist())
-    logger.info("%s: %d samples (%s, split %s) from %s", where, len(ds), dc.kind, dc.split, p)
-    return DataLoader(ds, batch_size=dc.batch_size, shuffle=False, num_workers=dc.workers)
-
-
-def _normalize(x: torch.Tensor, mean: List[float], std: List[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype).reshape(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).reshape(1, -1, 1, 1)
-    return (x - m) / s
-
-
-def _default_image_size(model: Optional[nn.Module]) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size")
-    return int(size[-1]) if size else 224

@@ -1,0 +1,281 @@
+"""Rules for ops that move axes and positions: reshape, permute, expand, index, concatenate, split."""
+from __future__ import annotations
+
+import math
+from typing import Any, List
+
+from ..layout import DimLayout, Elements, Seg, slice_dim
+from .core import Multi, RuleCall, cut_slice, fresh_layout, is_tensor, join_dim, layout_or_none, unknown
+
+
+def reshape_layout(E: Elements, where: str, in_shape, lx, out_shape):
+    """Map a layout through a reshape by walking matching-product chunks of the two shapes."""
+    in_shape, out_shape = list(in_shape), list(out_shape)
+    out: List[DimLayout] = [None] * len(out_shape)
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        i0, j0 = i, j
+        pi = pj = 1
+        # grow the chunk until products match (size-1 dims attach to the current chunk)
+        if i < len(in_shape):
+            pi *= in_shape[i]
+            i += 1
+        if j < len(out_shape):
+            pj *= out_shape[j]
+            j += 1
+        while pi != pj:
+            if pi < pj and i < len(in_shape):
+                pi *= in_shape[i]
+                i += 1
+            elif j < len(out_shape):
+                pj *= out_shape[j]
+                j += 1
+            else:
+                break
+        while (i < len(in_shape) and in_shape[i] == 1 and lx[i] is None
+               and not (j < len(out_shape) and out_shape[j] == 1)):
+            i += 1
+        a = [k for k in range(i0, i) if in_shape[k] != 1]
+        b = [k for k in range(j0, j) if out_shape[k] != 1]
+        ins = [lx[k] for k in a]
+        if all(lay is None for lay in ins):
+            continue
+        if len(a) == 1 and len(b) == 1:
+            out[b[0]] = ins[0]
+        elif len(b) == 1 and ins[0] is not None:  # merge: channel outermost, the rest become inner
+            for lay in ins[1:]:
+                E.freeze_dim(lay, f"{where} flattens an axis inside another channel axis")
+            inner = math.prod(in_shape[k] for k in a[1:])
+            out[b[0]] = tuple(Seg(s.elem, s.off, s.length, s.inner * inner) for s in ins[0])
+        elif len(a) == 1 and ins[0] is not None and all(
+            s.inner % math.prod(out_shape[k] for k in b[1:]) == 0 for s in ins[0]
+        ):  # unflatten of a flattened channel axis
+            rest = math.prod(out_shape[k] for k in b[1:])
+            out[b[0]] = tuple(Seg(s.elem, s.off, s.length, s.inner // rest) for s in ins[0])
+        else:
+            for lay in ins:
+                E.freeze_dim(lay, f"{where} reshapes a channel axis (mixes or splits channels)")
+            for k in b:
+                out[k] = E.fresh_dim(out_shape[k], where, "output of a channel-mixing reshape")
+    return tuple(out)
+
+
+def reshape_rule(call: RuleCall):
+    x = call.args[0]
+    if not is_tensor(call.out) or not is_tensor(x):
+        return unknown(call)
+    return reshape_layout(call.E, call.where, x.shape, layout_or_none(call.largs[0], x), call.out.shape)
+
+
+def permute_rule(call: RuleCall):
+    x = call.args[0]
+    lx = layout_or_none(call.largs[0], x)
+    dims = call.args[1:] if len(call.args) > 1 else call.kwargs.get("dims")
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = dims[0]
+    return tuple(lx[d % x.dim()] for d in dims)
+
+
+def transpose_rule(call: RuleCall):
+    x = call.args[0]
+    lx = list(layout_or_none(call.largs[0], x))
+    if x.dim() < 2:
+        return tuple(lx)
+    d0 = call.arg(1, "dim0", -2) % x.dim()
+    d1 = call.arg(2, "dim1", -1) % x.dim()
+    lx[d0], lx[d1] = lx[d1], lx[d0]
+    return tuple(lx)
+
+
+def movedim_rule(call: RuleCall):
+    x = call.args[0]
+    lx = layout_or_none(call.largs[0], x)
+    src, dst = call.arg(1, "source"), call.arg(2, "destination")
+    src = [src] if isinstance(src, int) else list(src)
+    dst = [dst] if isinstance(dst, int) else list(dst)
+    order = [d for d in range(x.dim()) if d not in [s % x.dim() for s in src]]
+    for s, d in sorted(zip([s % x.dim() for s in src], [d % x.dim() for d in dst]), key=lambda t: t[1]):
+        order.insert(d, s)
+    return tuple(lx[d] for d in order)
+
+
+def expand_rule(call: RuleCall):
+    x, out = call.args[0], call.out
+    lx = layout_or_none(call.largs[0], x)
+    nd = out.dim()
+    layout = []
+    for d in range(nd):
+        k = d - (nd - x.dim())
+        if k < 0 or x.shape[k] != out.shape[d]:
+            layout.append(None)  # broadcast of a size-1 dim: the same value everywhere
+        else:
+            layout.append(lx[k])
+    return tuple(layout)
+
+
+def repeat_rule(call: RuleCall):
+    x, out = call.args[0], call.out
+    lx = layout_or_none(call.largs[0], x)
+    nd = out.dim()
+    layout = []
+    for d in range(nd):
+        k = d - (nd - x.dim())
+        if k < 0 or x.shape[k] == out.shape[d]:
+            layout.append(lx[k] if k >= 0 else None)
+        elif x.shape[k] == 1:
+            layout.append(None)
+        else:
+            call.E.freeze_dim(lx[k], f"{call.where} tiles a channel axis")
+            layout.append(call.E.fresh_dim(out.shape[d], call.where, "tiled channel axis") if lx[k] else None)
+    return tuple(layout)
+
+
+def getitem_rule(call: RuleCall):
+    obj, idx = call.args[0], call.args[1]
+    lobj = call.largs[0]
+    if not is_tensor(obj):
+        if isinstance(lobj, Multi) and isinstance(idx, int):
+            return lobj[idx]
+        if isinstance(lobj, dict):
+            return lobj.get(idx)
+        if isinstance(lobj, Multi) and isinstance(idx, slice):
+            return Multi(lobj[idx])
+        return None if not is_tensor(call.out) else fresh_layout(call.E, call.out, f"{call.where}", call.where)
+    lx = list(layout_or_none(lobj, obj))
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(is_tensor(i) or isinstance(i, (list,)) for i in idx):
+        return unknown(call)
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    expanded: List[Any] = []
+    for i in idx:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (obj.dim() - n_real))
+        else:
+            expanded.append(i)
+    expanded.extend([slice(None)] * (obj.dim() - sum(1 for i in expanded if i is not None)))
+    out: List[DimLayout] = []
+    d = 0
+    for i in expanded:
+        if i is None:
+            out.append(None)
+            continue
+        ld, size = lx[d], obj.shape[d]
+        if isinstance(i, int):
+            if ld is not None:
+                call.E.freeze_dim(ld, f"{call.where} selects a single channel")
+        elif isinstance(i, slice):
+            start, stop, step = i.indices(size)
+            if ld is None or (start, stop, step) == (0, size, 1):
+                out.append(ld)
+            elif step != 1:
+                call.E.freeze_dim(ld, f"{call.where} takes strided channels")
+                out.append(call.E.fresh_dim(len(range(start, stop, step)), call.where, "strided channel slice"))
+            else:
+                sl = slice_dim(ld, start, stop)
+                cut_slice(call.E, ld, start, stop)
+                if sl is None:
+                    call.E.freeze_dim(ld, f"{call.where} slices inside a flattened channel")
+                    sl = call.E.fresh_dim(stop - start, call.where, "slice inside flattened channel")
+                out.append(sl)
+        else:
+            return unknown(call)
+        d += 1
+    return tuple(out)
+
+
+def cat_rule(call: RuleCall):
+    tensors = call.arg(0, "tensors")
+    ltensors = call.larg(0, "tensors") or [None] * len(tensors)
+    dim = call.arg(1, "dim", 0)
+    out = call.out
+    nd = out.dim()
+    dim %= nd
+    lts = [layout_or_none(lay, t) for t, lay in zip(tensors, ltensors)
+           if (is_tensor(t) and t.numel() > 0) or t.dim() == nd]
+    ts = [t for t in tensors if is_tensor(t) and (t.numel() > 0 or t.dim() == nd)]
+    layout: List[DimLayout] = []
+    for d in range(nd):
+        if d == dim:
+            segs: List[Seg] = []
+            if all(lay[d] is None for lay in lts):
+                layout.append(None)
+                continue
+            for t, lay in zip(ts, lts):
+                if lay[d] is None:
+                    if t.shape[d] > 0:
+                        segs.extend(call.E.fresh_dim(t.shape[d], call.where, "non-channel part of a channel concat"))
+                else:
+                    segs.extend(lay[d])
+            layout.append(tuple(segs))
+        else:
+            acc = lts[0][d]
+            for lay in lts[1:]:
+                acc = join_dim(call.E, acc, lay[d], call.where)
+            layout.append(acc)
+    return tuple(layout)
+
+
+def stack_rule(call: RuleCall):
+    tensors = call.arg(0, "tensors")
+    ltensors = call.larg(0, "tensors") or [None] * len(tensors)
+    dim = call.arg(1, "dim", 0) % call.out.dim()
+    lts = [layout_or_none(lay, t) for t, lay in zip(tensors, ltensors)]
+    layout: List[DimLayout] = []
+    for d in range(tensors[0].dim()):
+        acc = lts[0][d]
+        for lay in lts[1:]:
+            acc = join_dim(call.E, acc, lay[d], call.where)
+        layout.append(acc)
+    layout.insert(dim, None)
+    return tuple(layout)
+
+
+def split_rule(call: RuleCall):
+    x = call.args[0]
+    lx = layout_or_none(call.largs[0], x)
+    dim = call.arg(2, "dim", 0) % x.dim()
+    outs = call.out
+    res = []
+    pos = 0
+    for o in outs:
+        n = o.shape[dim]
+        layout = list(lx)
+        if lx[dim] is not None:
+            sl = slice_dim(lx[dim], pos, pos + n)
+            cut_slice(call.E, lx[dim], pos, pos + n)
+            if sl is None:
+                call.E.freeze_dim(lx[dim], f"{call.where} splits inside a flattened channel")
+                sl = call.E.fresh_dim(n, call.where, "split inside flattened channel")
+            layout[dim] = sl
+        res.append(tuple(layout))
+        pos += n
+    return Multi(res)
+
+
+def chunk_rule(call: RuleCall):
+    x = call.args[0]
+    dim = call.arg(2, "dim", 0)
+    return split_rule(RuleCall(call.E, call.where, (x, None, dim), {}, call.largs[:1], {}, call.out))
+
+
+def unbind_rule(call: RuleCall):
+    x = call.args[0]
+    lx = layout_or_none(call.largs[0], x)
+    dim = call.arg(1, "dim", 0) % x.dim()
+    call.E.freeze_dim(lx[dim], f"{call.where} unbinds a channel axis")
+    rest = tuple(lay for k, lay in enumerate(lx) if k != dim)
+    return Multi(rest for _ in call.out)
+
+
+def getattr_rule(call: RuleCall):
+    attr = call.args[1]
+    if attr in ("T", "mT") and is_tensor(call.out):
+        x = call.args[0]
+        lx = list(layout_or_none(call.largs[0], x))
+        if attr == "T":
+            return tuple(reversed(lx))
+        lx[-1], lx[-2] = lx[-2], lx[-1]
+        return tuple(lx)
+    if is_tensor(call.out):
+        return unknown(call)
+    return None
