@@ -42,7 +42,7 @@ def timed(timings: Dict[str, float], name: str):
         yield
     finally:
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-        logger.debug("%s: %.2fs", name, timings[name])  # the merge's summary lists them all
+        logger.info("%s: %.2fs", name, timings[name])
 
 
 def calibration_batches(loader, *, max_batches, max_samples, device, dtype, desc, progress):
