@@ -34,6 +34,7 @@ MODES: Dict[str, Tuple[bool, Union[bool, str]]] = {
     "aligned": (True, False),
     "reset": (True, "reset"),
     "repair": (True, True),
+    "lsq": (True, "lsq"),  # least-squares repair (docs/merge.md); not in the default modes
     "stream": (True, "stream"),  # REPAIR plus a correction on every residual add; not in the default modes
 }
 METRICS = ("acc", "loss")
