@@ -253,3 +253,24 @@ def test_config_and_curve_accept_lsq(tmp_path):
     for bad in ({"lsq_ridge": -1}, {"lsq_positions": 0}):
         with pytest.raises(ValidationError, match="lsq_"):
             MergeConfig.model_validate({**base, **bad})
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"),
+    nn.Conv2d(4, 6, (2, 3), stride=(2, 1), padding=(0, 1), dilation=(1, 2), bias=False),
+    nn.Conv2d(4, 4, 5, padding=2, groups=4, padding_mode="circular"),
+    nn.Conv1d(4, 6, 4, stride=2, padding=1, groups=2),
+    nn.Linear(4, 3),
+], ids=["same-reflect", "strided-dilated", "depthwise-circular", "conv1d-grouped", "linear"])
+def test_patches_times_the_layer_map_is_the_layer(conv):
+    conv = conv.to(f64)
+    x = torch.randn(3, 4, 9, 9, dtype=f64) if isinstance(conv, nn.Conv2d) else (
+        torch.randn(3, 4, 11, dtype=f64) if isinstance(conv, nn.Conv1d) else torch.randn(3, 5, 4, dtype=f64))
+    kind = "linear" if isinstance(conv, nn.Linear) else "conv"
+    with torch.no_grad():
+        y = conv(x)
+    xs, ys = patches(x, y, conv, kind)
+    w = layer_map(conv, kind)
+    assert _rel(xs @ w[:, :-1] + w[:, -1:], ys) < 1e-12
+    sub, _ = patches(x, y, conv, kind, positions=2, gen=torch.Generator().manual_seed(0))
+    assert sub.shape[1] == (3 * 2 if kind == "conv" else xs.shape[1])
