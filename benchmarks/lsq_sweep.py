@@ -4,6 +4,7 @@ RESULT: see docs/results.md ("Least-squares repair", options).
 
     python benchmarks/lsq_sweep.py --data ../shared/data/cifar10 --ckpt checkpoints/ --config resnet20_bn_w1 \
         --calib 1000 --eval-samples 2000 --ridge 1e-4 1e-3 1e-2 --positions 64 256 all
+    python benchmarks/lsq_sweep.py ... --settings 1e-3:16 1e-3:64 1e-2:64   # explicit pairs
 
 Matching and the endpoints' statistics are measured once (``prepare_merge``); each setting then runs only
 the least-squares pass (``finish_merge`` with the options replaced). Calibration: the same fixed random
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=2000)
     p.add_argument("--ridge", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     p.add_argument("--positions", nargs="+", default=["64", "256", "all"])
+    p.add_argument("--settings", nargs="*", default=None,
+                   help="explicit ridge:positions pairs (e.g. 1e-3:64 1e-2:all) instead of the product")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -53,7 +56,9 @@ def main(argv=None) -> int:
     rep = finish_merge(dataclasses.replace(prepared, opts=dataclasses.replace(prepared.opts, repair="repair")),
                        [0.5, 0.5])
     print(f"REPAIR: {100 * evaluate(rep, test)['acc']:.2f}%", flush=True)
-    for ridge, pos in itertools.product(args.ridge, args.positions):
+    settings = ([(float(r), q) for r, q in (x.split(":") for x in args.settings)] if args.settings
+                else list(itertools.product(args.ridge, args.positions)))
+    for ridge, pos in settings:
         opts = dataclasses.replace(prepared.opts, lsq_ridge=ridge, lsq_positions=None if pos == "all" else int(pos))
         t0 = time.process_time()
         merged = finish_merge(dataclasses.replace(prepared, opts=opts), [0.5, 0.5])

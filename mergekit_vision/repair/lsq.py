@@ -141,7 +141,8 @@ def patches(x: torch.Tensor, y: torch.Tensor, module: nn.Module, kind: str, posi
     """The regressors and targets of one batch, ``(groups, rows, dim)`` and ``(groups, rows, out)``:
     im2col patches of the layer input ``x`` (stride, padding, dilation, groups of ``module``) and the
     target ``y`` at the same output positions; ``positions``: at most this many output positions
-    per image, the same random ones for the whole batch (``gen``)."""
+    per image, the same random ones for the whole batch (``gen``). Only the sampled positions' patches
+    are gathered (one strided gather per kernel tap), not every position's."""
     lay = patch_layout(module, kind)
     if kind == "bn" or isinstance(module, nn.Linear):
         c = x.shape[1] if kind == "bn" else x.shape[-1]
@@ -158,18 +159,28 @@ def patches(x: torch.Tensor, y: torch.Tensor, module: nn.Module, kind: str, posi
         xp = xp.unsqueeze(2)
     else:
         k, dil, st = module.kernel_size, module.dilation, module.stride
-    cols = F.unfold(xp, k, dilation=dil, padding=0, stride=st)  # (N, C*k, L)
-    length = cols.shape[-1]
+    out_hw = [(xp.shape[2 + a] - dil[a] * (k[a] - 1) - 1) // st[a] + 1 for a in range(2)]
+    length = out_hw[0] * out_hw[1]
     yl = y.reshape(n, y.shape[1], -1)
     if yl.shape[-1] != length:
         raise RuntimeError(f"im2col gives {length} positions where the layer has {yl.shape[-1]}")
     idx = _positions(length, positions, gen)
-    if idx is not None:
-        cols, yl = cols[:, :, idx], yl[:, :, idx]
-    ln = cols.shape[-1]
-    xs = cols.reshape(n, lay.groups, lay.dim, ln).permute(1, 0, 3, 2).reshape(lay.groups, n * ln, lay.dim)
-    ys = yl.reshape(n, lay.groups, lay.out, ln).permute(1, 0, 3, 2).reshape(lay.groups, n * ln, lay.out)
-    return xs, ys
+    if idx is None:
+        idx = torch.arange(length)
+    else:
+        yl = yl[:, :, idx.to(yl.device)]
+    idx = idx.to(x.device)
+    oi, oj = idx // out_hw[1], idx % out_hw[1]
+    ln = idx.numel()
+    xl = xp.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): each gather below reads whole channel rows
+    taps = [xl[:, oi * st[0] + ki * dil[0], oj * st[1] + kj * dil[1]] for ki in range(k[0]) for kj in range(k[1])]
+    cols = torch.stack(taps, 2)  # (N, positions, taps, C): patch entry tap * C_group + c (see layer_map)
+    cg = module.in_channels // lay.groups
+    ys = yl.transpose(1, 2).reshape(n * ln, lay.groups, lay.out)
+    if lay.groups == 1:
+        return cols.view(1, n * ln, lay.dim), ys.reshape(1, n * ln, lay.out)
+    xs = cols.view(n * ln, len(taps), lay.groups, cg).permute(2, 0, 1, 3).reshape(lay.groups, n * ln, lay.dim)
+    return xs, ys.transpose(0, 1).contiguous()
 
 
 @dataclass
@@ -185,10 +196,26 @@ class LsqStats:
     rows: int = 0
 
     def observe(self, xs: torch.Tensor, ys: torch.Tensor) -> "LsqStats":
-        xs, ys = xs.detach().double(), ys.detach().double()
-        xt = torch.cat([xs, torch.ones_like(xs[..., :1])], -1)
-        g, h = xt.transpose(1, 2) @ xt, xt.transpose(1, 2) @ ys
-        yy, s = ys.pow(2).sum(1), ys.sum(1)
+        """Add one batch: its products are formed in the activations' precision (at least float32)
+        *about the batch's own means* and pooled in float64, as the channel moments are
+        (match/stats.py), so a large mean costs no precision."""
+        xs, ys = xs.detach(), ys.detach()
+        if xs.dtype not in (torch.float32, torch.float64):
+            xs, ys = xs.float(), ys.float()
+        r = xs.shape[1]
+        mx, my = xs.mean(1, keepdim=True), ys.mean(1, keepdim=True)
+        xc, yc = xs - mx, ys - my
+        f64 = torch.float64
+        cxx, cxy = (xc.transpose(1, 2) @ xc).to(f64), (xc.transpose(1, 2) @ yc).to(f64)
+        mx, my = mx.to(f64), my.to(f64)
+        groups, d = xs.shape[0], xs.shape[2]
+        g = torch.empty(groups, d + 1, d + 1, dtype=f64, device=xs.device)
+        g[:, :d, :d] = cxx + r * mx.transpose(1, 2) @ mx
+        g[:, :d, d] = g[:, d, :d] = r * mx[:, 0]
+        g[:, d, d] = r
+        h = torch.cat([cxy + r * mx.transpose(1, 2) @ my, r * my], 1)
+        yy = yc.pow(2).sum(1).to(f64) + r * my[:, 0].pow(2)
+        s = r * my[:, 0]
         if self.g is None:
             self.g, self.h, self.yy, self.ys = g, h, yy, s
         else:
@@ -196,7 +223,7 @@ class LsqStats:
             self.h += h
             self.yy += yy
             self.ys += s
-        self.rows += xs.shape[1]
+        self.rows += r
         return self
 
     def __add__(self, other: "LsqStats") -> "LsqStats":
@@ -280,7 +307,9 @@ def layer_map(module: nn.Module, kind: str, bn: Optional[nn.Module] = None) -> t
     if kind == "bn":
         s, t = _bn_scale_shift(module)
         return torch.stack([s, t], -1).unsqueeze(-1)  # (C, 2, 1)
-    wt = module.weight.detach().double().reshape(lay.groups, lay.out, lay.dim)
+    w = module.weight.detach().double()
+    # (out, C_group, taps) -> (out, taps, C_group): the patch order of ``patches``
+    wt = w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 2).reshape(lay.groups, lay.out, lay.dim)
     b = module.bias.detach().double() if module.bias is not None else torch.zeros(
         module.weight.shape[0], dtype=torch.float64, device=module.weight.device)
     if bn is not None:
@@ -295,11 +324,13 @@ def fold_map(module: nn.Module, w: torch.Tensor, scale: Optional[torch.Tensor] =
     """Write the map ``w`` (groups, d + 1, out) into a conv/linear in place, divided per output
     channel by ``scale`` (a BatchNorm after it will multiply it back). The bias row goes into the
     layer's bias when it has one; otherwise it must be zero (the caller folds it elsewhere)."""
-    wt = w[:, :-1].transpose(1, 2).reshape(module.weight.shape[0], -1)
+    shape = module.weight.shape
+    taps = math.prod(shape[2:]) if len(shape) > 2 else 1
+    wt = w[:, :-1].transpose(1, 2).reshape(shape[0], taps, shape[1]).transpose(1, 2)  # (out, C_group, taps)
     b = w[:, -1].reshape(-1)
     if scale is not None:
-        wt = wt / scale.view(-1, 1)
-    module.weight.copy_(wt.reshape(module.weight.shape).to(module.weight.dtype))
+        wt = wt / scale.view(-1, 1, 1)
+    module.weight.copy_(wt.reshape(shape).to(module.weight.dtype))
     if module.bias is not None:
         module.bias.copy_((b if scale is None else torch.zeros_like(b)).to(module.bias.dtype))
 
