@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                    help="model:pixels:images (model: a mergekit_vision model, or timm_<name>)")
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--positions", default="256", help="lsq_positions (an int, or 'all')")
+    p.add_argument("--positions", default="64", help="lsq_positions (an int, or 'all')")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -149,7 +149,7 @@ def merge_many(
     taps: str = "all",
     fold_stream: bool = True,
     lsq_ridge: float = 1e-3,
-    lsq_positions: Optional[int] = 256,
+    lsq_positions: Optional[int] = 64,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``models`` into one coordinate system, average them with ``weights`` and REPAIR the result.
 
@@ -216,7 +216,7 @@ def merge(
     taps: str = "all",
     collect: Optional[Collect] = None,
     lsq_ridge: float = 1e-3,
-    lsq_positions: Optional[int] = 256,
+    lsq_positions: Optional[int] = 64,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result: the two-model
     call of :func:`merge_many` (weights ``[1 - alpha, alpha]``, reference ``model_a``).

@@ -80,7 +80,7 @@ class MergeOptions:
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD
     taps: str = "all"
     lsq_ridge: float = 1e-3
-    lsq_positions: Optional[int] = 256
+    lsq_positions: Optional[int] = 64
 
     @classmethod
     def create(cls, *, repair: Union[bool, str, None] = True, **kwargs) -> "MergeOptions":

@@ -249,7 +249,7 @@ def test_config_and_curve_accept_lsq(tmp_path):
     base = {"models": [{"model": "resnet20", "pretrained": True}] * 2, "calibration": {"path": str(data)}}
     cfg = MergeConfig.model_validate({**base, "repair": "lsq", "lsq_ridge": 1e-2, "lsq_positions": None})
     assert (cfg.repair, cfg.lsq_ridge, cfg.lsq_positions) == ("lsq", 1e-2, None) and MODES["lsq"] == (True, "lsq")
-    assert MergeConfig.model_validate(base).lsq_positions == 256
+    assert MergeConfig.model_validate(base).lsq_positions == 64
     for bad in ({"lsq_ridge": -1}, {"lsq_positions": 0}):
         with pytest.raises(ValidationError, match="lsq_"):
             MergeConfig.model_validate({**base, **bad})
