@@ -185,7 +185,8 @@ def interpolation_curve(
     Modes: "naive" (plain average, no matching), "aligned" (B matched to A once with ``method``,
     the permutation reused at every alpha), "reset" (aligned + BatchNorm statistics re-estimated;
     skipped, with a note, when the models have no BatchNorm), "repair" (aligned + REPAIR), and, on
-    request, "stream" (aligned + REPAIR with residual-stream corrections, ``merge(repair="stream")``).
+    request, "stream" (aligned + REPAIR with residual-stream corrections, ``merge(repair="stream")``)
+    and "lsq" (aligned + least-squares repair, ``merge(repair="lsq")``).
     ``eval_loader``: labelled data (as :func:`mergekit_vision.training.evaluate` takes it), cut to
     ``max_samples``. ``calib_loader``: data for matching and REPAIR/RESET statistics, cut to
     ``calib_samples``; None uses the evaluation inputs (transductive: pass training data for a

@@ -160,8 +160,9 @@ def merge_many(
     (weights: Git Re-Basin's MergeMany; activations: the pairwise correlations of all models, measured
     in the one statistics pass), stopping when a sweep changes no assignment. Default (None): up to
     :data:`DEFAULT_SWEEPS` sweeps, better than star in the measurements of docs/recipes/merge_many.md and
-    far less sensitive to the choice of reference. ``method``, ``repair`` (also "stream") and the rest as
-    for :func:`merge`; REPAIR's targets are ``sum_k w_k * stat_k`` for means and standard deviations.
+    far less sensitive to the choice of reference. ``method``, ``repair`` (also "stream" and "lsq") and the
+    rest as for :func:`merge`; REPAIR's targets are ``sum_k w_k * stat_k`` for means and standard deviations,
+    least squares' ``sum_k w_k * y_k`` of the aligned models' values.
     ``collect``: where the statistics come from (default: passes over ``calib_loader``); see
     :class:`~mergekit_vision.calibration.LocalCollector`, :func:`mergekit_vision.distributed.merge_many_distributed`
     and :mod:`mergekit_vision.recipes.flower`. ``example``: an input batch to trace with when no

@@ -102,8 +102,8 @@ def find_lsq_sites(gm: fx.GraphModule) -> Tuple[List[LsqSite], Dict[str, str]]:
         elif is_batchnorm(m) and n.name not in composed:
             if _bn_foldable(m) and calls[n.target] == 1 and single_input:
                 sites.append(LsqSite(n.name, n.target, n.name, "bn", None, True))
-            elif is_batchnorm(m):
-                skipped[n.target] = "BatchNorm without affine or running statistics: left as it is"
+            else:
+                skipped[n.target] = "BatchNorm without affine or running statistics, or called more than once: left as it is"
     return sites, skipped
 
 
