@@ -8,7 +8,8 @@ RESULT: see docs/results.md ("Barriers"): the tables and plots there were produc
 For each configuration with at least two cached seeds, each pair of seeds (first two by default, all
 with --all-pairs): ``mergekit_vision.evaluate.interpolation_curve`` on the CIFAR-10 test set, modes
 naive / aligned / aligned + RESET / aligned + REPAIR / aligned + REPAIR with residual-stream
-corrections (``repair="stream"``), matching and statistics on ``--calib`` training
+corrections (``repair="stream"``) and, on request (``--modes ... lsq``), aligned + least-squares
+repair (``repair="lsq"``), matching and statistics on ``--calib`` training
 images (a fixed random subset, no augmentation). Writes ``{out}/barriers.md`` (the table),
 ``{out}/barriers.json`` (every curve) and ``{out}/img/{config}_s{a}_s{b}.png``.
 Barrier = mean endpoint accuracy minus midpoint accuracy; reduction = 1 - barrier(REPAIR) / barrier(aligned).
@@ -68,8 +69,8 @@ def _pm(values, scale=100.0, fmt="{:.1f}") -> str:
     return fmt.format(mean) + " ± " + fmt.format(statistics.pstdev(values) * scale)
 
 
-CORRECTED = ("reset", "repair", "stream")
-TITLES = {"reset": "+ RESET", "repair": "+ REPAIR", "stream": "+ REPAIR (streams)"}
+CORRECTED = ("reset", "repair", "stream", "lsq")
+TITLES = {"reset": "+ RESET", "repair": "+ REPAIR", "stream": "+ REPAIR (streams)", "lsq": "+ least squares"}
 
 
 def summarize(config, curves) -> dict:

@@ -35,6 +35,7 @@ MODES: Dict[str, Tuple[bool, Union[bool, str]]] = {
     "aligned": (True, False),
     "reset": (True, "reset"),
     "repair": (True, True),
+    "lsq": (True, "lsq"),  # least-squares repair (docs/merge.md); not in the default modes
     "stream": (True, "stream"),  # REPAIR plus a correction on every residual add; not in the default modes
 }
 LABELS = {"naive": "naive average", "aligned": "aligned", "reset": "aligned + RESET", "repair": "aligned + REPAIR",
@@ -203,7 +204,8 @@ def interpolation_curve(
     Modes: "naive" (plain average, no matching), "aligned" (B matched to A once with ``method``,
     the permutation reused at every alpha), "reset" (aligned + BatchNorm statistics re-estimated;
     skipped, with a note, when the models have no BatchNorm), "repair" (aligned + REPAIR), and, on
-    request, "stream" (aligned + REPAIR with residual-stream corrections, ``merge(repair="stream")``).
+    request, "stream" (aligned + REPAIR with residual-stream corrections, ``merge(repair="stream")``)
+    and "lsq" (aligned + least-squares repair, ``merge(repair="lsq")``).
     ``eval_loader``: labelled data (as :func:`mergekit_vision.training.evaluate` takes it), cut to
     ``max_samples``. ``calib_loader``: data for matching and REPAIR/RESET statistics, cut to
     ``calib_samples``; None uses the evaluation inputs (transductive: pass training data for a

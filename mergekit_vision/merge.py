@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .calibration import (CalibrationPlan, Collect, LocalCollector, Statistics, StatisticsRequest, input_scale_hint,
-                          plan_calibration, timed)
+from .calibration import (CalibrationPlan, Collect, LocalCollector, Statistics, StatisticsRequest, calibration_batches,
+                          input_scale_hint, plan_calibration, timed)
 from .data import check_reiterable, iter_inputs
 from .errors import ArchitectureMismatchError, ConfigError, DataError, NumericalError
 from .interpolate import weighted_average
@@ -32,6 +32,7 @@ from .match.many import (DEFAULT_SWEEPS, IDENTITY_TOL, activation_sweeps, in_ref
 from .options import METHODS, REPAIR_MODES, MergeOptions
 from .permute import permute_state_dict
 from .repair import fuse_corrections, repair_targets, with_affines
+from .repair.lsq import find_lsq_sites, lsq_pass, warn_underdetermined
 from .report import GroupReport, MergeReport, SiteReport
 from .spec import PermutationSpec
 
@@ -148,6 +149,8 @@ def merge_many(
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
     taps: str = "all",
     fold_stream: bool = True,
+    lsq_ridge: float = 1e-3,
+    lsq_positions: Optional[int] = 64,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``models`` into one coordinate system, average them with ``weights`` and REPAIR the result.
 
@@ -158,8 +161,9 @@ def merge_many(
     (weights: Git Re-Basin's MergeMany; activations: the pairwise correlations of all models, measured
     in the one statistics pass), stopping when a sweep changes no assignment. Default (None): up to
     :data:`DEFAULT_SWEEPS` sweeps, better than star in the measurements of docs/recipes/merge_many.md and
-    far less sensitive to the choice of reference. ``method``, ``repair`` (also "stream") and the rest as
-    for :func:`merge`; REPAIR's targets are ``sum_k w_k * stat_k`` for means and standard deviations.
+    far less sensitive to the choice of reference. ``method``, ``repair`` (also "stream" and "lsq") and the
+    rest as for :func:`merge`; REPAIR's targets are ``sum_k w_k * stat_k`` for means and standard deviations,
+    least squares' ``sum_k w_k * y_k`` of the aligned models' values.
     ``collect``: where the statistics come from (default: passes over ``calib_loader``); see
     :class:`~mergekit_vision.calibration.LocalCollector`, :func:`mergekit_vision.distributed.merge_many_distributed`
     and :mod:`mergekit_vision.recipes.flower`. ``example``: an input batch to trace with when no
@@ -179,7 +183,8 @@ def merge_many(
         method=method, repair=repair, iterations=DEFAULT_SWEEPS if iterations is None else iterations,
         max_batches=max_batches, max_samples=max_samples, progress=progress, leaf_modules=leaf_modules,
         weight_iters=weight_iters, weight_tol=weight_tol, seed=seed, diagnostic_batches=diagnostic_batches,
-        fold_stream=fold_stream, lineage_threshold=lineage_threshold, taps=taps)
+        fold_stream=fold_stream, lineage_threshold=lineage_threshold, taps=taps, lsq_ridge=lsq_ridge,
+        lsq_positions=lsq_positions)
     w = _normalized_weights(weights, len(models))
     ref = 0 if reference is None else reference
     if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(models):
@@ -212,6 +217,8 @@ def merge(
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
     taps: str = "all",
     collect: Optional[Collect] = None,
+    lsq_ridge: float = 1e-3,
+    lsq_positions: Optional[int] = 64,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result: the two-model
     call of :func:`merge_many` (weights ``[1 - alpha, alpha]``, reference ``model_a``).
@@ -228,7 +235,12 @@ def merge(
     conv used only by the add (projection shortcuts); otherwise (identity shortcuts) it is kept as an
     explicit ``ChannelAffine`` module and the result is a ``torch.fx.GraphModule`` with those extra
     modules (``fold_stream=False`` keeps every stream correction explicit). The default, "repair",
-    always returns exactly ``model_a``'s architecture. Models wrapped in ``nn.DataParallel``,
+    always returns exactly ``model_a``'s architecture. ``repair="lsq"``: least-squares repair, every
+    conv/linear layer (with the BatchNorm after it) refit in graph order, by ridge regression on the
+    merged net's own inputs, to the interpolated endpoints' values (docs/merge.md); ``lsq_ridge`` is the
+    ridge strength relative to each layer's mean input energy, ``lsq_positions`` the output positions per
+    image each fit samples (None: all). It keeps ``model_a``'s architecture and needs ``calib_loader``
+    (not ``collect=``). Models wrapped in ``nn.DataParallel``,
     ``DistributedDataParallel`` or ``torch.compile`` are merged as the models inside (``.module``,
     ``._orig_mod``; the wrappers are left as they are): the result is the inner architecture,
     neither wrapped nor compiled.
@@ -250,7 +262,7 @@ def merge(
         method=method, repair=repair, iterations=0, max_batches=max_batches, max_samples=max_samples,
         progress=progress, leaf_modules=leaf_modules, weight_iters=weight_iters, weight_tol=weight_tol, seed=seed,
         diagnostic_batches=diagnostic_batches, fold_stream=fold_stream, lineage_threshold=lineage_threshold,
-        taps=taps)
+        taps=taps, lsq_ridge=lsq_ridge, lsq_positions=lsq_positions)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
     alpha = float(alpha)
@@ -335,6 +347,10 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
     ms = [copy.deepcopy(m).to(work).eval() for m in models]  # never touch the inputs
     gather = collect or LocalCollector(calib_loader, max_batches=opts.max_batches, max_samples=opts.max_samples,
                                        device=work, progress=opts.progress)
+    if mode == "lsq" and not isinstance(gather, LocalCollector):
+        raise ConfigError("repair='lsq' walks the calibration batches themselves and needs a local calib_loader "
+                          "(or a LocalCollector as collect=); with other collect functions (all-reduce, Flower) "
+                          "use repair='repair'")
 
     # ---- plan: trace once ------------------------------------------------------------------
     with timed(timings, "trace"):
@@ -446,7 +462,15 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
         merged.eval()
 
     # ---- repair: targets sum_k w_k stat_k, correction pass, fuse ----------------------------------
-    if plan.sites:
+    if mode == "lsq":
+        targets = repair_targets(plan.sites, stats, perms, w) if plan.sites else {}
+        raw = copy.deepcopy(merged) if opts.diagnostic_batches and plan.sites else None
+        with timed(timings, "pass_lsq"):
+            _lsq_repair(p, merged, aligned, w, report)
+        if raw is not None:
+            _variance_diagnostic(gather, plan, raw, merged, targets, {}, opts, report, timings)
+            del raw
+    elif plan.sites:
         targets = repair_targets(plan.sites, stats, perms, w) if opts.mode.needs_targets else {}
         with timed(timings, "pass_repair"):
             measured = gather([merged], plan, StatisticsRequest(correction=True, targets=targets or None))
@@ -459,17 +483,7 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
                 mode, opts.fold_stream)
         report.sites = {s.node: SiteReport(kind=s.kind, module=s.module, note=site_notes[s.node]) for s in plan.sites}
         if raw is not None:
-            # the uncorrected average next to the fused one, on a few batches: the variance-collapse diagnostic
-            with timed(timings, "diagnostics"):
-                diag = gather([raw, merged], plan, StatisticsRequest(
-                    sites=True, max_batches=opts.diagnostic_batches,
-                    affines={n: (a, c) for n, (a, c, _) in explicit.items()} or None))
-            for s in plan.sites:
-                tv = targets[s.node].std.pow(2).clamp_min(1e-12)
-                for k, attr in ((0, "var_ratio_before"), (1, "var_ratio_after")):
-                    got = diag.channels.get((s.node, k))
-                    if got is not None and got.n:
-                        setattr(report.sites[s.node], attr, float((got.var / tv).mean()))
+            _variance_diagnostic(gather, plan, raw, merged, targets, explicit, opts, report, timings)
             del raw
         if explicit:
             merged = with_affines(merged, plan.gm, explicit)
@@ -483,6 +497,63 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
 
 
 # ---- stages ---------------------------------------------------------------------------------
+def _variance_diagnostic(gather, plan, raw, merged, targets, explicit, opts, report, timings) -> None:
+    """The uncorrected average next to the fused one, on a few batches: the variance-collapse diagnostic."""
+    with timed(timings, "diagnostics"):
+        diag = gather([raw, merged], plan, StatisticsRequest(
+            sites=True, max_batches=opts.diagnostic_batches,
+            affines={n: (a, c) for n, (a, c, _) in explicit.items()} or None))
+    for s in plan.sites:
+        tv = targets[s.node].std.pow(2).clamp_min(1e-12)
+        site = report.sites.setdefault(s.node, SiteReport(kind=s.kind, module=s.module))
+        for k, attr in ((0, "var_ratio_before"), (1, "var_ratio_after")):
+            got = diag.channels.get((s.node, k))
+            if got is not None and got.n:
+                setattr(site, attr, float((got.var / tv).mean()))
+
+
+def _lsq_repair(p: PreparedMerge, merged: nn.Module, aligned: List[Dict[str, torch.Tensor]], w: List[float],
+                report: MergeReport) -> None:
+    """Least-squares repair of ``merged`` in place (repair/lsq.py): one walk over the calibration batches
+    with the aligned endpoints of nonzero weight and the merged net; the fits go into the report."""
+    opts, gather, ref = p.opts, p.gather, p.reference
+    ends, ws = [], []
+    for k, (sd, wk) in enumerate(zip(aligned, w)):
+        if wk == 0:
+            continue
+        if k == ref:
+            ends.append(p.models[ref])  # its aligned state dict is its own
+        else:
+            m = copy.deepcopy(p.models[ref])
+            m.load_state_dict(sd)
+            ends.append(m.eval())
+        ws.append(wk)
+    kw = gather.kwargs
+    dt = dtype_of(merged)
+    dev = next(iter(merged.parameters())).device
+    batches = list(calibration_batches(gather.loader, max_batches=kw["max_batches"], max_samples=kw["max_samples"],
+                                       device=dev, dtype=dt, desc="least-squares repair", progress=kw["progress"]))
+    sites, skipped = find_lsq_sites(p.plan.gm)
+    res = lsq_pass(merged, ends, ws, p.plan.gm, batches, ridge=opts.lsq_ridge, positions=opts.lsq_positions,
+                   seed=opts.seed, sites=sites)
+    del batches, ends
+    report.calibration_samples = max(report.calibration_samples, res.samples)
+    thin = warn_underdetermined(res.fits, sites, res.samples)
+    for s in sites:
+        f = res.fits[s.value]
+        note = None
+        if f.rows < f.dim:
+            note = f"under-determined: {f.rows} patches for {f.dim} unknowns per group (regularized)"
+        if f.jitter:
+            note = (note + "; " if note else "") + f"singular system: extra diagonal {f.jitter:g} x mean(diag G)"
+        site = report.sites.setdefault(s.value, SiteReport(kind=s.kind if s.bn is None else "bn", module=s.module))
+        site.module = s.module
+        site.residual_before, site.residual_after, site.note = f.residual_before, f.residual_after, note
+    for module, why in skipped.items():
+        logger.info("least-squares repair: %s %s", module, why)
+    del thin
+
+
 def _normalized_weights(weights: Optional[Sequence[float]], k: int) -> List[float]:
     if weights is None:
         return [1.0 / k] * k

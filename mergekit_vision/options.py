@@ -36,6 +36,8 @@ REPAIRS: Dict[str, RepairMode] = {r.name: r for r in (
     RepairMode("repair", "repair", True, "renormalize every BatchNorm and unnormalized conv/linear output"),
     RepairMode("reset", "reset", False, "re-estimate BatchNorm statistics only (RESET)"),
     RepairMode("stream", "stream", True, "as repair, plus a correction on every residual add"),
+    RepairMode("lsq", "repair", True, "refit every conv/linear layer (and its BatchNorm) by least squares to "
+               "the interpolated endpoints' values, layer after layer on the merged net's own inputs"),
     RepairMode("none", "", False, "no correction"),
 )}
 METHODS: Tuple[str, ...] = tuple(MATCHERS)
@@ -77,6 +79,8 @@ class MergeOptions:
     fold_stream: bool = True
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD
     taps: str = "all"
+    lsq_ridge: float = 1e-3
+    lsq_positions: Optional[int] = 64
 
     @classmethod
     def create(cls, *, repair: Union[bool, str, None] = True, **kwargs) -> MergeOptions:
@@ -88,6 +92,14 @@ class MergeOptions:
         if isinstance(wt, bool) or not isinstance(wt, (int, float)) or not wt >= 0:
             raise ConfigError(f"weight_tol must be a number >= 0 (0: run weight matching to a fixed point), "
                               f"got {wt!r}")
+        lr = opts.lsq_ridge
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < float("inf"):
+            raise ConfigError(f"lsq_ridge must be a finite number >= 0 (the ridge strength relative to the mean "
+                              f"diagonal of each layer's Gram matrix; default 1e-3), got {lr!r}")
+        lp = opts.lsq_positions
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or lp < 1):
+            raise ConfigError(f"lsq_positions must be an int >= 1 (output positions per image used by each "
+                              f"least-squares fit) or None (every position), got {lp!r}")
         it = opts.iterations
         if isinstance(it, bool) or not isinstance(it, int) or it < 0:
             raise ConfigError(f"iterations must be an int >= 0 (0: star alignment), got {it!r}")

@@ -23,6 +23,8 @@ class SiteReport:
     var_ratio_before: Optional[float] = None  # mean over channels of var(merged) / target var, no REPAIR
     var_ratio_after: Optional[float] = None   # the same after REPAIR, measured on the fused model
     note: Optional[str] = None
+    residual_before: Optional[float] = None   # repair="lsq": |XW - Y|^2 / |Y - mean Y|^2 of the averaged map
+    residual_after: Optional[float] = None    # the same for the fitted map (merged net's own inputs X)
 
 
 def summary_tail(sites: Dict[str, SiteReport], timings: Dict[str, float]) -> List[str]:
@@ -34,6 +36,10 @@ def summary_tail(sites: Dict[str, SiteReport], timings: Dict[str, float]) -> Lis
         lines.append(f"  variance ratio merged/target over {len(before)} sites: before REPAIR "
                      f"{sum(before) / len(before):.3f}, min {min(before):.3f}"
                      + (f"; after {sum(after) / len(after):.3f}" if after else ""))
+    res = [(s.residual_before, s.residual_after) for s in sites.values() if s.residual_after is not None]
+    if res:
+        lines.append(f"  least-squares fits over {len(res)} layers: relative residual before "
+                     f"{sum(r[0] for r in res) / len(res):.3f}, after {sum(r[1] for r in res) / len(res):.3f} (mean)")
     if timings:
         lines.append("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     return lines

@@ -11,6 +11,7 @@ from mergekit_vision.errors import ArchitectureMismatchError, ConfigError, DataE
 from mergekit_vision.merge_many import Statistics, collect_statistics, plan_calibration
 from mergekit_vision.models import create_model, tiny_resnet
 from mergekit_vision.testing import randomize_model
+from mergekit_vision.options import REPAIR_MODES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,7 +193,7 @@ def test_errors_name_the_problem():
         merge_many([a, b], [x], iterations=-1, progress=False)
     with pytest.raises(ConfigError, match="unknown method"):
         merge_many([a, b], [x], method="zip", progress=False)
-    with pytest.raises(ConfigError, match="unknown repair mode 'flow'; valid: repair, reset, stream, none"):
+    with pytest.raises(ConfigError, match=f"unknown repair mode 'flow'; valid: {', '.join(REPAIR_MODES)}"):
         merge_many([a, b], [x], repair="flow", progress=False)
     with pytest.raises(DataError, match="calibration data"):
         merge_many([a, b], progress=False)

@@ -244,6 +244,8 @@ class MergeConfig(_Strict):
     method: str = "activation"
     alpha: float = 0.5
     repair: str = "repair"
+    lsq_ridge: float = Field(1e-3, ge=0.0, allow_inf_nan=False)
+    lsq_positions: Optional[int] = Field(64, ge=1)
     taps: str = "all"
     weight_tol: float = Field(WEIGHT_TOL, ge=0.0)
     lineage_threshold: Optional[float] = Field(LINEAGE_THRESHOLD, ge=-1.0, le=1.0)

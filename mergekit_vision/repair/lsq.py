@@ -1,0 +1,512 @@
+"""Least-squares repair: refit every conv/linear layer of the merged network, in graph order, so that
+on the calibration data it reproduces the interpolation of the aligned endpoints' values there.
+
+For each *fit* (a conv/linear layer, composed with the BatchNorm right after it when there is one; a
+BatchNorm on some other input, per channel) the target is ``sum_k w_k y_k``, each aligned endpoint k
+run on its own inputs, and the regressor is the merged network's own input to the layer, with every
+earlier layer already refit. The layer's affine map is the ridge solution
+
+    W = (G + lam * mean(diag G) * I)^-1 (H + lam * mean(diag G) * W0)
+
+from streamed float64 sufficient statistics over im2col patches with a bias column, ``G = sum x x^T``
+and ``H = sum x y^T`` (positions optionally subsampled), shrunk towards ``W0``, the averaged network's
+own map (so a merge of a model with itself is that model for every ``lam``); grouped and depthwise
+convolutions solve one block per group. The map is folded back into the layer (and its BatchNorm,
+train-consistently: running statistics = the statistics of the layer's new output on the calibration
+data), so the result keeps the architecture and state-dict keys.
+
+The walk runs node by node over *all* calibration batches at once (:func:`lsq_pass`): each model's
+values of every batch are kept until their last use, so the whole repair costs one forward pass of
+each model plus the solves, at the memory of the widest frontier times the calibration set.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CalibrationWarning
+from ..ops import is_batchnorm
+from .sites import bn_eval
+
+__all__ = ["LsqSite", "LsqStats", "LsqFit", "find_lsq_sites", "layer_map", "patch_layout", "patches",
+           "ridge_solve", "relative_residual", "fold_map", "fold_bn_fit", "lsq_pass"]
+
+_TINY = 1e-12
+_FIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class LsqSite:
+    """One fit: ``node`` (a conv/linear call, or a BatchNorm fitted per channel) whose input is the
+    regressor; ``value``: the node whose value is the target (``node`` or the BatchNorm after it)."""
+
+    node: str
+    module: str
+    value: str
+    kind: str                  # "conv", "linear" or "bn" (a BatchNorm per channel, on its own input)
+    bn: Optional[str] = None   # the BatchNorm composed with the conv/linear (its module path)
+    bias: bool = True          # the fitted map has a shift (False: a layer without bias and no norm after it)
+
+
+def _plain_forward(m: nn.Module) -> bool:
+    """A conv/linear whose forward is torch's own (timm's Conv2dSame, weight-standardized convs are not)."""
+    base = next((t for t in _FIT_TYPES if isinstance(m, t)), None)
+    return base is not None and type(m).forward is base.forward
+
+
+def _bn_foldable(m: nn.Module) -> bool:
+    return (is_batchnorm(m) and type(m).__name__.startswith("BatchNorm") and m.weight is not None
+            and m.bias is not None and getattr(m, "running_mean", None) is not None)
+
+
+def find_lsq_sites(gm: fx.GraphModule) -> Tuple[List[LsqSite], Dict[str, str]]:
+    """Every fit of the graph in graph order, and the layers left at the average with why."""
+    modules = dict(gm.named_modules())
+    calls: Dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    sites: List[LsqSite] = []
+    skipped: Dict[str, str] = {}
+    composed = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_module":
+            continue
+        m = modules[n.target]
+        single_input = len(n.args) == 1 and isinstance(n.args[0], fx.Node) and not n.kwargs
+        if isinstance(m, _FIT_TYPES):
+            if not _plain_forward(m):
+                skipped[n.target] = f"{type(m).__name__} has its own forward: left at the average"
+                continue
+            if calls[n.target] > 1 or not single_input:
+                skipped[n.target] = "called more than once or with extra arguments: left at the average"
+                continue
+            users = list(n.users)
+            bn = None
+            if len(users) == 1 and users[0].op == "call_module" and users[0].args[:1] == (n,):
+                u = modules[users[0].target]
+                if _bn_foldable(u) and calls[users[0].target] == 1:
+                    bn = users[0]
+            kind = "linear" if isinstance(m, nn.Linear) else "conv"
+            if bn is not None:
+                sites.append(LsqSite(n.name, n.target, bn.name, kind, bn.target, True))
+                composed.add(bn.name)
+            else:
+                sites.append(LsqSite(n.name, n.target, n.name, kind, None, m.bias is not None))
+        elif is_batchnorm(m) and n.name not in composed:
+            if _bn_foldable(m) and calls[n.target] == 1 and single_input:
+                sites.append(LsqSite(n.name, n.target, n.name, "bn", None, True))
+            else:
+                skipped[n.target] = ("BatchNorm without affine or running statistics, or called more than once: "
+                                     "left as it is")
+    return sites, skipped
+
+
+# ---- layouts: a layer's input as patches, its map as a (groups, d + 1, out per group) tensor ----
+@dataclass(frozen=True)
+class Layout:
+    groups: int
+    dim: int      # patch dimension per group, without the bias column
+    out: int      # output channels per group
+
+
+def patch_layout(module: nn.Module, kind: str) -> Layout:
+    if kind == "bn":
+        return Layout(module.num_features, 1, 1)
+    if isinstance(module, nn.Linear):
+        return Layout(1, module.in_features, module.out_features)
+    g = module.groups
+    k = math.prod(module.kernel_size)
+    return Layout(g, module.in_channels // g * k, module.out_channels // g)
+
+
+def _as_2d(module: nn.Conv1d):
+    """A Conv1d's geometry as Conv2d's over (1, L)."""
+    return (1,) + tuple(module.kernel_size), (1,) + tuple(module.dilation), (1,) + tuple(module.stride)
+
+
+def _positions(total: int, keep: Optional[int], gen: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+    if keep is None or keep >= total:
+        return None
+    return torch.randperm(total, generator=gen)[:keep].sort().values
+
+
+def patches(x: torch.Tensor, y: torch.Tensor, module: nn.Module, kind: str, positions: Optional[int] = None,
+            gen: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The regressors and targets of one batch, ``(groups, rows, dim)`` and ``(groups, rows, out)``:
+    im2col patches of the layer input ``x`` (stride, padding, dilation, groups of ``module``) and the
+    target ``y`` at the same output positions; ``positions``: at most this many output positions
+    per image, the same random ones for the whole batch (``gen``). Only the sampled positions' patches
+    are gathered (one strided gather per kernel tap), not every position's."""
+    lay = patch_layout(module, kind)
+    if kind == "bn" or isinstance(module, nn.Linear):
+        c = x.shape[1] if kind == "bn" else x.shape[-1]
+        xs = (x.movedim(1, -1) if kind == "bn" else x).reshape(-1, c)
+        ys = (y.movedim(1, -1) if kind == "bn" else y).reshape(-1, y.shape[1] if kind == "bn" else y.shape[-1])
+        if kind == "bn":  # one "group" per channel, one input per group
+            return xs.t().unsqueeze(-1), ys.t().unsqueeze(-1)
+        return xs.unsqueeze(0), ys.unsqueeze(0)
+    n = x.shape[0]
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    xp = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    if isinstance(module, nn.Conv1d):
+        k, dil, st = _as_2d(module)
+        xp = xp.unsqueeze(2)
+    else:
+        k, dil, st = module.kernel_size, module.dilation, module.stride
+    out_hw = [(xp.shape[2 + a] - dil[a] * (k[a] - 1) - 1) // st[a] + 1 for a in range(2)]
+    length = out_hw[0] * out_hw[1]
+    yl = y.reshape(n, y.shape[1], -1)
+    if yl.shape[-1] != length:
+        raise RuntimeError(f"im2col gives {length} positions where the layer has {yl.shape[-1]}")
+    idx = _positions(length, positions, gen)
+    if idx is None:
+        idx = torch.arange(length)
+    else:
+        yl = yl[:, :, idx.to(yl.device)]
+    idx = idx.to(x.device)
+    oi, oj = idx // out_hw[1], idx % out_hw[1]
+    ln = idx.numel()
+    xl = xp.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): each gather below reads whole channel rows
+    taps = [xl[:, oi * st[0] + ki * dil[0], oj * st[1] + kj * dil[1]] for ki in range(k[0]) for kj in range(k[1])]
+    cols = torch.stack(taps, 2)  # (N, positions, taps, C): patch entry tap * C_group + c (see layer_map)
+    cg = module.in_channels // lay.groups
+    ys = yl.transpose(1, 2).reshape(n * ln, lay.groups, lay.out)
+    if lay.groups == 1:
+        return cols.view(1, n * ln, lay.dim), ys.reshape(1, n * ln, lay.out)
+    xs = cols.view(n * ln, len(taps), lay.groups, cg).permute(2, 0, 1, 3).reshape(lay.groups, n * ln, lay.dim)
+    return xs, ys.transpose(0, 1).contiguous()
+
+
+@dataclass
+class LsqStats:
+    """Float64 sufficient statistics of one fit: ``g = sum x~ x~^T`` (``x~``: the patch and a 1),
+    ``h = sum x~ y^T``, per group; ``yy``/``ys``: sums of y^2 and y per output; ``rows``: patches seen.
+    ``a + b`` pools two data shards exactly (up to rounding)."""
+
+    g: Optional[torch.Tensor] = None
+    h: Optional[torch.Tensor] = None
+    yy: Optional[torch.Tensor] = None
+    ys: Optional[torch.Tensor] = None
+    rows: int = 0
+
+    def observe(self, xs: torch.Tensor, ys: torch.Tensor) -> LsqStats:
+        """Add one batch: its products are formed in the activations' precision (at least float32)
+        *about the batch's own means* and pooled in float64, as the channel moments are
+        (match/stats.py), so a large mean costs no precision."""
+        xs, ys = xs.detach(), ys.detach()
+        if xs.dtype not in (torch.float32, torch.float64):
+            xs, ys = xs.float(), ys.float()
+        r = xs.shape[1]
+        mx, my = xs.mean(1, keepdim=True), ys.mean(1, keepdim=True)
+        xc, yc = xs - mx, ys - my
+        f64 = torch.float64
+        cxx, cxy = (xc.transpose(1, 2) @ xc).to(f64), (xc.transpose(1, 2) @ yc).to(f64)
+        mx, my = mx.to(f64), my.to(f64)
+        groups, d = xs.shape[0], xs.shape[2]
+        g = torch.empty(groups, d + 1, d + 1, dtype=f64, device=xs.device)
+        g[:, :d, :d] = cxx + r * mx.transpose(1, 2) @ mx
+        g[:, :d, d] = g[:, d, :d] = r * mx[:, 0]
+        g[:, d, d] = r
+        h = torch.cat([cxy + r * mx.transpose(1, 2) @ my, r * my], 1)
+        yy = yc.pow(2).sum(1).to(f64) + r * my[:, 0].pow(2)
+        s = r * my[:, 0]
+        if self.g is None:
+            self.g, self.h, self.yy, self.ys = g, h, yy, s
+        else:
+            self.g += g
+            self.h += h
+            self.yy += yy
+            self.ys += s
+        self.rows += r
+        return self
+
+    def __add__(self, other: LsqStats) -> LsqStats:
+        if self.g is None:
+            return other
+        if other.g is None:
+            return self
+        return LsqStats(self.g + other.g, self.h + other.h, self.yy + other.yy, self.ys + other.ys,
+                        self.rows + other.rows)
+
+
+@dataclass
+class LsqFit:
+    """A solved fit: ``w`` (groups, d + 1, out) with the bias row last (zero when the map has no
+    shift); ``ridge``: the absolute regularization added (per group); ``jitter``: extra diagonal a
+    singular system needed; residuals relative to the target's variance before (``w0``) and after."""
+
+    w: torch.Tensor
+    ridge: torch.Tensor
+    jitter: float = 0.0
+    residual_before: Optional[float] = None
+    residual_after: Optional[float] = None
+    rows: int = 0
+    dim: int = 0
+    scale: Optional[torch.Tensor] = None  # conv->BatchNorm: the conv's output is the map divided by this
+
+
+def ridge_solve(g: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, lam: float, bias: bool = True
+                ) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """``W = (G + r I)^-1 (H + r W0)`` per group, ``r = lam * mean(diag G)`` over the patch entries
+    (the bias column is not shrunk); ``bias=False`` solves without the bias column (its row of W is 0).
+    A system still singular (``lam`` 0, dead inputs) gets a growing diagonal until Cholesky succeeds:
+    returned as ``jitter`` (relative to mean(diag G)). Never NaN for finite statistics."""
+    g, h, w0 = g.double(), h.double(), w0.double()
+    d = g.shape[-1] - 1
+    keep = d + 1 if bias else d
+    gs, hs, ws = g[:, :keep, :keep], h[:, :keep], w0[:, :keep]
+    diag = g[:, :d, :d].diagonal(dim1=1, dim2=2)
+    scale = diag.mean(-1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # dead inputs: any positive scale
+    r = lam * scale
+    reg = torch.zeros(g.shape[0], keep, dtype=g.dtype, device=g.device)
+    reg[:, :d] = r[:, None]
+    a = gs + torch.diag_embed(reg)
+    rhs = hs + reg[:, :, None] * ws
+    jitter = 0.0
+    eye = torch.eye(keep, dtype=g.dtype, device=g.device)
+    for _ in range(20):
+        chol, info = torch.linalg.cholesky_ex(a + jitter * scale[:, None, None] * eye)
+        if not bool(info.any()):
+            break
+        jitter = 1e-10 if jitter == 0 else jitter * 100
+    else:
+        raise RuntimeError("least-squares system not positive definite even with a large diagonal")
+    w = torch.cholesky_solve(rhs, chol)
+    if not bias:
+        w = torch.cat([w, torch.zeros_like(w[:, :1])], 1)
+    return w, r, jitter
+
+
+def relative_residual(st: LsqStats, w: torch.Tensor) -> float:
+    """``||X~ W - Y||^2 / ||Y - mean(Y)||^2`` over all groups and outputs, from the statistics alone."""
+    w = w.double()
+    fit = (w * (st.g @ w)).sum() - 2 * (w * st.h).sum() + st.yy.sum()
+    var = (st.yy - st.ys.pow(2) / max(st.rows, 1)).sum()
+    return float(fit.clamp_min(0) / var.clamp_min(_TINY))
+
+
+# ---- a layer's map and back ----------------------------------------------------------------
+def _bn_scale_shift(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eval BatchNorm as ``s*u + t``."""
+    f64 = torch.float64
+    s = bn.weight.double() / (bn.running_var.to(f64) + bn.eps).sqrt()
+    return s, bn.bias.double() - s * bn.running_mean.to(f64)
+
+
+def layer_map(module: nn.Module, kind: str, bn: Optional[nn.Module] = None) -> torch.Tensor:
+    """The layer's current affine map as a (groups, d + 1, out) float64 tensor, bias row last;
+    composed with the BatchNorm ``bn`` after it; for ``kind="bn"`` the BatchNorm's own eval map."""
+    lay = patch_layout(module, kind)
+    if kind == "bn":
+        s, t = _bn_scale_shift(module)
+        return torch.stack([s, t], -1).unsqueeze(-1)  # (C, 2, 1)
+    w = module.weight.detach().double()
+    # (out, C_group, taps) -> (out, taps, C_group): the patch order of ``patches``
+    wt = w.reshape(w.shape[0], w.shape[1], -1).transpose(1, 2).reshape(lay.groups, lay.out, lay.dim)
+    b = module.bias.detach().double() if module.bias is not None else torch.zeros(
+        module.weight.shape[0], dtype=torch.float64, device=module.weight.device)
+    if bn is not None:
+        s, t = _bn_scale_shift(bn)
+        wt = wt * s.view(lay.groups, lay.out, 1)
+        b = s * b + t
+    return torch.cat([wt.transpose(1, 2), b.view(lay.groups, 1, lay.out)], 1)
+
+
+@torch.no_grad()
+def fold_map(module: nn.Module, w: torch.Tensor, scale: Optional[torch.Tensor] = None) -> None:
+    """Write the map ``w`` (groups, d + 1, out) into a conv/linear in place, divided per output
+    channel by ``scale`` (a BatchNorm after it will multiply it back). The bias row goes into the
+    layer's bias when it has one; otherwise it must be zero (the caller folds it elsewhere)."""
+    shape = module.weight.shape
+    taps = math.prod(shape[2:]) if len(shape) > 2 else 1
+    wt = w[:, :-1].transpose(1, 2).reshape(shape[0], taps, shape[1]).transpose(1, 2)  # (out, C_group, taps)
+    b = w[:, -1].reshape(-1)
+    if scale is not None:
+        wt = wt / scale.view(-1, 1, 1)
+    module.weight.copy_(wt.reshape(shape).to(module.weight.dtype))
+    if module.bias is not None:
+        module.bias.copy_((b if scale is None else torch.zeros_like(b)).to(module.bias.dtype))
+
+
+@torch.no_grad()
+def fold_bn_fit(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int, a: torch.Tensor,
+                c: torch.Tensor) -> None:
+    """Make the BatchNorm compute ``a*u + c`` of its input ``u`` in eval mode *and* on a train-mode
+    batch with the calibration statistics: running statistics = ``u``'s measured mean and (unbiased)
+    variance, ``gamma = a*sqrt(var + eps)``, ``beta = a*mean + c``."""
+    f64 = torch.float64
+    mean, var, a, c = mean.to(f64), var.to(f64), a.to(f64), c.to(f64)
+    rv = var * n / max(n - 1, 1)
+    bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+    bn.running_var.copy_(rv.to(bn.running_var.dtype))
+    bn.weight.copy_((a * (rv + bn.eps).sqrt()).to(bn.weight.dtype))
+    bn.bias.copy_((a * mean + c).to(bn.bias.dtype))
+
+
+def _moments(values: Sequence[torch.Tensor], dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Pooled per-channel mean and (biased) variance over every position of ``values``, in float64."""
+    n, s, ss = 0, 0.0, 0.0
+    for v in values:
+        v = v.detach().double().movedim(dim, -1).reshape(-1, v.shape[dim])
+        n += v.shape[0]
+        s = s + v.sum(0)
+        ss = ss + v.pow(2).sum(0)
+    mean = s / max(n, 1)
+    return mean, (ss / max(n, 1) - mean.pow(2)).clamp_min(0), n
+
+
+# ---- the walk ------------------------------------------------------------------------------------
+@dataclass
+class LsqResult:
+    fits: Dict[str, LsqFit] = field(default_factory=dict)        # by the fitted value's node
+    notes: Dict[str, str] = field(default_factory=dict)          # module -> why it was left alone
+    samples: int = 0
+
+
+@torch.no_grad()
+def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequence[float], gm: fx.GraphModule,
+             batches: Sequence[torch.Tensor], *, ridge: float = 1e-3, positions: Optional[int] = None,
+             seed: int = 0, sites: Optional[List[LsqSite]] = None) -> LsqResult:
+    """Refit ``merged`` (in place) layer after layer to ``sum_k weights[k] * endpoints[k]``'s values.
+
+    ``endpoints``: the models already aligned to ``merged``'s channel order (not changed); ``gm``: the
+    traced graph all of them share; ``batches``: the calibration inputs (all held: every model's values
+    are kept per batch until their last use). Returns the fits and the layers left at the average."""
+    from ..engine import bind
+
+    if sites is None:
+        sites, skipped = find_lsq_sites(gm)
+    else:
+        skipped = {}
+    by_node = {s.node: s for s in sites}
+    active = [(m, float(w)) for m, w in zip(endpoints, weights) if float(w) != 0.0]
+    models = [m for m, _ in active] + [merged]
+    me = len(models) - 1
+    graph = gm.graph
+    gms = [bind(m, gm) for m in models]
+    interps = [fx.Interpreter(g, garbage_collect_values=False) for g in gms]
+    nodes = list(graph.nodes)
+    node_lists = [nodes if g.graph is graph else list(g.graph.nodes) for g in gms]
+    mods = [dict(m.named_modules()) for m in models]
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use: Dict[int, int] = {}
+    for i in reversed(range(len(nodes))):
+        for a in nodes[i].all_input_nodes:
+            last_use.setdefault(index[a], i)
+    free_after: Dict[int, List[int]] = {}
+    for a, i in last_use.items():
+        free_after.setdefault(i, []).append(a)
+    envs = [[{} for _ in batches] for _ in models]
+    result = LsqResult(notes=dict(skipped), samples=sum(int(x.shape[0]) for x in batches))
+
+    def run(k: int, b: int, i: int):
+        it, nk = interps[k], node_lists[k][i]
+        it.env = envs[k][b]
+        if nk.op == "placeholder":
+            it.args_iter = iter([batches[b]])
+        envs[k][b][nk] = it.run_node(nk)
+
+    for i, n in enumerate(nodes):
+        site = by_node.get(n.name)
+        for k in range(me):  # the endpoints never change: their values first
+            for b in range(len(batches)):
+                run(k, b, i)
+        if site is not None:
+            result.fits[site.value] = _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge,
+                                           positions, seed + i)
+        for b in range(len(batches)):
+            run(me, b, i)
+        if site is not None and site.bn is not None:  # train-consistent fold: the new output's statistics
+            _fold_composed(site, mods[me], [envs[me][b][node_lists[me][i]] for b in range(len(batches))],
+                           result.fits[site.value])
+        for dead in free_after.get(i, ()):
+            for k in range(len(models)):
+                for env in envs[k]:
+                    env.pop(node_lists[k][dead], None)
+    for k in range(len(models)):
+        for env in envs[k]:
+            env.clear()
+    return result
+
+
+def _target(site: LsqSite, k: int, y: torch.Tensor, mods) -> torch.Tensor:
+    if site.bn is not None:
+        return bn_eval(mods[k][site.bn], y)
+    if site.kind == "bn":
+        return bn_eval(mods[k][site.module], y)
+    return y
+
+
+def _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge, positions, seed) -> LsqFit:
+    me = len(models) - 1
+    module = mods[me][site.module]
+    bn = mods[me][site.bn] if site.bn is not None else None
+    arg = n.args[0]
+    j = next(idx for idx, node in enumerate(node_lists[me]) if node.name == arg.name)
+    st = LsqStats()
+    gen = torch.Generator().manual_seed(seed)
+    for b in range(len(batches)):
+        x = envs[me][b][node_lists[me][j]]
+        tgt = None
+        for k, (_, wk) in enumerate(active):
+            if site.kind == "bn":  # the endpoint's BatchNorm on its own input
+                yk = bn_eval(mods[k][site.module], envs[k][b][node_lists[k][j]])
+            else:
+                yk = _target(site, k, envs[k][b][node_lists[k][i]], mods)
+            tgt = wk * yk if tgt is None else tgt + wk * yk
+        xs, ys = patches(x, tgt, module, site.kind, None if site.kind == "bn" else positions, gen)
+        st.observe(xs, ys)
+        del tgt, xs, ys
+    w0 = layer_map(module, site.kind, bn)
+    w, r, jitter = ridge_solve(st.g, st.h, w0.to(st.g.device), ridge, site.bias)
+    w0 = w0.to(st.g.device)
+    fit = LsqFit(w, r, jitter, relative_residual(st, w0), relative_residual(st, w), st.rows,
+                 int(st.g.shape[-1]) - (0 if site.bias else 1))
+    if site.kind == "bn":
+        x_mean = st.g[:, 0, 1] / max(st.rows, 1)  # the per-channel patch is the channel itself
+        x_var = (st.g[:, 0, 0] / max(st.rows, 1) - x_mean.pow(2)).clamp_min(0)
+        fold_bn_fit(module, x_mean, x_var, st.rows, w[:, 0, 0], w[:, 1, 0])
+    elif bn is None:
+        fold_map(module, w)
+    else:  # the conv keeps its scale (the old BatchNorm's s per channel); the BatchNorm takes the rest
+        s, _ = _bn_scale_shift(bn)
+        s = torch.where(s.abs() > _TINY, s, torch.ones_like(s))
+        fold_map(module, w, scale=s)
+        fit.scale = s
+    return fit
+
+
+def _fold_composed(site: LsqSite, mods, outputs: List[torch.Tensor], fit: LsqFit) -> None:
+    """The conv now writes ``u = (W x) / s``; the BatchNorm after it becomes ``s*u + b`` with running
+    statistics those of ``u`` on the calibration data."""
+    bn = mods[site.bn]
+    mean, var, n = _moments(outputs, 1)
+    fold_bn_fit(bn, mean, var, n, fit.scale, fit.w[:, -1].reshape(-1))
+
+
+def warn_underdetermined(fits: Dict[str, LsqFit], sites: List[LsqSite], samples: int) -> Optional[str]:
+    """A CalibrationWarning naming the fits with fewer patches than unknowns per group, and the
+    calibration size that would give each as many patches as unknowns."""
+    thin = []
+    by_value = {s.value: s for s in sites}
+    for value, f in fits.items():
+        if f.rows < f.dim:
+            per_image = f.rows / max(samples, 1)
+            need = math.ceil(f.dim / max(per_image, 1e-12))
+            thin.append(f"{by_value[value].module} ({f.rows} patches for {f.dim} unknowns; about {need} images "
+                        "would suffice)")
+    if not thin:
+        return None
+    msg = (f"least-squares repair: {len(thin)} layer(s) have fewer calibration patches than unknowns; their fits "
+           "are regularized towards the average (raise the calibration size or lsq_positions): " + "; ".join(thin))
+    warnings.warn(msg, CalibrationWarning, stacklevel=3)
+    return msg

@@ -1,0 +1,275 @@
+"""Least-squares repair (repair="lsq", mergekit_vision/repair/lsq.py): exactness on models it must give
+back, the fold, grouped/depthwise/strided/dilated layouts, N models, determinism, pooled statistics,
+ill-posed systems and the options' checks. Float64 wherever exactness is claimed."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mergekit_vision import merge, merge_many
+from mergekit_vision.engine import shared_graph
+from mergekit_vision.errors import CalibrationWarning, ConfigError
+from mergekit_vision.models import create_model
+from mergekit_vision.permute import permute, random_perms
+from mergekit_vision.repair.lsq import (LsqStats, find_lsq_sites, layer_map, lsq_pass, patches, relative_residual,
+                                        ridge_solve)
+from mergekit_vision.testing import measure_norm_statistics, randomize_model
+from mergekit_vision.trace import trace_permutation_spec
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+f64 = torch.float64
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+class Mixed(nn.Module):
+    """Every layout the fit handles: strided conv->BN, dilated grouped conv with bias and no norm,
+    depthwise conv without bias before a GroupNorm, 1x1 conv->BN, a BatchNorm on a ReLU (per-channel
+    fit), a Conv1d, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.c3, self.gn = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.GroupNorm(2, 8)
+        self.c4, self.bn4 = nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6)
+        self.bn5 = nn.BatchNorm2d(6)
+        self.c5 = nn.Conv1d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))
+        x = F.relu(self.c2(x))
+        x = F.relu(self.gn(self.c3(x)))
+        x = self.bn5(F.relu(self.bn4(self.c4(x))))
+        x = F.relu(self.c5(x.flatten(2)))
+        return self.fc(x.mean(-1))
+
+
+def _mixed(seed, batches):
+    return measure_norm_statistics(randomize_model(Mixed().to(f64), seed), batches)
+
+
+def _batches(n=3, size=24, shape=(3, 12, 12), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, *shape, generator=g, dtype=f64) for _ in range(n)]
+
+
+def _tiny(norm, seed, batches):
+    m = randomize_model(create_model("tiny_resnet", width=4, norm=norm, in_chans=3).to(f64), seed)
+    return measure_norm_statistics(m, batches)
+
+
+def test_sites_cover_every_layout():
+    gm = shared_graph(Mixed())
+    sites, skipped = find_lsq_sites(gm)
+    got = {(s.module, s.kind, s.bn, s.bias) for s in sites}
+    assert got == {("c1", "conv", "bn1", True), ("c2", "conv", None, True), ("c3", "conv", None, False),
+                   ("c4", "conv", "bn4", True), ("bn5", "bn", None, True), ("c5", "conv", None, True),
+                   ("fc", "linear", None, True)}
+    assert not skipped
+    assert [s.module for s in sites] == ["c1", "c2", "c3", "c4", "bn5", "c5", "fc"]  # graph order
+
+
+def test_refit_to_another_model_gives_its_function():
+    """Each layout's fit is exact: a random net C refit to a single target net A (of the same
+    architecture, tiny ridge, every position) becomes A's function, on the calibration data and off it.
+    (A GroupNorm's affine is no fit's business: C gets A's, so that A's function is reachable.)"""
+    calib = _batches()
+    a, c = _mixed(1, calib), _mixed(2, calib)
+    c.gn.load_state_dict(a.gn.state_dict())
+    gm = shared_graph(c)
+    res = lsq_pass(c, [a], [1.0], gm, calib, ridge=1e-12, positions=None)
+    fresh = _batches(1, seed=5)[0]
+    with torch.no_grad():
+        assert _rel(c(calib[0]), a(calib[0])) < 1e-7
+        assert _rel(c(fresh), a(fresh)) < 1e-7
+    for value, fit in res.fits.items():
+        assert fit.residual_after < 1e-10, value
+        assert fit.residual_before > 1e-3, value  # C started elsewhere
+
+
+def test_fused_model_computes_the_fitted_maps():
+    """After a merge-like fit to two different nets, every fitted layer of the fused model outputs exactly
+    its fitted affine map of its own input (BatchNorm output for conv->BN), in eval mode."""
+    calib = _batches()
+    a, b, m = _mixed(1, calib), _mixed(2, calib), _mixed(3, calib)
+    gm = shared_graph(m)
+    sites, _ = find_lsq_sites(gm)
+    res = lsq_pass(m, [a, b], [0.3, 0.7], gm, calib, ridge=1e-3, positions=None)
+    mods = dict(m.named_modules())
+    seen = {}
+    hooks = []
+    for s in sites:
+        inp = mods[s.module]
+        out = mods[s.bn] if s.bn else inp
+        hooks.append(inp.register_forward_hook(lambda mod, args, o, s=s: seen.__setitem__((s.value, "x"), args[0])))
+        hooks.append(out.register_forward_hook(lambda mod, args, o, s=s: seen.__setitem__((s.value, "y"), o)))
+    x = _batches(1, seed=7)[0]
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    for s in sites:
+        w = res.fits[s.value].w
+        xs, ys = patches(seen[(s.value, "x")], seen[(s.value, "y")], mods[s.module], s.kind)
+        pred = xs @ w[:, :-1] + w[:, -1:]
+        assert _rel(ys, pred) < 1e-10, s.module
+        assert res.fits[s.value].residual_after <= res.fits[s.value].residual_before + 1e-12, s.module
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "none"])
+def test_merge_with_itself_and_with_its_permutation_gives_it_back(norm):
+    calib = _batches(2, 16, (3, 16, 16))
+    a = _tiny(norm, 1, calib)
+    spec = trace_permutation_spec(a, calib[0][:1])
+    b = permute(a, spec, random_perms(spec, torch.Generator().manual_seed(3)))
+    x = _batches(1, 8, (3, 16, 16), seed=9)[0]
+    with torch.no_grad():
+        want = a(x)
+        for other in (a, b):
+            got = merge(a, other, calib, repair="lsq", progress=False, lsq_positions=None)
+            assert _rel(got(x), want) < 1e-9
+            assert list(got.state_dict()) == list(a.state_dict()) and type(got) is type(a)
+
+
+def test_merge_many_three_permuted_copies_gives_the_model_back_and_reports_fits():
+    calib = _batches(2, 16, (3, 16, 16))
+    a = _tiny("bn", 1, calib)
+    spec = trace_permutation_spec(a, calib[0][:1])
+    others = [permute(a, spec, random_perms(spec, torch.Generator().manual_seed(s))) for s in (3, 4)]
+    x = _batches(1, 8, (3, 16, 16), seed=9)[0]
+    merged, rep = merge_many([a] + others, calib, weights=[1, 2, 3], repair="lsq", progress=False,
+                             return_report=True, lsq_positions=None)
+    with torch.no_grad():
+        assert _rel(merged(x), a(x)) < 1e-9
+    assert rep.repair == "lsq"
+    fitted = [s for s in rep.sites.values() if s.residual_after is not None]
+    assert len(fitted) == len(find_lsq_sites(shared_graph(a))[0])
+    assert all(s.residual_after < 1e-12 for s in fitted)  # the targets are A's own features
+    assert "least-squares fits" in rep.summary()
+
+
+def test_three_different_models_deterministic_inputs_untouched_train_consistent():
+    """N = 3 different nets: the merge is bit-for-bit repeatable (positions subsampled), leaves the
+    inputs as they were, fits better than the average everywhere, and the BatchNorm fold holds in train
+    mode on the calibration batch."""
+    calib = [torch.randn(48, 3, 16, 16, dtype=f64, generator=torch.Generator().manual_seed(0))]
+    models = [_tiny("bn", s, calib) for s in (1, 2, 3)]
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    kw = dict(repair="lsq", progress=False, return_report=True, lsq_positions=20)
+    m1, rep = merge_many(models, calib, **kw)
+    m2, _ = merge_many(models, calib, **kw)
+    for k, v in m1.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    for m, sd in zip(models, before):
+        assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+        assert not m.training
+    fits = [s for s in rep.sites.values() if s.residual_after is not None]
+    assert fits and all(s.residual_after < s.residual_before for s in fits)
+    with torch.no_grad():
+        ev = m1.eval()(calib[0])
+        for mod in m1.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.momentum = 0.0
+        tr = m1.train()(calib[0])
+    assert _rel(tr, ev) < 1e-3
+
+
+def test_statistics_of_two_shards_pool_to_the_whole():
+    m = Mixed().to(f64)
+    x = torch.randn(10, 8, 6, 6, dtype=f64)
+    y = torch.randn(10, 8, 6, 6, dtype=f64)
+    whole = LsqStats().observe(*patches(x, y, m.c2, "conv"))
+    parts = LsqStats().observe(*patches(x[:3], y[:3], m.c2, "conv")) + LsqStats().observe(
+        *patches(x[3:], y[3:], m.c2, "conv"))
+    assert parts.rows == whole.rows == 10 * 36
+    for f in ("g", "h", "yy", "ys"):
+        assert torch.allclose(getattr(parts, f), getattr(whole, f), rtol=1e-13, atol=1e-12), f
+    # the grouped conv's patches are its own computation
+    xs, _ = patches(x, y, m.c2, "conv")
+    w = layer_map(m.c2, "conv")
+    with torch.no_grad():
+        out = m.c2(x)
+    _, ys = patches(x, out, m.c2, "conv")
+    assert _rel(xs @ w[:, :-1] + w[:, -1:], ys) < 1e-12
+
+
+def test_singular_and_underdetermined_systems_are_regularized_never_nan():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 50, 3, generator=g, dtype=f64)
+    x = torch.cat([x, x[..., :1], torch.zeros_like(x[..., :1])], -1)  # a duplicate and a dead input
+    y = torch.randn(1, 50, 2, generator=g, dtype=f64)
+    st = LsqStats().observe(x, y)
+    w0 = torch.zeros(1, 6, 2, dtype=f64)
+    w, r, jitter = ridge_solve(st.g, st.h, w0, 0.0)
+    assert torch.isfinite(w).all() and jitter > 0
+    w, r, jitter = ridge_solve(st.g, st.h, w0, 1e-3)
+    assert torch.isfinite(w).all() and jitter == 0 and float(r) > 0
+    assert relative_residual(st, w) < relative_residual(st, w0)
+    few = LsqStats().observe(x[:, :3], y[:, :3])  # 3 rows, 6 unknowns
+    w, _, _ = ridge_solve(few.g, few.h, w0, 1e-3)
+    assert torch.isfinite(w).all()
+
+
+def test_too_few_samples_warn_with_the_layer_and_the_count_that_would_do():
+    calib = [torch.randn(4, 3, 16, 16, dtype=f64)]
+    a, b = _tiny("none", 1, calib), _tiny("none", 2, calib)
+    with pytest.warns(CalibrationWarning, match=r"fc \(4 patches for 9 unknowns; about 9 images"):
+        merged, rep = merge(a, b, calib, repair="lsq", progress=False, return_report=True)
+    assert "under-determined" in rep.sites["fc"].note
+    assert all(torch.isfinite(v).all() for v in merged.state_dict().values())
+
+
+def test_options_are_checked():
+    calib = [torch.randn(4, 3, 16, 16)]
+    a = create_model("tiny_resnet", width=4, in_chans=3)
+    for kw, msg in ((dict(lsq_ridge=-1.0), "lsq_ridge"), (dict(lsq_ridge=float("nan")), "lsq_ridge"),
+                    (dict(lsq_positions=0), "lsq_positions"), (dict(lsq_positions=2.5), "lsq_positions")):
+        with pytest.raises(ConfigError, match=msg):
+            merge(a, a, calib, repair="lsq", progress=False, **kw)
+    with pytest.raises(ConfigError, match="local calib_loader"):
+        merge(a, a, calib, repair="lsq", progress=False, collect=lambda models, plan, request: None)
+    with pytest.raises(ConfigError, match="lsq"):
+        merge(a, a, calib, repair="lsqq", progress=False)
+
+
+def test_config_and_curve_accept_lsq(tmp_path):
+    from mergekit_vision.config import MergeConfig
+    from pydantic import ValidationError
+    from mergekit_vision.evaluate import MODES
+
+    data = tmp_path / "calib.npz"
+    data.write_bytes(b"")
+    base = {"models": [{"model": "resnet20", "pretrained": True}] * 2, "calibration": {"path": str(data)}}
+    cfg = MergeConfig.model_validate({**base, "repair": "lsq", "lsq_ridge": 1e-2, "lsq_positions": None})
+    assert (cfg.repair, cfg.lsq_ridge, cfg.lsq_positions) == ("lsq", 1e-2, None) and MODES["lsq"] == (True, "lsq")
+    assert MergeConfig.model_validate(base).lsq_positions == 64
+    for bad in ({"lsq_ridge": -1}, {"lsq_positions": 0}):
+        with pytest.raises(ValidationError, match="lsq_"):
+            MergeConfig.model_validate({**base, **bad})
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"),
+    nn.Conv2d(4, 6, (2, 3), stride=(2, 1), padding=(0, 1), dilation=(1, 2), bias=False),
+    nn.Conv2d(4, 4, 5, padding=2, groups=4, padding_mode="circular"),
+    nn.Conv1d(4, 6, 4, stride=2, padding=1, groups=2),
+    nn.Linear(4, 3),
+], ids=["same-reflect", "strided-dilated", "depthwise-circular", "conv1d-grouped", "linear"])
+def test_patches_times_the_layer_map_is_the_layer(conv):
+    conv = conv.to(f64)
+    x = torch.randn(3, 4, 9, 9, dtype=f64) if isinstance(conv, nn.Conv2d) else (
+        torch.randn(3, 4, 11, dtype=f64) if isinstance(conv, nn.Conv1d) else torch.randn(3, 5, 4, dtype=f64))
+    kind = "linear" if isinstance(conv, nn.Linear) else "conv"
+    with torch.no_grad():
+        y = conv(x)
+    xs, ys = patches(x, y, conv, kind)
+    w = layer_map(conv, kind)
+    assert _rel(xs @ w[:, :-1] + w[:, -1:], ys) < 1e-12
+    sub, _ = patches(x, y, conv, kind, positions=2, gen=torch.Generator().manual_seed(0))
+    assert sub.shape[1] == (3 * 2 if kind == "conv" else xs.shape[1])
