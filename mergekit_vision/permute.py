@@ -102,7 +102,7 @@ def permute_state_dict(
     # a module registered under two names (coat's position encodings, tied weights) appears in the state
     # dict under every name but in the spec under one: its other names take the same permuted tensor, or
     # load_state_dict would write the unpermuted alias over it
-    by_storage = {_storage_id(state_dict[k]): k for k in done if _storage_id(state_dict[k]) is not None}
+    by_storage = {sid: k for k in done if (sid := _storage_id(state_dict[k])) is not None}
     for key, t in state_dict.items():
         source = by_storage.get(_storage_id(t))
         if source is not None and key not in done:

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import CalibrationWarning
 from ..ops import is_batchnorm
-from .sites import bn_eval
+from .sites import bn_eval, module_calls
 
 __all__ = ["LsqSite", "LsqStats", "LsqFit", "find_lsq_sites", "layer_map", "patch_layout", "patches",
            "ridge_solve", "relative_residual", "fold_map", "fold_bn_fit", "lsq_pass"]
@@ -69,10 +69,7 @@ def _bn_foldable(m: nn.Module) -> bool:
 def find_lsq_sites(gm: fx.GraphModule) -> Tuple[List[LsqSite], Dict[str, str]]:
     """Every fit of the graph in graph order, and the layers left at the average with why."""
     modules = dict(gm.named_modules())
-    calls: Dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    calls = module_calls(gm)
     sites: List[LsqSite] = []
     skipped: Dict[str, str] = {}
     composed = set()

@@ -34,6 +34,11 @@ class Site:
 
 
 
+def module_calls(gm: fx.GraphModule) -> Counter:
+    """How many times the graph calls each module (a module called twice shares one set of weights)."""
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+
+
 def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Site]:
     """Sites in graph order. ``mode`` is "repair" (BN + unnormalized conv/linear), "reset" (BN only) or
     "stream" (as "repair", plus every residual add: the REPAIR authors' variant for ImageNet ResNets)."""
@@ -83,7 +88,7 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
         sites.append(Site(n.name, n.target, kind, key[1], channels, [s[:4] for s in segs]))
     # a module the graph calls more than once (coat's shared position encodings) has one set of weights
     # for every call: a correction fused into it for one call would change the others too
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    calls = module_calls(gm)
     shared = sorted({s.module for s in sites if s.module and calls[s.module] > 1})
     if shared:
         logger.info("REPAIR: %d module(s) called more than once are not corrected (one fused correction "

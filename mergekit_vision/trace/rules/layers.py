@@ -80,13 +80,19 @@ def conv_module(call: RuleCall):
     return conv_core(call, x, lx, lw, lb, m.groups, call.key("weight"), m.in_channels, m.out_channels, transposed)
 
 
-def conv_functional(call: RuleCall):
+def _functional_args(call: RuleCall):
+    """``F.conv*`` / ``F.linear`` arguments: input, weight and bias with their layouts."""
     x = call.arg(0, "input")
     lx = layout_or_none(call.larg(0, "input"), x)
     w = call.arg(1, "weight")
     lw = list(layout_or_none(call.larg(1, "weight"), w))
     b = call.arg(2, "bias")
     lb = layout_or_none(call.larg(2, "bias"), b)[0] if is_tensor(b) else None
+    return x, lx, w, lw, lb
+
+
+def conv_functional(call: RuleCall):
+    x, lx, w, lw, lb = _functional_args(call)
     groups = call.arg(6, "groups", 1)
     return conv_core(call, x, lx, lw, lb, groups, None, x.shape[1], w.shape[0])
 
@@ -128,12 +134,7 @@ def linear_module(call: RuleCall):
 
 
 def linear_functional(call: RuleCall):
-    x = call.arg(0, "input")
-    lx = layout_or_none(call.larg(0, "input"), x)
-    w = call.arg(1, "weight")
-    lw = list(layout_or_none(call.larg(1, "weight"), w))
-    b = call.arg(2, "bias")
-    lb = layout_or_none(call.larg(2, "bias"), b)[0] if is_tensor(b) else None
+    x, lx, _, lw, lb = _functional_args(call)
     return linear_core(call, x, lx, lw, lb, None)
 
 
