@@ -39,7 +39,7 @@ MODES: Dict[str, Tuple[bool, Union[bool, str]]] = {
     "stream": (True, "stream"),  # REPAIR plus a correction on every residual add; not in the default modes
 }
 LABELS = {"naive": "naive average", "aligned": "aligned", "reset": "aligned + RESET", "repair": "aligned + REPAIR",
-          "stream": "aligned + REPAIR (+ streams)"}
+          "stream": "aligned + REPAIR (+ streams)", "lsq": "aligned + least squares"}
 METRICS = ("acc", "loss")
 
 

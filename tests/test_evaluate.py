@@ -113,6 +113,18 @@ def test_stream_mode_on_request(pair, digits):
     assert c.barrier("stream")["mid"] < 0.5 * c.barrier("aligned")["mid"]
 
 
+def test_lsq_mode_on_request(pair, digits):
+    """The curve's least-squares mode (every label and mode table knows it): an endpoint refit to itself
+    is that endpoint, and the midpoint's barrier is below the aligned one's."""
+    train, test = digits
+    c = interpolation_curve(*pair, test, calib_loader=[train.tensors[0][:256]], alphas=(0.0, 0.5),
+                            modes=("aligned", "lsq"), max_samples=200, progress=False)
+    assert c.modes == ["aligned", "lsq"]
+    assert c.acc["lsq"][0] == pytest.approx(c.endpoints["a"]["acc"], abs=1 / len(test))
+    assert c.barrier("lsq")["mid"] < 0.5 * c.barrier("aligned")["mid"]
+    assert "lsq" in c.table()
+
+
 def test_curve_numbers_are_those_of_one_merge_per_point(curve, pair, digits):
     """The curve measures each mode's endpoint statistics once and corrects per alpha: every point is
     still, to the bit, the merge() of that mode at that alpha (the curve's definition, as it was computed)."""
