@@ -69,15 +69,29 @@ def checked_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> D
     return out
 
 
+def stage(spec: PermutationSpec, name: str) -> int:
+    """When a group's permutation is applied: 0 for every group, then 1 for heads groups, whose members
+    share positions with their head-block groups (whole heads move after channels moved within them)."""
+    return 1 if spec[name].heads_of else 0
+
+
 def _by_axis(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]):
-    """(key, axis, conv groups) -> [(member, group perm)] for every non-identity permutation."""
+    """(stage, key, axis, conv groups) -> [(member, group perm)] for every non-identity permutation, in
+    stage order."""
     by_axis = defaultdict(list)
     for name, perm in checked_perms(spec, perms).items():
         if torch.equal(perm, torch.arange(perm.numel())):
             continue
         for m in spec[name].members:
-            by_axis[(m.key, m.axis, m.groups)].append((m, perm))
-    return by_axis
+            by_axis[(stage(spec, name), m.key, m.axis, m.groups)].append((m, perm))
+    return dict(sorted(by_axis.items(), key=lambda kv: kv[0][0]))
+
+
+def permute_staged(t: torch.Tensor, axis: int, groups: int, staged) -> torch.Tensor:
+    """``permute_tensor`` for ``[(stage, member, perm)]``: each stage's members applied in turn."""
+    for st in sorted({s for s, _, _ in staged}):
+        t = permute_tensor(t, axis, groups, [(m, p) for s, m, p in staged if s == st])
+    return t
 
 
 def _missing(key: str) -> SpecError:
@@ -95,7 +109,7 @@ def permute_state_dict(
     if hasattr(state_dict, "_metadata"):  # module versions (torchvision's MNASNet checks them on load)
         out._metadata = state_dict._metadata
     done = {}
-    for (key, axis, groups), members in _by_axis(spec, perms).items():
+    for (_, key, axis, groups), members in _by_axis(spec, perms).items():
         if key not in out:
             raise _missing(key)
         out[key] = done[key] = permute_tensor(out[key], axis, groups, members)
@@ -123,7 +137,7 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.T
     Tensors are permuted one at a time into the copy: peak memory is two models and the largest
     tensor, not three or four models (it matters for billion-parameter checks in float64)."""
     by_key = defaultdict(list)
-    for (key, axis, groups), members in _by_axis(spec, perms).items():
+    for (_, key, axis, groups), members in _by_axis(spec, perms).items():
         by_key[key].append((axis, groups, members))
     source = model.state_dict()
     missing = [k for k in by_key if k not in source]

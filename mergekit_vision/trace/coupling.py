@@ -17,7 +17,7 @@ import logging
 from ..errors import MergeVisionError, TraceError
 from ..ops import op_name
 from ..spec import Member, PermutationGroup, PermutationSpec, Tap
-from .layout import Elements, Seg
+from .layout import Elements, Seg, slice_dim
 from .rules import Multi, RuleCall, freeze_all, function_rule, method_rule, module_rule, unknown
 from .tracer import trace_model
 
@@ -180,10 +180,120 @@ def _join_runs(items, same, step):
     return out
 
 
+@dataclasses.dataclass
+class _Heads:
+    """One head axis (a component of head elements) and the head-block groups its splits make."""
+
+    size: int
+    dim: int = 0
+    blocks: List[Tuple[int, str]] = dataclasses.field(default_factory=list)  # (display index, role)
+    bad: str = ""
+
+
+def _head_blocks(E: Elements, A, display: List, placed: set) -> Dict[int, _Heads]:
+    """Place each head split's blocks as one display group (the blocks of q and k, or of v and the
+    output projection: ``blocks`` = heads) and collect, per head component, the groups its permutation
+    must move. Every split on a head axis must be tied, or moving heads would be unsound."""
+    out: Dict[int, _Heads] = {}
+    tied: Dict[Tuple[int, ...], int] = {}
+    for s in E.splits:
+        if s.outer != 1 or not (s.parent or s).role:
+            continue
+        heads_atoms = range(A.first[s.head], A.first[s.head] + len(A.bounds[s.head]) - 1)
+        hcs = {A.find(i) for i in heads_atoms}
+        hc = A.find(A.first[s.head])
+        h = out.setdefault(hc, _Heads(s.heads))
+        if len(hcs) != 1 or A.bounds[s.head] != [0, s.heads]:
+            for c in hcs:
+                out.setdefault(c, _Heads(A.atom_len[c])).bad = f"{s.where}: its heads are used apart"
+            continue
+        comps = []
+        for b in range(s.heads):
+            block = slice_dim(s.chan, b * s.dim, (b + 1) * s.dim)
+            pcs = list(A.pieces(block[0].elem, block[0].off, s.dim)) if block and len(block) == 1 else []
+            if len(pcs) != 1 or pcs[0][1] != 0 or A.atom_len[pcs[0][0]] != s.dim:
+                comps = None
+                break
+            comps.append(A.find(pcs[0][0]))
+        if not comps or len(set(comps)) != len(comps):
+            h.bad = h.bad or (f"{s.where}: the head dim is shared by all heads (a norm or rotary embedding over it), "
+                              "so heads are not matched as wholes" if comps else
+                              f"{s.where}: a head's channels are used apart")
+            continue
+        key = tuple(comps)
+        if key not in tied:
+            if any(c in placed for c in comps):
+                h.bad = h.bad or f"{s.where}: a head's channels are tied to another head layout"
+                continue
+            tied[key] = len(display)
+            display.append((block[0].elem, comps))
+            placed.update(comps)
+        if h.dim not in (0, s.dim):
+            h.bad = h.bad or f"{s.where}: heads of different sizes share a head axis"
+        h.dim = s.dim
+        entry = (tied[key], s.role)
+        if all(gi != tied[key] for gi, _ in h.blocks):
+            h.blocks.append(entry)
+        elif s.role == "qk":  # a group seen as v's and as k's is the qk group
+            h.blocks = [(gi, "qk" if gi == tied[key] else r) for gi, r in h.blocks]
+    return out
+
+
+def _tie_heads(spec: PermutationSpec, heads: Dict[int, _Heads], where: Dict[int, Tuple[int, int]],
+               group_of_display: List[int], used_names: set) -> None:
+    """Give each head axis's group the members of the head-block groups (every block of ``dim``
+    positions moves as one: ``inner=dim``) and their names (``heads_of``); freeze it where heads cannot
+    move as wholes. Tied groups are named ``<producer>:qk`` / ``:vo``, the heads ``<qk producer>:heads``."""
+    group_at = dict(zip(group_of_display, spec.groups))
+    for hc, h in heads.items():
+        gh = group_at.get(where[hc][0]) if hc in where else None
+        if gh is None:
+            continue
+        tied = [(group_at.get(gi), role) for gi, role in sorted(h.blocks, key=lambda t: t[1] != "qk")]
+        why = h.bad
+        if not why and not tied:
+            why = "head axis without head-block groups"
+        if not why and gh.size != h.size:
+            why = "the head axis is joined to other channels"
+        for g, _ in tied:
+            if why:
+                break
+            if g is None or g.frozen:
+                why = f"head-block group {g.name if g else '?'} is frozen ({g.reason if g else 'no taps'})"
+            elif g.size != h.size * h.dim or g.blocks != h.size:
+                why = f"head-block group {g.name} is not {h.size} blocks of {h.dim}"
+            elif any(m.groups != 1 or m.offset % h.dim or m.length % h.dim for m in g.members):
+                why = f"head-block group {g.name} has members that do not hold whole heads"
+        if why:
+            if not gh.frozen:
+                gh.frozen, gh.reason = True, why
+            continue
+        base = tied[0][0].name.split("#")[0]
+        for g, role in tied:
+            used_names.discard(g.name)
+            g.name = _unique(f"{g.name.split('#')[0]}:{role or 'heads'}", used_names)
+            gh.members.extend(Member(m.key, m.axis, m.start, m.offset // h.dim, m.length // h.dim,
+                                     m.inner * h.dim) for m in g.members)
+        used_names.discard(gh.name)
+        gh.name = _unique(f"{base}:heads", used_names)
+        gh.heads_of = [g.name for g, _ in tied]
+        gh.members.sort(key=lambda m: (m.offset, m.key, m.axis, m.start))
+
+
+def _unique(name: str, used: set) -> str:
+    out, k = name, 1
+    while out in used:
+        k += 1
+        out = f"{name}#{k}"
+    used.add(out)
+    return out
+
+
 def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationSpec:
     """Atoms -> components -> display groups (components from one element's equal blocks are shown
     as one group with ``blocks``) -> members and taps in group coordinates."""
     E = p.E
+    virtual = E.finish_splits()  # head dims and q/k/v axes that only the attention rules touched
     for xm in E.extra_members:  # member ranges must fall on atom boundaries
         E.cut(xm.elem, xm.off)
         E.cut(xm.elem, xm.off + xm.length)
@@ -197,7 +307,10 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
     # display groups: an element whose atoms are equal blocks, each its own component anchored here
     display: List[Tuple[int, List[int]]] = []  # (anchor element, components in block order)
     placed: set = set()
+    heads = _head_blocks(E, A, display, placed)
     for e in range(len(E.size)):
+        if e in virtual:
+            continue
         atoms = list(range(A.first[e], A.first[e] + len(A.bounds[e]) - 1))
         comps = [A.find(i) for i in atoms]
         mine = [c for c in comps if anchor[c] == e and c not in placed]
@@ -238,6 +351,8 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
             members[gi].append(Member(xm.key, xm.axis, pos, goff, n, xm.inner, xm.groups))
             pos += n * xm.inner
     for node, dim, op, pos, seg in p.taps:
+        if seg.elem in virtual:
+            continue
         for gi, goff, n, whole in place(seg.elem, seg.off, seg.length):
             if whole:
                 taps[gi].append(Tap(node, dim, op, pos, goff, n))
@@ -310,12 +425,15 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
             name=name, size=size, members=ms, blocks=len(comps), frozen=frozen,
             reason="; ".join(rs) if frozen else None, taps=taps[gi],
         ))
+    _tie_heads(spec, heads, where, group_of_display, used_names)
     # taps whose value carries a free group's channels on another axis (see Tap.across)
     name_of = {gi: g for gi, g in zip(group_of_display, spec.groups)}
     across: Dict[str, List[Tuple[int, int, str, int, int, int]]] = {}
     for node, segs in p.tap_layouts.items():
         out = []
         for d, pos, seg in segs:
+            if seg.elem in virtual:
+                continue
             for gi, goff, n, _ in place(seg.elem, seg.off, seg.length):
                 g = name_of.get(gi)
                 if g is not None and not g.frozen:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ... import ops
 from ...errors import MergeVisionError
+from .attention import attention_mask, matmul_rule, sdpa_rule
 from .core import RuleCall, mixes_channels, passthrough
 from .elementwise import elementwise, norm_method, pad_rule, reduction, spatial_op
 from .layers import conv_functional, conv_module, linear_functional, linear_module, prelu_module
@@ -83,6 +84,8 @@ FUNCTION_RULES: Dict[Any, Rule] = _table(
     ((operator.getitem,), getitem_rule),
     ((getattr,), getattr_rule),
     (ops.CHANNEL_MIXING_FUNCTIONS, mixes_channels),
+    (ops.MATMUL_FUNCTIONS, matmul_rule),
+    (ops.ATTENTION_FUNCTIONS, sdpa_rule),
 )
 
 METHOD_RULES: Dict[str, Rule] = _table(
@@ -102,12 +105,13 @@ METHOD_RULES: Dict[str, Rule] = _table(
     (("norm",), norm_method),
     (("softmax", "log_softmax"), passthrough),
     (("size", "dim", "numel"), no_layout),
+    (ops.MATMUL_METHODS, matmul_rule),
 )
 
 # what each kind of library op does to channels (kinds as in ops.LIBRARY_MODULES / LIBRARY_FUNCTIONS)
 LIBRARY_KIND_RULES: Dict[str, Rule] = {
     "pointwise": passthrough, "batchnorm": batchnorm_module, "groupnorm": groupnorm_module, "conv": conv_module,
-    "spatial": spatial_op,
+    "spatial": spatial_op, "broadcast": elementwise, "attention_mask": attention_mask,
 }
 
 # ---- the extension point ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import math
 from typing import Any, List
 
 from ..layout import DimLayout, Elements, Seg, slice_dim
+from .attention import merge_view, select, split_view, unbind_selector
 from .core import Multi, RuleCall, cut_slice, fresh_layout, is_tensor, join_dim, layout_or_none, unknown
 
 
@@ -40,8 +41,11 @@ def reshape_layout(E: Elements, where: str, in_shape, lx, out_shape):
         ins = [lx[k] for k in a]
         if all(lay is None for lay in ins):
             continue
+        merged = merge_view(E, ins) if len(b) == 1 and len(a) in (2, 3) else None
         if len(a) == 1 and len(b) == 1:
             out[b[0]] = ins[0]
+        elif merged is not None:  # heads and head dim back into one channel axis
+            out[b[0]] = merged
         elif len(b) == 1 and ins[0] is not None:  # merge: channel outermost, the rest become inner
             for lay in ins[1:]:
                 E.freeze_dim(lay, f"{where} flattens an axis inside another channel axis")
@@ -53,6 +57,11 @@ def reshape_layout(E: Elements, where: str, in_shape, lx, out_shape):
             rest = math.prod(out_shape[k] for k in b[1:])
             out[b[0]] = tuple(Seg(s.elem, s.off, s.length, s.inner // rest) for s in ins[0])
         else:
+            view = split_view(E, where, ins[0], [out_shape[k] for k in b]) if len(a) == 1 else None
+            if view is not None:  # (q/k/v,) heads, head dim: settled by the attention rules
+                for k, lay in zip(b, view):
+                    out[k] = lay
+                continue
             for lay in ins:
                 E.freeze_dim(lay, f"{where} reshapes a channel axis (mixes or splits channels)")
             for k in b:
@@ -153,6 +162,12 @@ def getitem_rule(call: RuleCall):
         else:
             expanded.append(i)
     expanded.extend([slice(None)] * (obj.dim() - sum(1 for i in expanded if i is not None)))
+    ints = [k for k, i in enumerate(i for i in expanded if i is not None) if isinstance(i, int)]
+    if len(ints) == 1 and all(i is None or isinstance(i, int) or i == slice(None) for i in expanded) \
+            and None not in expanded:
+        picked = select(call.E, tuple(lx), ints[0], expanded[ints[0]] % obj.shape[ints[0]])
+        if picked is not None:  # qkv[0]: q out of a fused projection
+            return picked
     out: List[DimLayout] = []
     d = 0
     for i in expanded:
@@ -259,6 +274,9 @@ def chunk_rule(call: RuleCall):
 
 
 def unbind_rule(call: RuleCall):
+    parts = unbind_selector(call)
+    if parts is not None:
+        return parts
     x = call.args[0]
     lx = layout_or_none(call.largs[0], x)
     dim = call.arg(1, "dim", 0) % x.dim()
