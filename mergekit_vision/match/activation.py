@@ -19,7 +19,7 @@ import torch
 
 from .. import ops
 from ..spec import PermutationGroup, PermutationSpec, Tap
-from .assignment import solve_assignment
+from .assignment import solve_assignment, solve_heads
 from .stats import CrossMoments
 from .weight import match_weights
 
@@ -165,6 +165,10 @@ def match_blind_by_weights(spec: PermutationSpec, corrs: Dict[str, torch.Tensor]
 def match_from_correlations(spec: PermutationSpec, corrs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     perms = {}
     for g in spec.free_groups:
-        if g.name in corrs:
+        if g.name in corrs and not g.heads_of:
             perms[g.name] = solve_assignment(corrs[g.name], g.blocks)
+    for g in spec.free_groups:  # heads: on their head-block groups' correlations (q/k outputs, v outputs)
+        if g.heads_of and all(t in corrs for t in g.heads_of):
+            perms[g.name], within = solve_heads([corrs[t] for t in g.heads_of], g.size)
+            perms.update(zip(g.heads_of, within))
     return perms

@@ -49,9 +49,9 @@ def _map_layout(arg, layouts: Dict[fx.Node, Any]):
 class CouplingPass(fx.Interpreter):
     """ShapeProp-style interpreter: real values flow, and each node's channel layout is computed."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, plain_reshapes: Iterable[str] = ()):
         super().__init__(gm)
-        self.E = Elements()
+        self.E = Elements(plain_reshapes=set(plain_reshapes))
         self.layouts: Dict[fx.Node, Any] = {}
         self.taps: List[Tuple[str, int, str, int, Seg]] = []
         self.tap_layouts: Dict[str, Tuple[Tuple[int, int, Seg], ...]] = {}  # node -> every (dim, pos, seg)
@@ -473,14 +473,23 @@ def trace_permutation_spec(
         raise MergeVisionError(f"example_input must be a Tensor, got {type(example_input).__name__}")
     with eval_mode(model), torch.no_grad():
         gm = trace_model(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
-        p = CouplingPass(gm)
-        try:
-            p.run(example_input)
-        except MergeVisionError:
-            raise
-        except Exception as exc:
-            raise TraceError(
-                f"running the traced {type(model).__name__} on an input of shape {tuple(example_input.shape)} failed: "
-                f"{type(exc).__name__}: {exc}. Check that the example input fits the model (channels, size)."
-            ) from exc
+        plain: set = set()
+        while True:
+            p = CouplingPass(gm, plain)
+            try:
+                p.run(example_input)
+            except MergeVisionError:
+                raise
+            except Exception as exc:
+                raise TraceError(
+                    f"running the traced {type(model).__name__} on an input of shape {tuple(example_input.shape)} "
+                    f"failed: {type(exc).__name__}: {exc}. Check that the example input fits the model "
+                    "(channels, size)."
+                ) from exc
+            # a reshape viewed as heads that no attention used is a plain channel-splitting reshape:
+            # trace again with it as one (so a model without attention traces exactly as it always did)
+            unused = p.E.unused_splits() - plain
+            if not unused:
+                break
+            plain |= unused
     return resolve_spec(p, model, example_input.shape)

@@ -83,6 +83,11 @@ class Elements:
     channel_free: Dict[Tuple[str, int], str] = field(default_factory=dict)
     splits: List[HeadSplit] = field(default_factory=list)
     split_of: Dict[int, int] = field(default_factory=dict)  # virtual element -> its split
+    plain_reshapes: set = field(default_factory=set)  # reshapes (``where``) not to view as heads
+
+    def unused_splits(self) -> set:
+        """The reshapes whose head view no attention rule used (traced again as plain reshapes)."""
+        return {s.where for s in self.splits if not (s.parent or s).role}
 
     # ---- recording -----------------------------------------------------------------------
     def new(self, size: int, label: str, frozen: Optional[str] = None) -> int:

@@ -20,7 +20,7 @@ from .core import Multi, RuleCall, is_tensor, join_dim, layout_or_none, unknown
 def split_view(E: Elements, where: str, segs, sizes) -> Optional[List[DimLayout]]:
     """Layouts of the dims ``sizes`` (``(heads, dim)`` or ``(outer, heads, dim)``) that a reshape makes
     of one channel dim laid out as ``segs``; None where this is not such a view."""
-    if len(sizes) not in (2, 3) or any(s.inner != 1 for s in segs) or min(sizes) < 1:
+    if len(sizes) not in (2, 3) or any(s.inner != 1 for s in segs) or min(sizes) < 1 or where in E.plain_reshapes:
         return None
     outer = sizes[0] if len(sizes) == 3 else 1
     heads, dim = sizes[-2], sizes[-1]
