@@ -87,7 +87,8 @@ class Elements:
 
     def unused_splits(self) -> set:
         """The reshapes whose head view no attention rule used (traced again as plain reshapes)."""
-        return {s.where for s in self.splits if not (s.parent or s).role}
+        used = {id(s.parent or s) for s in self.splits if s.role}
+        return {s.where for s in self.splits if id(s.parent or s) not in used}
 
     # ---- recording -----------------------------------------------------------------------
     def new(self, size: int, label: str, frozen: Optional[str] = None) -> int:
