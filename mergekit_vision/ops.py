@@ -149,7 +149,10 @@ LIBRARY_FUNCTIONS: Dict[str, Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]]]
     # timm's attention: ``maybe_add_mask(scores, mask)`` broadcasts an add; ``resolve_self_attn_mask``
     # builds the additive mask (None without one)
     "timm": {"broadcast": (("timm.layers.attention", ("maybe_add_mask",)),),
-             "attention_mask": (("timm.layers.attention", ("resolve_self_attn_mask",)),)},
+             "attention_mask": (("timm.layers.attention", ("resolve_self_attn_mask",)),),
+             # windows back to a channels-last map: positions move, channels stay last
+             "tokens": tuple((f"timm.models.{m}", ("window_reverse",))
+                             for m in ("swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr"))},
     "torchvision": {"pointwise": (("torchvision.ops", ("stochastic_depth",)),
                                   ("torchvision.ops.misc", ("stochastic_depth",)))},
 }

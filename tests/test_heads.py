@@ -49,7 +49,8 @@ def test_heads_spec_round_trip_and_old_json():
     spec = trace_permutation_spec(_vit(), X[:1])
     d = spec.to_dict()
     again = PermutationSpec.from_dict(d)
-    assert again.to_dict() == d and again["blocks.1.attn.qkv:heads"].heads_of == spec["blocks.1.attn.qkv:heads"].heads_of
+    name = "blocks.1.attn.qkv:heads"
+    assert again.to_dict() == d and again[name].heads_of == spec[name].heads_of
     # a group without heads writes no heads_of (specs of other models read as before), and old JSON loads
     plain = [g for g in d["groups"] if not g.get("heads_of")]
     assert plain and all("heads_of" not in g for g in plain)

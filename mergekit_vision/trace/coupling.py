@@ -106,7 +106,8 @@ class CouplingPass(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         largs = tuple(_map_layout(a, self.layouts) for a in n.args)
         lkwargs = {k: _map_layout(v, self.layouts) for k, v in n.kwargs.items()}
-        call = RuleCall(E, where, tuple(args), dict(kwargs), tuple(largs), dict(lkwargs), value)
+        static = tuple(isinstance(a, fx.Node) and not self.dynamic.get(a, False) for a in n.args)
+        call = RuleCall(E, where, tuple(args), dict(kwargs), tuple(largs), dict(lkwargs), value, static=static)
         if n.op == "call_module":
             module = self.modules[n.target]
             call.module, call.prefix = module, n.target

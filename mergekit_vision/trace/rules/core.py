@@ -24,6 +24,7 @@ class RuleCall:
     module: Optional[nn.Module] = None
     prefix: str = ""  # qualified name of the module, for state-dict keys
     declared: set = field(default_factory=set)  # (key, axis) a module rule accounted for
+    static: tuple = ()  # per positional arg: True where the value is not computed from the input (a buffer)
 
     def arg(self, i: int, name: str, default=None):
         if len(self.args) > i:

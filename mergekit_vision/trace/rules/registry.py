@@ -24,7 +24,8 @@ from .layers import conv_functional, conv_module, linear_functional, linear_modu
 from .norms import (batchnorm_functional, batchnorm_module, groupnorm_functional, groupnorm_module,
                     layernorm_functional, layernorm_module)
 from .shape import (cat_rule, chunk_rule, expand_rule, getattr_rule, getitem_rule, movedim_rule, permute_rule,
-                    repeat_rule, reshape_rule, split_rule, stack_rule, transpose_rule, unbind_rule)
+                    repeat_rule, reshape_rule, roll_rule, split_rule, stack_rule, tokens_last, transpose_rule,
+                    unbind_rule)
 
 Rule = Callable[[RuleCall], Any]
 
@@ -78,6 +79,7 @@ FUNCTION_RULES: Dict[Any, Rule] = _table(
     ((torch.split,), split_rule),
     ((torch.chunk,), chunk_rule),
     ((torch.unbind,), unbind_rule),
+    ((torch.roll,), roll_rule),
     ((torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std, torch.var, torch.logsumexp,
       torch.prod), reduction()),
     ((torch.argmax, torch.argmin), reduction(arg_sensitive=True)),
@@ -100,6 +102,7 @@ METHOD_RULES: Dict[str, Rule] = _table(
     (("split",), split_rule),
     (("chunk",), chunk_rule),
     (("unbind",), unbind_rule),
+    (("roll",), roll_rule),
     (("mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "prod"), reduction()),
     (("argmax", "argmin"), reduction(arg_sensitive=True)),
     (("norm",), norm_method),
@@ -111,7 +114,7 @@ METHOD_RULES: Dict[str, Rule] = _table(
 # what each kind of library op does to channels (kinds as in ops.LIBRARY_MODULES / LIBRARY_FUNCTIONS)
 LIBRARY_KIND_RULES: Dict[str, Rule] = {
     "pointwise": passthrough, "batchnorm": batchnorm_module, "groupnorm": groupnorm_module, "conv": conv_module,
-    "spatial": spatial_op, "broadcast": elementwise, "attention_mask": attention_mask,
+    "spatial": spatial_op, "broadcast": elementwise, "attention_mask": attention_mask, "tokens": tokens_last,
 }
 
 # ---- the extension point ---------------------------------------------------------------------------

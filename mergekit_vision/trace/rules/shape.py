@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any, List
 
+import torch
+
 from ..layout import DimLayout, Elements, Seg, slice_dim
 from .attention import merge_view, select, split_view, unbind_selector
 from .core import Multi, RuleCall, cut_slice, fresh_layout, is_tensor, join_dim, layout_or_none, unknown
@@ -46,6 +48,11 @@ def reshape_layout(E: Elements, where: str, in_shape, lx, out_shape):
             out[b[0]] = ins[0]
         elif merged is not None:  # heads and head dim back into one channel axis
             out[b[0]] = merged
+        elif (len(b) == 1 and ins[-1] is not None and all(lay is None for lay in ins[:-1])
+              and all(s.inner == 1 for s in ins[-1])):
+            # positions outer, channels inner (Swin's patch merging, space-to-depth): each position's
+            # block holds the same channels
+            out[b[0]] = tuple(ins[-1]) * math.prod(in_shape[k] for k in a[:-1])
         elif len(b) == 1 and ins[0] is not None:  # merge: channel outermost, the rest become inner
             for lay in ins[1:]:
                 E.freeze_dim(lay, f"{where} flattens an axis inside another channel axis")
@@ -153,7 +160,7 @@ def getitem_rule(call: RuleCall):
     lx = list(layout_or_none(lobj, obj))
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(is_tensor(i) or isinstance(i, (list,)) for i in idx):
-        return unknown(call)
+        return gather_rule(call, obj, lx, idx)
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     expanded: List[Any] = []
     for i in idx:
@@ -297,3 +304,40 @@ def getattr_rule(call: RuleCall):
     if is_tensor(call.out):
         return unknown(call)
     return None
+
+
+def gather_rule(call: RuleCall, obj, lx, idx):
+    """``x[index]`` / ``x[:, index]`` with one integer index tensor (a relative-position table read at its
+    index buffer): the indexed dim's positions are gathered, so a channel axis there freezes; the other
+    dims keep their channels; the dims the index adds carry none."""
+    k = next(i for i, v in enumerate(idx) if is_tensor(v) or isinstance(v, list))
+    if not (is_tensor(idx[k]) and not idx[k].is_floating_point() and idx[k].dtype != torch.bool) \
+            or any(i != slice(None) for j, i in enumerate(idx) if j != k) or len(idx) > obj.dim():
+        return unknown(call)
+    lidx = call.largs[1][k] if isinstance(call.args[1], tuple) and isinstance(call.largs[1], Multi) else call.largs[1]
+    for lay in layout_or_none(lidx, idx[k]):
+        call.E.freeze_dim(lay, f"{call.where} indexes with a channel axis")
+    call.E.freeze_dim(lx[k], f"{call.where} gathers along a channel axis")
+    return tuple(lx[:k]) + (None,) * idx[k].dim() + tuple(lx[k + 1:])
+
+
+def roll_rule(call: RuleCall):
+    """``torch.roll(x, shifts, dims)``: positions move along ``dims``; a channel axis there freezes."""
+    x = call.args[0]
+    lx = layout_or_none(call.largs[0], x)
+    dims = call.arg(2, "dims", None)
+    dims = range(x.dim()) if dims is None else ([dims] if isinstance(dims, int) else dims)
+    for d in dims:
+        call.E.freeze_dim(lx[d % x.dim()], f"{call.where} rolls along a channel axis")
+    return lx
+
+
+def tokens_last(call: RuleCall):
+    """A function that only moves positions of a channels-last tensor (timm's ``window_reverse``): the
+    last dim's channels pass through; a channel axis anywhere else is not understood."""
+    x = call.args[0]
+    lx = layout_or_none(call.largs[0], x)
+    if not (is_tensor(x) and is_tensor(call.out)) or x.shape[-1] != call.out.shape[-1] or any(
+            lay is not None for lay in lx[:-1]):
+        return unknown(call)
+    return (None,) * (call.out.dim() - 1) + (lx[-1],)
