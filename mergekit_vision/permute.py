@@ -155,6 +155,22 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.T
     return new
 
 
+def effective_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``perms`` with each head-block group's permutation composed with its heads group's: what the two
+    steps do to the group's channels (aligned channel k is B's channel ``out[group][k]``), for code that
+    reorders per-channel values of one group (REPAIR's statistics, aligned taps)."""
+    out = dict(perms)
+    for g in spec.groups:
+        if not g.heads_of or g.name not in perms and not any(t in perms for t in g.heads_of):
+            continue
+        hp = torch.as_tensor(perms.get(g.name, torch.arange(g.size)), dtype=torch.long)
+        for t in g.heads_of:
+            n = spec[t].size
+            w = torch.as_tensor(perms.get(t, torch.arange(n)), dtype=torch.long)
+            out[t] = w.view(g.size, n // g.size)[hp].reshape(-1)
+    return out
+
+
 def random_perms(spec: PermutationSpec, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
     """A random permutation, respecting blocks, for every non-frozen group (for tests and demos)."""
     perms = {}

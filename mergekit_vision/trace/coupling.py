@@ -401,6 +401,8 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
                     if msg not in reasons[g]:
                         reasons[g].append(msg)
 
+    # heads and their blocks inside a leaf module (nn.MultiheadAttention) show no activation, yet are groups
+    head_displays = {where[hc][0] for hc in heads if hc in where} | {gi for h in heads.values() for gi, _ in h.blocks}
     spec = PermutationSpec(input_shape=tuple(input_shape), model_name=type(model).__name__)
     group_of_display: List[int] = []  # display index of each spec group
     used_names: set = set()
@@ -411,7 +413,7 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
         size = block * len(comps)
         rs = list(dict.fromkeys(reasons[gi]))[:6]
         ms = sorted(members.get(gi, []), key=lambda m: (m.offset, m.key, m.axis))
-        if not taps.get(gi):
+        if not taps.get(gi) and not (gi in head_displays and not rs):
             # never an activation channel: parameter axes that no permutation may touch
             for m in ms:
                 if rs or size > 1:

@@ -176,3 +176,50 @@ def attention_mask(call: RuleCall):
     """A function that builds an attention mask from the call's masks: None without one (nothing to
     track); otherwise the mask is not understood."""
     return None if call.out is None else unknown(call)
+
+
+def _param(call: RuleCall, pname: str, axis: int) -> DimLayout:
+    """Layout of axis ``axis`` of the module's tensor ``pname`` (a dotted path), declared."""
+    t = call.module
+    for part in pname.split("."):
+        t = getattr(t, part, None)
+    if not is_tensor(t):
+        return None
+    key = call.key(pname)
+    call.declared.add((key, axis))
+    return call.E.full(call.E.param(key, axis, t.shape[axis]))
+
+
+def multihead_attention_module(call: RuleCall):
+    """``nn.MultiheadAttention`` (torchvision's ViT): the fused in-projection's rows are q, k and v,
+    each ``num_heads`` blocks of ``head_dim``; the output projection reads v's channels."""
+    m = call.module
+    q, k, v = (call.arg(i, n) for i, n in enumerate(("query", "key", "value")))
+    lq, lk, lv = (layout_or_none(call.larg(i, n), t) for i, n, t in ((0, "query", q), (1, "key", k), (2, "value", v)))
+    masks = [call.arg(i, n) for i, n in ((4, "key_padding_mask"), (6, "attn_mask"))]
+    if (not getattr(m, "_qkv_same_embed_dim", False) or m.bias_k is not None or m.bias_v is not None
+            or m.add_zero_attn or any(is_tensor(x) for x in masks) or not all(is_tensor(t) for t in (q, k, v))
+            or any(lay is not None for t in (lq, lk, lv) for lay in t[:-1])):
+        return unknown(call)
+    E = call.E
+    w_out, w_in = _param(call, "in_proj_weight", 0), _param(call, "in_proj_weight", 1)
+    for lay in (lq[-1], lk[-1], lv[-1]):
+        join_dim(E, lay, w_in, call.where)
+    if m.in_proj_bias is not None:
+        join_dim(E, w_out, _param(call, "in_proj_bias", 0), call.where)
+    o_out, o_in = _param(call, "out_proj.weight", 0), _param(call, "out_proj.weight", 1)
+    if m.out_proj.bias is not None:
+        join_dim(E, o_out, _param(call, "out_proj.bias", 0), call.where)
+    e, heads = m.embed_dim, m.num_heads
+    parts = [E.head_split(slice_dim(w_out, i * e, (i + 1) * e), heads, e // heads, 1, call.where) for i in range(3)]
+    for s in parts[1:]:  # one head axis for q, k and v
+        E.join(parts[0].head, 0, s.head, 0, heads, call.where)
+    sq, sk, sv = parts
+    join_dim(E, sq.chan, sk.chan, call.where)
+    sq.role = sk.role = "qk"
+    sv.role = "vo"
+    join_dim(E, sv.chan, o_in, call.where)
+    out = (None,) * (q.dim() - 1) + (o_out,)
+    if isinstance(call.out, tuple):
+        return Multi((out, None if call.out[1] is None else (None,) * call.out[1].dim()))
+    return out

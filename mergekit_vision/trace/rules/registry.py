@@ -17,7 +17,7 @@ from torch import nn
 
 from ... import ops
 from ...errors import MergeVisionError
-from .attention import attention_mask, matmul_rule, sdpa_rule
+from .attention import attention_mask, matmul_rule, multihead_attention_module, sdpa_rule
 from .core import RuleCall, mixes_channels, passthrough
 from .elementwise import elementwise, norm_method, pad_rule, reduction, spatial_op
 from .layers import conv_functional, conv_module, linear_functional, linear_module, prelu_module
@@ -56,6 +56,7 @@ MODULE_RULES: Dict[type, Rule] = _table(
     ((nn.Softmax, nn.LogSoftmax, nn.Softmax2d), passthrough),  # along a dim: equivariant
     ((nn.Flatten, nn.Unflatten), reshape_rule),
     (ops.CHANNEL_MIXING_MODULES, mixes_channels),
+    ((nn.MultiheadAttention,), multihead_attention_module),
 )
 
 FUNCTION_RULES: Dict[Any, Rule] = _table(
