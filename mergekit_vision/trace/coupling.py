@@ -59,6 +59,7 @@ class CouplingPass(fx.Interpreter):
         self.modules = dict(gm.named_modules())
         self.declared: set = set()
         self.dynamic: Dict[fx.Node, bool] = {}
+        self.data: Dict[fx.Node, bool] = {}
 
     # ---- per node ------------------------------------------------------------------------
     def run_node(self, n: fx.Node) -> Any:
@@ -68,7 +69,11 @@ class CouplingPass(fx.Interpreter):
         # only values computed from the input are activations (a weight-standardization chain is not)
         self.dynamic[n] = ((n.op == "placeholder" and isinstance(value, torch.Tensor))
                            or any(self.dynamic.get(a, False) for a in n.all_input_nodes))
-        if self.dynamic[n] and isinstance(value, torch.Tensor) and isinstance(layout, tuple) \
+        # data-dependent: computed from the input's values, not only from its shape (for RuleCall.static)
+        self.data[n] = ((n.op == "placeholder" and isinstance(value, torch.Tensor))
+                        or any(self.data.get(a, False) for a in n.all_input_nodes
+                               if isinstance(self.env.get(a), (torch.Tensor, tuple, list))))
+        if self.data[n] and isinstance(value, torch.Tensor) and isinstance(layout, tuple) \
                 and not isinstance(layout, Multi):
             op = op_name(n, self.modules)
             segs = []
@@ -106,7 +111,7 @@ class CouplingPass(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         largs = tuple(_map_layout(a, self.layouts) for a in n.args)
         lkwargs = {k: _map_layout(v, self.layouts) for k, v in n.kwargs.items()}
-        static = tuple(isinstance(a, fx.Node) and not self.dynamic.get(a, False) for a in n.args)
+        static = tuple(isinstance(a, fx.Node) and not self.data.get(a, False) for a in n.args)
         call = RuleCall(E, where, tuple(args), dict(kwargs), tuple(largs), dict(lkwargs), value, static=static)
         if n.op == "call_module":
             module = self.modules[n.target]

@@ -84,6 +84,12 @@ class Elements:
     splits: List[HeadSplit] = field(default_factory=list)
     split_of: Dict[int, int] = field(default_factory=dict)  # virtual element -> its split
     plain_reshapes: set = field(default_factory=set)  # reshapes (``where``) not to view as heads
+    broadcast: set = field(default_factory=set)  # elements of dims a constant is expanded along
+
+    def constant_along(self, dim) -> bool:
+        """Whether ``dim`` is one dim a constant was expanded along (its values repeat there): it meets
+        any other dim without tying or freezing it."""
+        return dim is not None and len(dim) == 1 and dim[0].elem in self.broadcast
 
     def unused_splits(self) -> set:
         """The reshapes whose head view no attention rule used (traced again as plain reshapes)."""
@@ -164,8 +170,8 @@ class Elements:
         touched = set()
         for a, _, b, _, _ in self.joins:
             touched.update((a, b))
-        touched.update(e for e in self.split_of if self.reasons[e] or self.cuts[e])
-        virtual = set()
+        touched.update(e for e in list(self.split_of) + list(self.broadcast) if self.reasons[e] or self.cuts[e])
+        virtual = {e for e in self.broadcast if e not in touched}  # touched: ordinary (repeats are permutable)
         for s in self.splits:
             root = s.parent or s
             if not root.role:

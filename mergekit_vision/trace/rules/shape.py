@@ -41,6 +41,8 @@ def reshape_layout(E: Elements, where: str, in_shape, lx, out_shape):
         a = [k for k in range(i0, i) if in_shape[k] != 1]
         b = [k for k in range(j0, j) if out_shape[k] != 1]
         ins = [lx[k] for k in a]
+        if len(a) > 1 or len(b) > 1:  # merged or split, a repeating dim repeats no more
+            ins = [None if E.constant_along(lay) else lay for lay in ins]
         if all(lay is None for lay in ins):
             continue
         merged = merge_view(E, ins) if len(b) == 1 and len(a) in (2, 3) else None
@@ -120,9 +122,15 @@ def expand_rule(call: RuleCall):
     lx = layout_or_none(call.largs[0], x)
     nd = out.dim()
     layout = []
+    static = bool(call.static) and call.static[0]
     for d in range(nd):
         k = d - (nd - x.dim())
-        if k < 0 or x.shape[k] != out.shape[d]:
+        if static and k >= 0 and x.shape[k] == 1 and out.shape[d] > 1:
+            # a constant (an attention mask) repeated along a dim: it may meet channels there (heads)
+            e = call.E.new(out.shape[d], call.where)
+            call.E.broadcast.add(e)
+            layout.append((Seg(e, 0, out.shape[d]),))
+        elif k < 0 or x.shape[k] != out.shape[d]:
             layout.append(None)  # broadcast of a size-1 dim: the same value everywhere
         else:
             layout.append(lx[k])
