@@ -119,3 +119,19 @@ def test_vit_recovers_permuted_copy(name, method, fused):
     assert res.wrong_groups == {} and res.max_weight_error < 1e-5
     perms = random_perms(res.spec, torch.Generator().manual_seed(1))
     assert any(not torch.equal(p, torch.arange(p.numel())) for n, p in perms.items() if n.endswith(":heads"))
+
+
+@pytest.mark.parametrize("method", ["activation", "weight"])
+def test_merge_many_recovers_permuted_vits(method):
+    """MergeMany's sweeps solve heads with their head blocks, and relabel them to the reference on the
+    composed permutations: three permuted copies of one ViT merge back to the reference's copy."""
+    from mergekit_vision.merge import merge_many
+
+    a = randomize_model(_vit(), 0)
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    spec = trace_permutation_spec(a, x[:1])
+    b0, b1 = (permute(a, spec, random_perms(spec, torch.Generator().manual_seed(s))) for s in (1, 2))
+    merged, rep = merge_many([b0, a, b1], [x], method=method, repair=False, progress=False, return_report=True)
+    assert rep.sweeps >= 1
+    for k, v in b0.state_dict().items():
+        assert torch.allclose(merged.state_dict()[k], v, atol=1e-5), k
