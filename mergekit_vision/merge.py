@@ -30,7 +30,7 @@ from .match.evidence import check_matching_evidence, check_site_evidence
 from .match.many import (DEFAULT_SWEEPS, IDENTITY_TOL, activation_sweeps, in_reference_order, near_identity,
                          pair_correlations, weight_sweeps)
 from .options import METHODS, REPAIR_MODES, MergeOptions
-from .permute import effective_perms, permute_state_dict
+from .permute import clear_tensor_caches, effective_perms, permute_state_dict
 from .repair import fuse_corrections, repair_targets, with_affines
 from .repair.lsq import find_lsq_sites, lsq_pass, warn_underdetermined
 from .report import GroupReport, MergeReport, SiteReport
@@ -459,6 +459,7 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
         aligned = [permute_state_dict(sd, spec, p) if p else sd for sd, p in zip(sds, perms)]
         merged = copy.deepcopy(ms[ref])
         merged.load_state_dict(weighted_average(aligned, w))
+        clear_tensor_caches(merged)  # LeViT's cached attention biases are the reference's otherwise
         merged.eval()
 
     # ---- repair: targets sum_k w_k stat_k, correction pass, fuse ----------------------------------

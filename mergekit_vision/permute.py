@@ -38,8 +38,11 @@ def _position_perm(length: int, members) -> torch.Tensor:
             raise SpecError(f"group permutation moves channels out of the range {m.offset}:{m.offset + m.length} "
                             f"that {m.key!r} axis {m.axis} holds; the spec needs a block constraint here")
         r = torch.arange(m.inner)
-        src = (m.start + local[:, None] * m.inner + r[None, :]).reshape(-1)
-        pp[m.start:m.start + m.length * m.inner] = src
+        src = (m.start + local[:, None] * m.step + r[None, :]).reshape(-1)
+        if m.stride:
+            pp[(m.start + torch.arange(m.length)[:, None] * m.step + r[None, :]).reshape(-1)] = src
+        else:
+            pp[m.start:m.start + m.length * m.inner] = src
     return pp
 
 
@@ -131,6 +134,21 @@ def _storage_id(t):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
+# module attributes that cache values computed from the module's tensors in eval mode (timm's LeViT,
+# EfficientFormer(V2), EfficientViT-MSRA, TinyViT: attention biases gathered per head); stale once the
+# tensors change
+TENSOR_CACHES = ("attention_bias_cache",)
+
+
+def clear_tensor_caches(model: nn.Module) -> nn.Module:
+    """Empty every ``TENSOR_CACHES`` dict of ``model`` (after its tensors were rewritten), in place."""
+    for m in model.modules():
+        for attr in TENSOR_CACHES:
+            if isinstance(getattr(m, attr, None), dict):
+                setattr(m, attr, {})
+    return model
+
+
 def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> nn.Module:
     """A new model of the same class with the permutations applied; ``model`` is not touched.
 
@@ -152,7 +170,7 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.T
                 t = permute_tensor(t, axis, groups, members)
             target[key].copy_(t)
             del t
-    return new
+    return clear_tensor_caches(new)
 
 
 def effective_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ class Member:
     (each channel owns a block of ``inner`` in-features). ``groups > 1`` marks the in-axis of a grouped
     conv, whose weight axis holds ``in_channels // groups`` positions: the member is then described in
     the *input-channel* coordinates and each block of rows sees its own slice of the permutation.
+    ``stride`` (heads groups only; 0 = ``inner``): channel ``offset + j`` starts at ``start + j*stride``
+    (LeViT keeps each head's q, k and v together, so one head's q rows are a stride apart).
     """
 
     key: str
@@ -27,6 +29,12 @@ class Member:
     length: int = 0
     inner: int = 1
     groups: int = 1
+    stride: int = 0
+
+    @property
+    def step(self) -> int:
+        """Positions from one channel's start to the next's."""
+        return self.stride or self.inner
 
     def __str__(self) -> str:
         extra = ""
@@ -34,7 +42,10 @@ class Member:
             extra += f", inner={self.inner}"
         if self.groups > 1:
             extra += f", groups={self.groups}"
-        return f"{self.key}[axis {self.axis}, {self.start}:{self.start + self.length * self.inner}{extra}]"
+        if self.stride:
+            extra += f", stride={self.stride}"
+        end = self.start + (self.length - 1) * self.step + self.inner if self.length else self.start
+        return f"{self.key}[axis {self.axis}, {self.start}:{end}{extra}]"
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,9 @@ class PermutationGroup:
         d = asdict(self)
         if not self.heads_of:  # specs without attention heads read as they always did
             del d["heads_of"]
+        for m in d["members"]:
+            if not m["stride"]:
+                del m["stride"]
         return d
 
     @classmethod

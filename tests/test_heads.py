@@ -135,3 +135,19 @@ def test_merge_many_recovers_permuted_vits(method):
     assert rep.sweeps >= 1
     for k, v in b0.state_dict().items():
         assert torch.allclose(merged.state_dict()[k], v, atol=1e-5), k
+
+
+def test_stale_attention_bias_caches_are_cleared():
+    """LeViT caches its per-head attention biases in eval mode: a permuted (or merged) copy must not
+    keep the original's cache, or it computes with unpermuted biases."""
+    m = randomize_model(timm.create_model("levit_128s", pretrained=False).eval().double(), 0)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).double()
+    spec = trace_permutation_spec(copy.deepcopy(m).float(), x.float())
+    heads = [g.name for g in spec.free_groups if g.heads_of]
+    assert len(heads) == 11
+    # LeViT keeps each head's q, k and v together: one head's q rows are a stride apart
+    assert any(mm.stride for mm in spec[heads[0]].members)
+    with torch.no_grad():
+        y = m(x)  # fills the cache
+        perms = {n: torch.roll(torch.arange(spec[n].size), 1) for n in heads}
+        assert torch.allclose(permute(m, spec, perms)(x), y, rtol=0, atol=1e-10)

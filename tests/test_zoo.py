@@ -128,6 +128,9 @@ ATTENTION = {
     "swinv2_tiny": (lambda: timm.create_model("swinv2_tiny_window8_256", img_size=64, window_size=4,
                                               depths=(2, 2), num_heads=(3, 6), embed_dim=48), 64),
     "tv_vit_b_16": (_small_vit_b16, 32),
+    # q, k and v of each head side by side in one head dim (strided heads members); cached attention biases
+    "levit_128s": (lambda: timm.create_model("levit_128s"), 224),
+    "efficientformer_l1": (lambda: timm.create_model("efficientformer_l1"), 224),
 }
 
 
@@ -137,7 +140,7 @@ def test_attention_zoo(name, fused):
     build, size = ATTENTION[name]
     model = build()
     if not fused and not any(hasattr(m, "fused_attn") for m in model.modules()):
-        pytest.skip("no explicit-attention switch (nn.MultiheadAttention)")
+        pytest.skip("the model has one attention form only (no fused_attn switch)")
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = fused

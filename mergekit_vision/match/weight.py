@@ -27,6 +27,9 @@ def _rows(t: torch.Tensor, m: Member) -> List[Tuple[int, torch.Tensor]]:
     t = t.detach() if t.dtype in (torch.float32, torch.float64) else t.detach().float()
     x = t.movedim(m.axis, 0)
     if m.groups == 1:
+        if m.stride:
+            pos = (m.start + torch.arange(m.length)[:, None] * m.stride + torch.arange(m.inner)[None, :]).reshape(-1)
+            return [(m.offset, x.index_select(0, pos.to(x.device)).reshape(m.length, -1))]
         rows = x[m.start:m.start + m.length * m.inner].reshape(m.length, -1)
         return [(m.offset, rows)]
     # grouped conv in-axis: channel c (input coordinates) lives in output-row block c // ipg

@@ -191,7 +191,6 @@ class _Heads:
     """One head axis (a component of head elements) and the head-block groups its splits make."""
 
     size: int
-    dim: int = 0
     blocks: List[Tuple[int, str]] = dataclasses.field(default_factory=list)  # (display index, role)
     bad: str = ""
 
@@ -203,7 +202,7 @@ def _head_blocks(E: Elements, A, display: List, placed: set) -> Dict[int, _Heads
     out: Dict[int, _Heads] = {}
     tied: Dict[Tuple[int, ...], int] = {}
     for s in E.splits:
-        if s.outer != 1 or not (s.parent or s).role:
+        if s.outer != 1 or not s.root.role or s.sliced:
             continue
         heads_atoms = range(A.first[s.head], A.first[s.head] + len(A.bounds[s.head]) - 1)
         hcs = {A.find(i) for i in heads_atoms}
@@ -234,9 +233,6 @@ def _head_blocks(E: Elements, A, display: List, placed: set) -> Dict[int, _Heads
             tied[key] = len(display)
             display.append((block[0].elem, comps))
             placed.update(comps)
-        if h.dim not in (0, s.dim):
-            h.bad = h.bad or f"{s.where}: heads of different sizes share a head axis"
-        h.dim = s.dim
         entry = (tied[key], s.role)
         if all(gi != tied[key] for gi, _ in h.blocks):
             h.blocks.append(entry)
@@ -266,9 +262,9 @@ def _tie_heads(spec: PermutationSpec, heads: Dict[int, _Heads], where: Dict[int,
                 break
             if g is None or g.frozen:
                 why = f"head-block group {g.name if g else '?'} is frozen ({g.reason if g else 'no taps'})"
-            elif g.size != h.size * h.dim or g.blocks != h.size:
-                why = f"head-block group {g.name} is not {h.size} blocks of {h.dim}"
-            elif any(m.groups != 1 or m.offset % h.dim or m.length % h.dim for m in g.members):
+            elif g.blocks != h.size or g.size % h.size:
+                why = f"head-block group {g.name} is not {h.size} blocks"
+            elif any(m.groups != 1 or m.offset % g.block_size or m.length % g.block_size for m in g.members):
                 why = f"head-block group {g.name} has members that do not hold whole heads"
         if why:
             if not gh.frozen:
@@ -278,12 +274,43 @@ def _tie_heads(spec: PermutationSpec, heads: Dict[int, _Heads], where: Dict[int,
         for g, role in tied:
             used_names.discard(g.name)
             g.name = _unique(f"{g.name.split('#')[0]}:{role or 'heads'}", used_names)
-            gh.members.extend(Member(m.key, m.axis, m.start, m.offset // h.dim, m.length // h.dim,
-                                     m.inner * h.dim) for m in g.members)
+            d = g.block_size  # one head's channels of this group (q/k and v may differ: LeViT)
+            gh.members.extend(Member(m.key, m.axis, m.start, m.offset // d, m.length // d, m.inner * d)
+                              for m in g.members)
         used_names.discard(gh.name)
         gh.name = _unique(f"{base}:heads", used_names)
         gh.heads_of = [g.name for g, _ in tied]
-        gh.members.sort(key=lambda m: (m.offset, m.key, m.axis, m.start))
+        runs = _strided_runs(gh.members)
+        if runs is None:
+            gh.frozen, gh.reason = True, "the heads' channels do not line up head by head"
+            gh.heads_of = []
+            continue
+        gh.members = runs
+
+
+def _strided_runs(members: List[Member]) -> Optional[List[Member]]:
+    """Join a heads group's one-head members into members covering every head, track by track (the
+    i-th member of each head on one tensor axis: LeViT's q and k rows of each head), at a constant
+    step of positions (``Member.stride``). None where the heads' members do not line up."""
+    out = [m for m in members if m.length != 1]
+    buckets: Dict[tuple, Dict[int, List[Member]]] = defaultdict(lambda: defaultdict(list))
+    for m in members:
+        if m.length == 1:
+            buckets[(m.key, m.axis, m.inner, m.groups)][m.offset].append(m)
+    for by_head in buckets.values():
+        heads = sorted(by_head)
+        tracks = [sorted(by_head[h], key=lambda m: m.start) for h in heads]
+        if len({len(t) for t in tracks}) != 1:
+            return None
+        for k in range(len(tracks[0])):
+            run = [t[k] for t in tracks]
+            steps = {b.start - a.start for a, b in zip(run, run[1:])}
+            if heads != list(range(heads[0], heads[0] + len(heads))) or len(steps) > 1 or \
+                    (steps and min(steps) < run[0].inner):
+                return None
+            step = steps.pop() if steps else run[0].inner
+            out.append(dataclasses.replace(run[0], length=len(run), stride=0 if step == run[0].inner else step))
+    return sorted(out, key=lambda m: (m.offset, m.key, m.axis, m.start))
 
 
 def _unique(name: str, used: set) -> str:

@@ -63,7 +63,20 @@ class HeadSplit:
     selector: Optional[int] = None
     role: str = ""  # "qk" or "vo" once an attention rule has seen it
     where: str = ""  # the reshape that made it, for messages
-    parent: Optional[HeadSplit] = None  # the (q/k/v, heads, dim) split this part was selected from
+    parent: Optional[HeadSplit] = None  # the split this part was selected (q/k/v) or sliced (head dim) from
+    covered: int = 0  # positions of the head dim that slices of it (LeViT's q/k/v per head) took
+
+    @property
+    def root(self) -> HeadSplit:
+        s = self
+        while s.parent is not None:
+            s = s.parent
+        return s
+
+    @property
+    def sliced(self) -> bool:
+        """Whether slices of its head dim cover it: its channels are its slices' (not tied itself)."""
+        return self.covered == self.dim
 
 
 @dataclass
@@ -93,8 +106,8 @@ class Elements:
 
     def unused_splits(self) -> set:
         """The reshapes whose head view no attention rule used (traced again as plain reshapes)."""
-        used = {id(s.parent or s) for s in self.splits if s.role}
-        return {s.where for s in self.splits if id(s.parent or s) not in used}
+        used = {id(s.root) for s in self.splits if s.role}
+        return {s.where for s in self.splits if id(s.root) not in used}
 
     # ---- recording -----------------------------------------------------------------------
     def new(self, size: int, label: str, frozen: Optional[str] = None) -> int:
@@ -166,15 +179,14 @@ class Elements:
         head's block (one permutation shared by all heads), and its q/k/v axis, if touched, freezes."""
         for s in self.splits:
             if s.role and s.parent is not None:
-                s.parent.role = s.parent.role or "qkv"
+                s.root.role = s.root.role or "qkv"
         touched = set()
         for a, _, b, _, _ in self.joins:
             touched.update((a, b))
         touched.update(e for e in list(self.split_of) + list(self.broadcast) if self.reasons[e] or self.cuts[e])
         virtual = {e for e in self.broadcast if e not in touched}  # touched: ordinary (repeats are permutable)
         for s in self.splits:
-            root = s.parent or s
-            if not root.role:
+            if not s.root.role:
                 for seg in s.chan:
                     self.freeze(seg.elem, f"{s.where} reshapes a channel axis (mixes or splits channels)")
                 for e in (s.head, s.within, s.selector):

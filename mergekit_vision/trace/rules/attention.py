@@ -131,8 +131,9 @@ def matmul_rule(call: RuleCall):
         return [lay[d - (nb - (v.dim() - 2))] if d - (nb - (v.dim() - 2)) >= 0 else None for d in range(nb)]
 
     contract(E, call.where, la[-1], lb[-2], aligned(a, la), aligned(b, lb))
-    if sv is not None:
-        sv.role = sv.role or "vo"
+    for s in (sv, within_of(E, la[-2])):  # v's head dim reaches the output (attn @ v, or v @ attn^T)
+        if s is not None:
+            s.role = s.role or "vo"
     return tuple(batch) + (la[-2], lb[-1])
 
 
@@ -223,3 +224,22 @@ def multihead_attention_module(call: RuleCall):
     if isinstance(call.out, tuple):
         return Multi((out, None if call.out[1] is None else (None,) * call.out[1].dim()))
     return out
+
+
+def slice_within(E: Elements, where: str, dim: DimLayout, start: int, stop: int) -> Optional[DimLayout]:
+    """Positions ``start:stop`` of a whole head dim (LeViT splits each head's q, k and v out of it): the
+    head dim of a split of its own, over those positions of every head, on the same head axis. None
+    where ``dim`` is not a whole head dim."""
+    s = within_of(E, dim)
+    if s is None or s.outer != 1 or not 0 <= start < stop <= s.dim:
+        return None
+    chan = []
+    for h in range(s.heads):
+        part = slice_dim(s.chan, h * s.dim + start, h * s.dim + stop)
+        if part is None:
+            return None
+        chan.extend(part)
+    sub = E.head_split(tuple(chan), s.heads, stop - start, 1, where, head=s.head)
+    sub.where, sub.parent = s.where, s
+    s.covered += stop - start
+    return (Seg(sub.within, 0, stop - start),)

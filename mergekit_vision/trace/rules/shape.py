@@ -7,7 +7,7 @@ from typing import Any, List
 import torch
 
 from ..layout import DimLayout, Elements, Seg, slice_dim
-from .attention import merge_view, select, split_view, unbind_selector
+from .attention import merge_view, select, slice_within, split_view, unbind_selector
 from .core import Multi, RuleCall, cut_slice, fresh_layout, is_tensor, join_dim, layout_or_none, unknown
 
 
@@ -270,7 +270,10 @@ def split_rule(call: RuleCall):
     for o in outs:
         n = o.shape[dim]
         layout = list(lx)
-        if lx[dim] is not None:
+        part = slice_within(call.E, call.where, lx[dim], pos, pos + n)
+        if part is not None:  # q, k, v of every head out of one head dim (LeViT)
+            layout[dim] = part
+        elif lx[dim] is not None:
             sl = slice_dim(lx[dim], pos, pos + n)
             cut_slice(call.E, lx[dim], pos, pos + n)
             if sl is None:
