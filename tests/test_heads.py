@@ -151,3 +151,28 @@ def test_stale_attention_bias_caches_are_cleared():
         y = m(x)  # fills the cache
         perms = {n: torch.roll(torch.arange(spec[n].size), 1) for n in heads}
         assert torch.allclose(permute(m, spec, perms)(x), y, rtol=0, atol=1e-10)
+
+
+class _MHANet(torch.nn.Module):
+    """nn.MultiheadAttention returning its attention weights, averaged or per head (then read by a
+    linear layer, which the heads' permutation must move too)."""
+
+    def __init__(self, per_head: bool):
+        super().__init__()
+        self.inp, self.mha = torch.nn.Linear(3, 16), torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.out, self.read = torch.nn.Linear(16, 5), torch.nn.Linear(4, 5)
+        self.per_head = per_head
+
+    def forward(self, x):
+        t = self.inp(x.flatten(2).transpose(1, 2))
+        o, w = self.mha(t, t, t, need_weights=True, average_attn_weights=not self.per_head)
+        return self.out(o.mean(1)) + (self.read(w.mean((-1, -2))) if self.per_head else w.mean())
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_multihead_attention_module(per_head):
+    res = check_spec(_MHANet(per_head), torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)))
+    assert res.rel_error < 1e-9 and res.uncovered == []
+    heads = res.spec["mha.in_proj_weight:heads"]
+    assert not heads.frozen and heads.heads_of == ["mha.in_proj_weight:qk", "mha.in_proj_weight:vo"]
+    assert any(m.key == "read.weight" for m in heads.members) == per_head

@@ -197,7 +197,7 @@ def multihead_attention_module(call: RuleCall):
     m = call.module
     q, k, v = (call.arg(i, n) for i, n in enumerate(("query", "key", "value")))
     lq, lk, lv = (layout_or_none(call.larg(i, n), t) for i, n, t in ((0, "query", q), (1, "key", k), (2, "value", v)))
-    masks = [call.arg(i, n) for i, n in ((4, "key_padding_mask"), (6, "attn_mask"))]
+    masks = [call.arg(i, n) for i, n in ((3, "key_padding_mask"), (5, "attn_mask"))]
     if (not getattr(m, "_qkv_same_embed_dim", False) or m.bias_k is not None or m.bias_v is not None
             or m.add_zero_attn or any(is_tensor(x) for x in masks) or not all(is_tensor(t) for t in (q, k, v))
             or any(lay is not None for t in (lq, lk, lv) for lay in t[:-1])):
@@ -222,7 +222,13 @@ def multihead_attention_module(call: RuleCall):
     join_dim(E, sv.chan, o_in, call.where)
     out = (None,) * (q.dim() - 1) + (o_out,)
     if isinstance(call.out, tuple):
-        return Multi((out, None if call.out[1] is None else (None,) * call.out[1].dim()))
+        weights = call.out[1]
+        if weights is None:
+            return Multi((out, None))
+        lw: List[DimLayout] = [None] * weights.dim()
+        if weights.dim() == q.dim() + 1 and weights.shape[-3] == heads:  # per head (average_attn_weights=False)
+            lw[-3] = (Seg(sq.head, 0, heads),)
+        return Multi((out, tuple(lw)))
     return out
 
 
