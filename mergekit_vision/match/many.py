@@ -12,7 +12,7 @@ from ..interpolate import weighted_average
 from ..permute import effective_perms, permute_state_dict
 from ..spec import PermutationSpec
 from .assignment import solve_assignment, solve_heads
-from .weight import _heads_value, match_weights
+from .weight import heads_value, match_weights
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def _ascend(pair, spec, perms, corrs, w, iterations, seed):
                                   for j, wj in zip(others, wo)) for t in g.heads_of]
                     new_h, new_w = solve_heads(scores, g.size)
                     old = [perms[k].get(n, torch.arange(spec[n].size)) for n in [g.name, *g.heads_of]]
-                    if _heads_value(scores, torch.zeros(g.size, g.size), new_h, new_w) <= \
-                            _heads_value(scores, torch.zeros(g.size, g.size), old[0], old[1:]) + 1e-9 * g.size:
+                    if heads_value(scores, torch.zeros(g.size, g.size), new_h, new_w) <= \
+                            heads_value(scores, torch.zeros(g.size, g.size), old[0], old[1:]) + 1e-9 * g.size:
                         new_h, new_w = old[0], old[1:]
                     for n, p, sc in zip([g.name, *g.heads_of], [new_h, *new_w], [None, *scores]):
                         moved |= not torch.equal(p, perms[k].get(n, torch.arange(p.numel())))

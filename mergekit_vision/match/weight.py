@@ -119,7 +119,7 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
                 old = [perms[g.name]] + [perms[t.name] for t in tied]
                 new_h, new_w = solve_heads(scores, g.size, own)
                 new = [new_h] + new_w
-                old_val, new_val = (_heads_value(scores, own, p[0], p[1:]) for p in (old, new))
+                old_val, new_val = (heads_value(scores, own, p[0], p[1:]) for p in (old, new))
                 names = cluster[g.name]
             else:
                 score = score_of(g)
@@ -142,7 +142,7 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
     return perms
 
 
-def _heads_value(scores, own, heads_perm: torch.Tensor, within) -> float:
+def heads_value(scores, own, heads_perm: torch.Tensor, within) -> float:
     """The objective of a heads group's step: every head-block group's score at the composed
     permutation (within heads, then whole heads), plus the per-head tensors' score."""
     h = heads_perm.numel()
