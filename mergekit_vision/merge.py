@@ -30,7 +30,7 @@ from .match.evidence import check_matching_evidence, check_site_evidence
 from .match.many import (DEFAULT_SWEEPS, IDENTITY_TOL, activation_sweeps, in_reference_order, near_identity,
                          pair_correlations, weight_sweeps)
 from .options import METHODS, REPAIR_MODES, MergeOptions
-from .permute import permute_state_dict
+from .permute import clear_tensor_caches, effective_perms, permute_state_dict
 from .repair import fuse_corrections, repair_targets, with_affines
 from .repair.lsq import find_lsq_sites, lsq_pass, warn_underdetermined
 from .report import GroupReport, MergeReport, SiteReport
@@ -459,11 +459,12 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
         aligned = [permute_state_dict(sd, spec, p) if p else sd for sd, p in zip(sds, perms)]
         merged = copy.deepcopy(ms[ref])
         merged.load_state_dict(weighted_average(aligned, w))
+        clear_tensor_caches(merged)  # LeViT's cached attention biases are the reference's otherwise
         merged.eval()
 
     # ---- repair: targets sum_k w_k stat_k, correction pass, fuse ----------------------------------
     if mode == "lsq":
-        targets = repair_targets(plan.sites, stats, perms, w) if plan.sites else {}
+        targets = repair_targets(plan.sites, stats, [effective_perms(spec, p) for p in perms], w) if plan.sites else {}
         raw = copy.deepcopy(merged) if opts.diagnostic_batches and plan.sites else None
         with timed(timings, "pass_lsq"):
             _lsq_repair(p, merged, aligned, w, report)
@@ -471,7 +472,8 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
             _variance_diagnostic(gather, plan, raw, merged, targets, {}, opts, report, timings)
             del raw
     elif plan.sites:
-        targets = repair_targets(plan.sites, stats, perms, w) if opts.mode.needs_targets else {}
+        targets = (repair_targets(plan.sites, stats, [effective_perms(spec, p) for p in perms], w)
+                   if opts.mode.needs_targets else {})
         with timed(timings, "pass_repair"):
             measured = gather([merged], plan, StatisticsRequest(correction=True, targets=targets or None))
         report.calibration_samples = max(report.calibration_samples, measured.samples)  # RESET: its only pass
@@ -597,6 +599,8 @@ def _match_crossed(spec, taps, perms, corrs, ref, names, ms, plan, gather, timin
         if not gained:
             break
     for g in spec.free_groups:
+        if not g.taps:  # seen by no activation at all (heads inside nn.MultiheadAttention): weight matched next
+            continue
         missing = [k for k in others if g.name not in perms[k]]
         for k in missing:
             notes[k][g.name] = (f"left in {names[k]}'s order (identity): no tap observes its channels with every "

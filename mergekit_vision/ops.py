@@ -118,6 +118,11 @@ SPATIAL_FUNCTIONS = (
 CHANNEL_MIXING_MODULES = (nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, nn.LocalResponseNorm, nn.GLU)
 CHANNEL_MIXING_FUNCTIONS = (F.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle, F.glu, F.local_response_norm)
 
+# ---- attention: batched products over the head dim (trace/rules/attention.py) ---------------------------
+MATMUL_FUNCTIONS = (torch.matmul, operator.matmul, torch.bmm)
+MATMUL_METHODS = ("matmul", "bmm", "__matmul__")
+ATTENTION_FUNCTIONS = (F.scaled_dot_product_attention,)
+
 
 # ---- timm's and torchvision's ops, by the names their packages export ------------------------------
 # kind -> ((package, (names...)), ...); a name the installed version lacks is skipped
@@ -141,6 +146,13 @@ LIBRARY_MODULES: Dict[str, Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]]] =
     },
 }
 LIBRARY_FUNCTIONS: Dict[str, Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]]] = {
+    # timm's attention: ``maybe_add_mask(scores, mask)`` broadcasts an add; ``resolve_self_attn_mask``
+    # builds the additive mask (None without one)
+    "timm": {"broadcast": (("timm.layers.attention", ("maybe_add_mask",)),),
+             "attention_mask": (("timm.layers.attention", ("resolve_self_attn_mask",)),),
+             # windows back to a channels-last map: positions move, channels stay last
+             "tokens": tuple((f"timm.models.{m}", ("window_reverse",))
+                             for m in ("swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr"))},
     "torchvision": {"pointwise": (("torchvision.ops", ("stochastic_depth",)),
                                   ("torchvision.ops.misc", ("stochastic_depth",)))},
 }

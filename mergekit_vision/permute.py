@@ -38,8 +38,11 @@ def _position_perm(length: int, members) -> torch.Tensor:
             raise SpecError(f"group permutation moves channels out of the range {m.offset}:{m.offset + m.length} "
                             f"that {m.key!r} axis {m.axis} holds; the spec needs a block constraint here")
         r = torch.arange(m.inner)
-        src = (m.start + local[:, None] * m.inner + r[None, :]).reshape(-1)
-        pp[m.start:m.start + m.length * m.inner] = src
+        src = (m.start + local[:, None] * m.step + r[None, :]).reshape(-1)
+        if m.stride:
+            pp[(m.start + torch.arange(m.length)[:, None] * m.step + r[None, :]).reshape(-1)] = src
+        else:
+            pp[m.start:m.start + m.length * m.inner] = src
     return pp
 
 
@@ -69,15 +72,29 @@ def checked_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> D
     return out
 
 
+def stage(spec: PermutationSpec, name: str) -> int:
+    """When a group's permutation is applied: 0 for every group, then 1 for heads groups, whose members
+    share positions with their head-block groups (whole heads move after channels moved within them)."""
+    return 1 if spec[name].heads_of else 0
+
+
 def _by_axis(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]):
-    """(key, axis, conv groups) -> [(member, group perm)] for every non-identity permutation."""
+    """(stage, key, axis, conv groups) -> [(member, group perm)] for every non-identity permutation, in
+    stage order."""
     by_axis = defaultdict(list)
     for name, perm in checked_perms(spec, perms).items():
         if torch.equal(perm, torch.arange(perm.numel())):
             continue
         for m in spec[name].members:
-            by_axis[(m.key, m.axis, m.groups)].append((m, perm))
-    return by_axis
+            by_axis[(stage(spec, name), m.key, m.axis, m.groups)].append((m, perm))
+    return dict(sorted(by_axis.items(), key=lambda kv: kv[0][0]))
+
+
+def permute_staged(t: torch.Tensor, axis: int, groups: int, staged) -> torch.Tensor:
+    """``permute_tensor`` for ``[(stage, member, perm)]``: each stage's members applied in turn."""
+    for st in sorted({s for s, _, _ in staged}):
+        t = permute_tensor(t, axis, groups, [(m, p) for s, m, p in staged if s == st])
+    return t
 
 
 def _missing(key: str) -> SpecError:
@@ -95,7 +112,7 @@ def permute_state_dict(
     if hasattr(state_dict, "_metadata"):  # module versions (torchvision's MNASNet checks them on load)
         out._metadata = state_dict._metadata
     done = {}
-    for (key, axis, groups), members in _by_axis(spec, perms).items():
+    for (_, key, axis, groups), members in _by_axis(spec, perms).items():
         if key not in out:
             raise _missing(key)
         out[key] = done[key] = permute_tensor(out[key], axis, groups, members)
@@ -117,13 +134,28 @@ def _storage_id(t):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
+# module attributes that cache values computed from the module's tensors in eval mode (timm's LeViT,
+# EfficientFormer(V2), EfficientViT-MSRA, TinyViT: attention biases gathered per head); stale once the
+# tensors change
+TENSOR_CACHES = ("attention_bias_cache",)
+
+
+def clear_tensor_caches(model: nn.Module) -> nn.Module:
+    """Empty every ``TENSOR_CACHES`` dict of ``model`` (after its tensors were rewritten), in place."""
+    for m in model.modules():
+        for attr in TENSOR_CACHES:
+            if isinstance(getattr(m, attr, None), dict):
+                setattr(m, attr, {})
+    return model
+
+
 def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> nn.Module:
     """A new model of the same class with the permutations applied; ``model`` is not touched.
 
     Tensors are permuted one at a time into the copy: peak memory is two models and the largest
     tensor, not three or four models (it matters for billion-parameter checks in float64)."""
     by_key = defaultdict(list)
-    for (key, axis, groups), members in _by_axis(spec, perms).items():
+    for (_, key, axis, groups), members in _by_axis(spec, perms).items():
         by_key[key].append((axis, groups, members))
     source = model.state_dict()
     missing = [k for k in by_key if k not in source]
@@ -138,7 +170,23 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.T
                 t = permute_tensor(t, axis, groups, members)
             target[key].copy_(t)
             del t
-    return new
+    return clear_tensor_caches(new)
+
+
+def effective_perms(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``perms`` with each head-block group's permutation composed with its heads group's: what the two
+    steps do to the group's channels (aligned channel k is B's channel ``out[group][k]``), for code that
+    reorders per-channel values of one group (REPAIR's statistics, aligned taps)."""
+    out = dict(perms)
+    for g in spec.groups:
+        if not g.heads_of or g.name not in perms and not any(t in perms for t in g.heads_of):
+            continue
+        hp = torch.as_tensor(perms.get(g.name, torch.arange(g.size)), dtype=torch.long)
+        for t in g.heads_of:
+            n = spec[t].size
+            w = torch.as_tensor(perms.get(t, torch.arange(n)), dtype=torch.long)
+            out[t] = w.view(g.size, n // g.size)[hp].reshape(-1)
+    return out
 
 
 def random_perms(spec: PermutationSpec, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ class Member:
     (each channel owns a block of ``inner`` in-features). ``groups > 1`` marks the in-axis of a grouped
     conv, whose weight axis holds ``in_channels // groups`` positions: the member is then described in
     the *input-channel* coordinates and each block of rows sees its own slice of the permutation.
+    ``stride`` (heads groups only; 0 = ``inner``): channel ``offset + j`` starts at ``start + j*stride``
+    (LeViT keeps each head's q, k and v together, so one head's q rows are a stride apart).
     """
 
     key: str
@@ -27,6 +29,12 @@ class Member:
     length: int = 0
     inner: int = 1
     groups: int = 1
+    stride: int = 0
+
+    @property
+    def step(self) -> int:
+        """Positions from one channel's start to the next's."""
+        return self.stride or self.inner
 
     def __str__(self) -> str:
         extra = ""
@@ -34,7 +42,10 @@ class Member:
             extra += f", inner={self.inner}"
         if self.groups > 1:
             extra += f", groups={self.groups}"
-        return f"{self.key}[axis {self.axis}, {self.start}:{self.start + self.length * self.inner}{extra}]"
+        if self.stride:
+            extra += f", stride={self.stride}"
+        end = self.start + (self.length - 1) * self.step + self.inner if self.length else self.start
+        return f"{self.key}[axis {self.axis}, {self.start}:{end}{extra}]"
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,15 @@ class Tap:
 @dataclass
 class PermutationGroup:
     """Channels that must be permuted together. ``blocks`` equal contiguous blocks, each permuted
-    only within itself (grouped convs, GroupNorm); ``frozen`` groups are never permuted."""
+    only within itself (grouped convs, GroupNorm, attention heads); ``frozen`` groups are never permuted.
+
+    ``heads_of`` makes this a *heads group* (multi-head attention): its channels are heads, and its
+    permutation moves whole heads. It names the head-block groups (``<proj>:qk``: q's and k's channels,
+    ``<proj>:vo``: v's and the output projection's), each ``size`` blocks of one head; its members hold
+    their positions in blocks (``inner`` = head dim) beside the per-head tensors (relative-position
+    tables' head axis). A permutation is applied in two steps: every other group's first (within heads),
+    then the heads groups' (``permute.py``). Empty for every other group (and then not written out).
+    """
 
     name: str
     size: int
@@ -78,21 +97,33 @@ class PermutationGroup:
     frozen: bool = False
     reason: Optional[str] = None
     taps: List[Tap] = field(default_factory=list)
+    heads_of: List[str] = field(default_factory=list)
 
     @property
     def block_size(self) -> int:
         return self.size // self.blocks
 
     @property
+    def is_heads(self) -> bool:
+        return bool(self.heads_of)
+
+    @property
     def keys(self) -> List[str]:
         return sorted({m.key for m in self.members})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.heads_of:  # specs without attention heads read as they always did
+            del d["heads_of"]
+        for m in d["members"]:
+            if not m["stride"]:
+                del m["stride"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> PermutationGroup:
         d = dict(d)
+        d["heads_of"] = list(d.get("heads_of", []))
         d["members"] = [Member(**m) for m in d.get("members", [])]
         d["taps"] = [Tap(**{**t, "across": tuple(tuple(a) for a in t.get("across", ()))}) for t in d.get("taps", [])]
         return cls(**d)
@@ -187,8 +218,8 @@ class PermutationSpec:
         for g in self.groups:
             if g.frozen and not show_frozen:
                 continue
-            rows.append((g.name, str(g.size), str(g.blocks), str(len(g.members)), str(len(g.taps)),
-                         g.reason if g.frozen else ""))
+            note = g.reason if g.frozen else (f"moves the heads of {', '.join(g.heads_of)}" if g.heads_of else "")
+            rows.append((g.name, str(g.size), str(g.blocks), str(len(g.members)), str(len(g.taps)), note))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = []
         for k, r in enumerate(rows):

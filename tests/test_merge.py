@@ -359,18 +359,22 @@ def test_merged_model_saves_with_provenance_and_round_trips(tmp_path):
 
 @pytest.mark.slow
 def test_lineage_test_looks_only_at_permuted_tensors():
-    """pit_ti's attention is frozen: most of its tensors are equal in a permuted copy (median cosine of
-    all conv/linear weights 1.0), so a lineage test over every tensor would skip matching and average A
-    with a scrambled A. Over the tensors the free groups permute it sees an unrelated model."""
+    """With pit_ti's attention frozen (as it was before heads were matched), most of its tensors are
+    equal in a permuted copy (median cosine of all conv/linear weights 1.0), so a lineage test over every
+    tensor would skip matching and average A with a scrambled A. Over the tensors the free groups
+    permute it sees an unrelated model."""
     from mergekit_vision.match import lineage_cosine
 
     torch.manual_seed(0)
     a = timm.create_model("pit_ti_224", pretrained=False, num_classes=10).eval()
     x = torch.randn(2, 3, 224, 224)
     spec = trace_permutation_spec(a, x[:1])
+    for g in spec.groups:
+        if g.name.endswith((":qk", ":vo", ":heads")):
+            g.frozen, g.reason = True, "frozen by the test"
     b = permute(a, spec, random_perms(spec, torch.Generator().manual_seed(1)))
     assert lineage_cosine(a.state_dict(), b.state_dict()) > 0.99  # what fooled the test over all tensors
-    merged, rep = merge(a, b, [x], repair=False, progress=False, return_report=True)
+    merged, rep = merge(a, b, [x], repair=False, progress=False, return_report=True, spec=spec)
     assert rep.matching_skipped is None and rep.lineage_cosine < 0.2
     assert rep.lineage_keys == sorted({m.key for g in spec.free_groups for m in g.members})
     with torch.no_grad():

@@ -108,3 +108,44 @@ def test_resnet50_exact_groups():
             expected[f"layer{stage}.{b}.conv2"] = width
     assert free == expected
     assert spec.num_permutable_channels == 11456
+
+
+def _small_vit_b16():
+    m = torchvision.models.vit_b_16(weights=None, image_size=32)
+    m.encoder.layers = m.encoder.layers[:2]
+    return m
+
+
+# attention: heads, q/k and v/o within heads are permutable (docs/spec.md, "Attention heads"); small
+# configurations of the real classes keep the float64 check fast
+ATTENTION = {
+    "vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), 32),
+    "vit_small": (lambda: timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=2), 32),
+    "deit_tiny": (lambda: timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2),
+                  32),
+    "swin_tiny": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=56, window_size=7,
+                                            depths=(2, 2), num_heads=(3, 6), embed_dim=48), 56),
+    "swinv2_tiny": (lambda: timm.create_model("swinv2_tiny_window8_256", img_size=64, window_size=4,
+                                              depths=(2, 2), num_heads=(3, 6), embed_dim=48), 64),
+    "tv_vit_b_16": (_small_vit_b16, 32),
+    # q, k and v of each head side by side in one head dim (strided heads members); cached attention biases
+    "levit_128s": (lambda: timm.create_model("levit_128s"), 224),
+    "efficientformer_l1": (lambda: timm.create_model("efficientformer_l1"), 224),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_attention_zoo(name, fused):
+    build, size = ATTENTION[name]
+    model = build()
+    if not fused and not any(hasattr(m, "fused_attn") for m in model.modules()):
+        pytest.skip("the model has one attention form only (no fused_attn switch)")
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    spec = _check(model, name, size)
+    heads = [g for g in spec.groups if g.heads_of]
+    assert heads and not any(g.frozen for g in heads), [(g.name, g.reason) for g in heads if g.frozen]
+    assert all(spec[t].blocks == g.size for g in heads for t in g.heads_of)
+    assert spec.permutable_fraction >= 0.95, (name, spec.permutable_fraction)

@@ -33,7 +33,7 @@ TORCHVISION = sorted(name for name, _ in CENSUS["torchvision"])
 # the default run: one cheap model per kind of structure the spec must get right
 DEFAULT = {
     # timm: basic/bottleneck, RepVGG-style blocks, inverted residuals and SE, ghost modules, hard-swish,
-    # ConvNeXt, ViT (attention frozen), DLA trees, CSP, gated token mixing (gMLP), pooling attention (PiT),
+    # ConvNeXt, ViT (attention heads matched), DLA trees, CSP, gated token mixing (gMLP), pooling attention (PiT),
     # MobileViT, split attention, selective kernels, NFNet's scaled weight standardization, RexNet, VoVNet,
     # RegNet. LeViT, EfficientFormerV2 and Hiera merge in tests/test_engine.py; their recovery is heavy here.
     "timm:test_resnet", "timm:test_byobnet", "timm:mobilenetv2_035", "timm:test_efficientnet", "timm:ghostnet_050",

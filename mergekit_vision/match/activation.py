@@ -18,8 +18,9 @@ from typing import Dict, List, Tuple
 import torch
 
 from .. import ops
+from ..permute import effective_perms
 from ..spec import PermutationGroup, PermutationSpec, Tap
-from .assignment import solve_assignment
+from .assignment import solve_assignment, solve_heads
 from .stats import CrossMoments
 from .weight import match_weights
 
@@ -82,6 +83,7 @@ def aligned_tap_plan(spec: PermutationSpec, perms: Dict[str, torch.Tensor], poli
 def align_across(value: torch.Tensor, tap: Tap, spec: PermutationSpec, perms: Dict[str, torch.Tensor]) -> torch.Tensor:
     """B's ``value`` with the axes ``tap`` crosses put in A's channel order (``perms`` as for ``permute``:
     aligned channel i is B's channel ``perm[i]``)."""
+    perms = effective_perms(spec, perms)
     by_dim: Dict[int, list] = {}
     for a in tap.across:
         by_dim.setdefault(a[0], []).append(a)
@@ -144,20 +146,26 @@ class PairCollector:
 BLIND_NOTE = "matched on weights: no channel varies on the calibration data at any of its taps"
 
 
-def blind_groups(corrs: Dict[str, torch.Tensor]) -> List[str]:
+def blind_groups(corrs: Dict[str, torch.Tensor], spec: PermutationSpec = None) -> List[str]:
     """Groups whose correlation matrix is all zero: the calibration data shows none of their channels
-    varying (e.g. an MLP fed a constant), so activations carry no evidence for their assignment."""
-    return [g for g, c in corrs.items() if not bool((c != 0).any())]
+    varying (e.g. an MLP fed a constant), so activations carry no evidence for their assignment; with
+    ``spec``, also the free groups no activation shows at all (the heads inside a leaf
+    ``nn.MultiheadAttention``)."""
+    out = [g for g, c in corrs.items() if not bool((c != 0).any())]
+    if spec is not None:
+        out += [g.name for g in spec.free_groups if not g.taps and g.name not in corrs]
+    return out
 
 
 def match_blind_by_weights(spec: PermutationSpec, corrs: Dict[str, torch.Tensor], perms: Dict[str, torch.Tensor],
                            sd_a, sd_b, **weight_kwargs) -> Dict[str, str]:
     """Assign the :func:`blind_groups` by weight matching, every other group held at its activation
     assignment (``perms`` is updated); returns a note per group so handled."""
-    blind = blind_groups(corrs)
+    blind = blind_groups(corrs, spec)
     if not blind:
         return {}
     found = match_weights(spec, sd_a, sd_b, init=perms, only=blind, **weight_kwargs)
+    blind += [t for g in blind for t in spec[g].heads_of if t not in blind]  # a heads group moves with its blocks
     perms.update({g: found[g] for g in blind})
     return {g: BLIND_NOTE for g in blind}
 
@@ -165,6 +173,10 @@ def match_blind_by_weights(spec: PermutationSpec, corrs: Dict[str, torch.Tensor]
 def match_from_correlations(spec: PermutationSpec, corrs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     perms = {}
     for g in spec.free_groups:
-        if g.name in corrs:
+        if g.name in corrs and not g.heads_of:
             perms[g.name] = solve_assignment(corrs[g.name], g.blocks)
+    for g in spec.free_groups:  # heads: on their head-block groups' correlations (q/k outputs, v outputs)
+        if g.heads_of and all(t in corrs for t in g.heads_of):
+            perms[g.name], within = solve_heads([corrs[t] for t in g.heads_of], g.size)
+            perms.update(zip(g.heads_of, within))
     return perms

@@ -9,10 +9,10 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from ..interpolate import weighted_average
-from ..permute import permute_state_dict
+from ..permute import effective_perms, permute_state_dict
 from ..spec import PermutationSpec
-from .assignment import solve_assignment
-from .weight import match_weights
+from .assignment import solve_assignment, solve_heads
+from .weight import heads_value, match_weights
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,25 @@ def _ascend(pair, spec, perms, corrs, w, iterations, seed):
         for k in torch.randperm(k_models, generator=gen).tolist():
             others, wo = _leave_one_out(k, w)
             new_perm, new_corr, moved = {}, {}, False
+            tied = {t for g in spec.free_groups for t in g.heads_of}
+            eff = [effective_perms(spec, p) for p in perms]
             for g in spec.free_groups:
-                if g.name not in pair[(others[0], k)]:
+                if g.heads_of and all(t in pair[(others[0], k)] for t in g.heads_of):
+                    # heads with their head blocks: rows in the merged coordinates (composed permutations)
+                    scores = [sum(wj * pair[(j, k)][t][eff[j].get(t, torch.arange(spec[t].size))]
+                                  for j, wj in zip(others, wo)) for t in g.heads_of]
+                    new_h, new_w = solve_heads(scores, g.size)
+                    old = [perms[k].get(n, torch.arange(spec[n].size)) for n in [g.name, *g.heads_of]]
+                    if heads_value(scores, torch.zeros(g.size, g.size), new_h, new_w) <= \
+                            heads_value(scores, torch.zeros(g.size, g.size), old[0], old[1:]) + 1e-9 * g.size:
+                        new_h, new_w = old[0], old[1:]
+                    for n, p, sc in zip([g.name, *g.heads_of], [new_h, *new_w], [None, *scores]):
+                        moved |= not torch.equal(p, perms[k].get(n, torch.arange(p.numel())))
+                        new_perm[n] = p
+                        if sc is not None:
+                            new_corr[n] = sc
+                    continue
+                if g.name in tied or g.name not in pair[(others[0], k)]:
                     continue
                 ar = torch.arange(g.size)
                 # row i of the others' average is channel perm_j[i] of model j
@@ -111,8 +128,36 @@ def _ascend(pair, spec, perms, corrs, w, iterations, seed):
 
 def in_reference_order(spec, perms, corrs, ref) -> None:
     """Relabel the merged coordinates so that the reference is unpermuted (sweeps may move it):
-    ``perm_k <- perm_k[inverse(perm_ref)]``, rows of the alignment scores likewise."""
+    ``perm_k <- perm_k[inverse(perm_ref)]``, rows of the alignment scores likewise; a heads group and
+    its head blocks on their composed permutations (``effective_perms``), split again after."""
+    tied = {t for g in spec.free_groups for t in g.heads_of}
     for g in spec.free_groups:
+        if not g.heads_of:
+            continue
+        eff = [effective_perms(spec, p) for p in perms]
+        names = [g.name, *g.heads_of]
+        refs = {n: eff[ref].get(n, torch.arange(spec[n].size)) for n in names}
+        if all(torch.equal(p, torch.arange(p.numel())) for p in refs.values()):
+            continue
+        qs = {n: torch.argsort(p) for n, p in refs.items()}
+        for k in range(len(perms)):
+            if not any(n in perms[k] for n in names):
+                continue
+            full = {n: eff[k].get(n, torch.arange(spec[n].size))[qs[n]] for n in names}
+            perms[k][g.name] = full[g.name]
+            for t in g.heads_of:  # within heads: B's channel of aligned (i, d), moved back into B's head
+                d = spec[t].size // g.size
+                blocks = full[t].view(g.size, d)
+                within = torch.empty_like(full[t])
+                for i, j in enumerate(full[g.name].tolist()):
+                    within[j * d:(j + 1) * d] = blocks[i]
+                perms[k][t] = within
+            for n in names:
+                if n in corrs[k]:
+                    corrs[k][n] = corrs[k][n][qs[n]]
+    for g in spec.free_groups:
+        if g.heads_of or g.name in tied:
+            continue
         p_ref = perms[ref].get(g.name)
         if p_ref is None or torch.equal(p_ref, torch.arange(g.size)):
             continue

@@ -8,9 +8,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from ..permute import permute_tensor
+from ..permute import permute_staged, stage
 from ..spec import Member, PermutationSpec
-from .assignment import solve_assignment
+from .assignment import solve_assignment, solve_heads
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,9 @@ def _rows(t: torch.Tensor, m: Member) -> List[Tuple[int, torch.Tensor]]:
     t = t.detach() if t.dtype in (torch.float32, torch.float64) else t.detach().float()
     x = t.movedim(m.axis, 0)
     if m.groups == 1:
+        if m.stride:
+            pos = (m.start + torch.arange(m.length)[:, None] * m.stride + torch.arange(m.inner)[None, :]).reshape(-1)
+            return [(m.offset, x.index_select(0, pos.to(x.device)).reshape(m.length, -1))]
         rows = x[m.start:m.start + m.length * m.inner].reshape(m.length, -1)
         return [(m.offset, rows)]
     # grouped conv in-axis: channel c (input coordinates) lives in output-row block c // ipg
@@ -65,16 +68,41 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
     for g in groups:
         for m in g.members:
             index[m.key].append((g.name, m))
+    # a heads group and its head-block groups are one step (solve_heads); a head-block group is not
+    # solved alone
+    cluster = {g.name: [g.name, *g.heads_of] for g in groups if g.heads_of}
+    cluster_of = {t: h for h, ts in cluster.items() for t in ts}
     # a group's score matrix depends only on its neighbours' permutations (the other axes of the tensors
     # it shares): when none of them changed since its last assignment, that assignment stands (skip the LSA)
     neighbours = {g.name: sorted({gn for m in g.members for gn, mm in index[m.key]
                                   if gn != g.name and mm.axis != m.axis}) for g in groups}
+    for h, names in cluster.items():
+        neighbours[h] = sorted({n for t in names for n in neighbours[t]} - set(names))
     version = {g.name: 0 for g in groups}
     solved_at: Dict[str, Tuple[int, ...]] = {}
     gen = torch.Generator().manual_seed(seed)
     gained = 0.0
-    wanted = None if only is None else set(only)
-    solve = groups if wanted is None else [g for g in groups if g.name in wanted]
+    wanted = None if only is None else {cluster_of.get(n, n) for n in only}
+    solve = [g for g in groups if (wanted is None or g.name in wanted)
+             and (g.name in cluster or g.name not in cluster_of)]
+
+    def score_of(g, skip=()):
+        dtype = torch.float64 if sd_a[g.members[0].key].dtype == torch.float64 else torch.float32
+        score = torch.zeros(g.size, g.size, dtype=dtype)
+        for m in g.members:
+            if (m.key, m.axis) in skip:
+                continue
+            others = [(stage(spec, gn), mm, perms[gn]) for gn, mm in index[m.key] if gn != g.name and mm.axis != m.axis]
+            wb = sd_b[m.key]
+            by_axis = defaultdict(list)
+            for st, mm, p in others:
+                by_axis[(mm.axis, mm.groups)].append((st, mm, p))
+            for (ax, grp), mems in by_axis.items():
+                wb = permute_staged(wb, ax, grp, mems)
+            for (oa, ra), (_, rb) in zip(_rows(sd_a[m.key], m), _rows(wb, m)):
+                score[oa:oa + ra.shape[0], oa:oa + ra.shape[0]].addmm_(ra, rb.T)
+        return score
+
     for it in range(max_iter):
         improved = False
         sweep_gain = 0.0
@@ -84,25 +112,25 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
             if solved_at.get(g.name) == seen:
                 continue
             solved_at[g.name] = seen
-            dtype = torch.float64 if sd_a[g.members[0].key].dtype == torch.float64 else torch.float32
-            score = torch.zeros(g.size, g.size, dtype=dtype)
-            for m in g.members:
-                others = [(mm, perms[gn]) for gn, mm in index[m.key] if gn != g.name and mm.axis != m.axis]
-                wb = sd_b[m.key]
-                by_axis = defaultdict(list)
-                for mm, p in others:
-                    by_axis[(mm.axis, mm.groups)].append((mm, p))
-                for (ax, grp), mems in by_axis.items():
-                    wb = permute_tensor(wb, ax, grp, mems)
-                for (oa, ra), (_, rb) in zip(_rows(sd_a[m.key], m), _rows(wb, m)):
-                    score[oa:oa + ra.shape[0], oa:oa + ra.shape[0]].addmm_(ra, rb.T)
-            old = perms[g.name]
-            new = solve_assignment(score, g.blocks)
-            ar = torch.arange(g.size)
-            old_val, new_val = score[ar, old].double().sum().item(), score[ar, new].double().sum().item()
+            if g.name in cluster:
+                tied = [spec[t] for t in g.heads_of]
+                scores = [score_of(t) for t in tied]
+                own = score_of(g, skip={(m.key, m.axis) for t in tied for m in t.members})
+                old = [perms[g.name]] + [perms[t.name] for t in tied]
+                new_h, new_w = solve_heads(scores, g.size, own)
+                new = [new_h] + new_w
+                old_val, new_val = (heads_value(scores, own, p[0], p[1:]) for p in (old, new))
+                names = cluster[g.name]
+            else:
+                score = score_of(g)
+                old, new = [perms[g.name]], [solve_assignment(score, g.blocks)]
+                ar = torch.arange(g.size)
+                old_val, new_val = (score[ar, p[0]].double().sum().item() for p in (old, new))
+                names = [g.name]
             if new_val > old_val + 1e-12 * max(1.0, abs(old_val)):
-                perms[g.name] = new
-                version[g.name] += 1
+                for n, p in zip(names, new):
+                    perms[n] = p
+                    version[n] += 1
                 improved = True
                 sweep_gain += new_val - old_val
         gained += sweep_gain
@@ -112,3 +140,15 @@ def match_weights(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
         if not improved or sweep_gain <= tol * gained:
             break
     return perms
+
+
+def heads_value(scores, own, heads_perm: torch.Tensor, within) -> float:
+    """The objective of a heads group's step: every head-block group's score at the composed
+    permutation (within heads, then whole heads), plus the per-head tensors' score."""
+    h = heads_perm.numel()
+    val = float(own[torch.arange(h), heads_perm].double().sum())
+    for score, w in zip(scores, within):
+        d = score.shape[0] // h
+        full = w.view(h, d)[heads_perm].reshape(-1)  # aligned channel k is B's channel full[k]
+        val += float(score[torch.arange(score.shape[0]), full].double().sum())
+    return val

@@ -17,7 +17,7 @@ import logging
 from ..errors import MergeVisionError, TraceError
 from ..ops import op_name
 from ..spec import Member, PermutationGroup, PermutationSpec, Tap
-from .layout import Elements, Seg
+from .layout import Elements, Seg, slice_dim
 from .rules import Multi, RuleCall, freeze_all, function_rule, method_rule, module_rule, unknown
 from .tracer import trace_model
 
@@ -49,9 +49,9 @@ def _map_layout(arg, layouts: Dict[fx.Node, Any]):
 class CouplingPass(fx.Interpreter):
     """ShapeProp-style interpreter: real values flow, and each node's channel layout is computed."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, plain_reshapes: Iterable[str] = ()):
         super().__init__(gm)
-        self.E = Elements()
+        self.E = Elements(plain_reshapes=set(plain_reshapes))
         self.layouts: Dict[fx.Node, Any] = {}
         self.taps: List[Tuple[str, int, str, int, Seg]] = []
         self.tap_layouts: Dict[str, Tuple[Tuple[int, int, Seg], ...]] = {}  # node -> every (dim, pos, seg)
@@ -59,6 +59,7 @@ class CouplingPass(fx.Interpreter):
         self.modules = dict(gm.named_modules())
         self.declared: set = set()
         self.dynamic: Dict[fx.Node, bool] = {}
+        self.data: Dict[fx.Node, bool] = {}
 
     # ---- per node ------------------------------------------------------------------------
     def run_node(self, n: fx.Node) -> Any:
@@ -68,7 +69,11 @@ class CouplingPass(fx.Interpreter):
         # only values computed from the input are activations (a weight-standardization chain is not)
         self.dynamic[n] = ((n.op == "placeholder" and isinstance(value, torch.Tensor))
                            or any(self.dynamic.get(a, False) for a in n.all_input_nodes))
-        if self.dynamic[n] and isinstance(value, torch.Tensor) and isinstance(layout, tuple) \
+        # data-dependent: computed from the input's values, not only from its shape (for RuleCall.static)
+        self.data[n] = ((n.op == "placeholder" and isinstance(value, torch.Tensor))
+                        or any(self.data.get(a, False) for a in n.all_input_nodes
+                               if isinstance(self.env.get(a), (torch.Tensor, tuple, list))))
+        if self.data[n] and isinstance(value, torch.Tensor) and isinstance(layout, tuple) \
                 and not isinstance(layout, Multi):
             op = op_name(n, self.modules)
             segs = []
@@ -106,7 +111,8 @@ class CouplingPass(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         largs = tuple(_map_layout(a, self.layouts) for a in n.args)
         lkwargs = {k: _map_layout(v, self.layouts) for k, v in n.kwargs.items()}
-        call = RuleCall(E, where, tuple(args), dict(kwargs), tuple(largs), dict(lkwargs), value)
+        static = tuple(isinstance(a, fx.Node) and not self.data.get(a, False) for a in n.args)
+        call = RuleCall(E, where, tuple(args), dict(kwargs), tuple(largs), dict(lkwargs), value, static=static)
         if n.op == "call_module":
             module = self.modules[n.target]
             call.module, call.prefix = module, n.target
@@ -180,10 +186,147 @@ def _join_runs(items, same, step):
     return out
 
 
+@dataclasses.dataclass
+class _Heads:
+    """One head axis (a component of head elements) and the head-block groups its splits make."""
+
+    size: int
+    blocks: List[Tuple[int, str]] = dataclasses.field(default_factory=list)  # (display index, role)
+    bad: str = ""
+
+
+def _head_blocks(E: Elements, A, display: List, placed: set) -> Dict[int, _Heads]:
+    """Place each head split's blocks as one display group (the blocks of q and k, or of v and the
+    output projection: ``blocks`` = heads) and collect, per head component, the groups its permutation
+    must move. Every split on a head axis must be tied, or moving heads would be unsound."""
+    out: Dict[int, _Heads] = {}
+    tied: Dict[Tuple[int, ...], int] = {}
+    for s in E.splits:
+        if s.outer != 1 or not s.root.role or s.sliced:
+            continue
+        heads_atoms = range(A.first[s.head], A.first[s.head] + len(A.bounds[s.head]) - 1)
+        hcs = {A.find(i) for i in heads_atoms}
+        hc = A.find(A.first[s.head])
+        h = out.setdefault(hc, _Heads(s.heads))
+        if len(hcs) != 1 or A.bounds[s.head] != [0, s.heads]:
+            for c in hcs:
+                out.setdefault(c, _Heads(A.atom_len[c])).bad = f"{s.where}: its heads are used apart"
+            continue
+        comps = []
+        for b in range(s.heads):
+            block = slice_dim(s.chan, b * s.dim, (b + 1) * s.dim)
+            pcs = list(A.pieces(block[0].elem, block[0].off, s.dim)) if block and len(block) == 1 else []
+            if len(pcs) != 1 or pcs[0][1] != 0 or A.atom_len[pcs[0][0]] != s.dim:
+                comps = None
+                break
+            comps.append(A.find(pcs[0][0]))
+        if not comps or len(set(comps)) != len(comps):
+            h.bad = h.bad or (f"{s.where}: the head dim is shared by all heads (a norm or rotary embedding over it), "
+                              "so heads are not matched as wholes" if comps else
+                              f"{s.where}: a head's channels are used apart")
+            continue
+        key = tuple(comps)
+        if key not in tied:
+            if any(c in placed for c in comps):
+                h.bad = h.bad or f"{s.where}: a head's channels are tied to another head layout"
+                continue
+            tied[key] = len(display)
+            display.append((block[0].elem, comps))
+            placed.update(comps)
+        entry = (tied[key], s.role)
+        if all(gi != tied[key] for gi, _ in h.blocks):
+            h.blocks.append(entry)
+        elif s.role == "qk":  # a group seen as v's and as k's is the qk group
+            h.blocks = [(gi, "qk" if gi == tied[key] else r) for gi, r in h.blocks]
+    return out
+
+
+def _tie_heads(spec: PermutationSpec, heads: Dict[int, _Heads], where: Dict[int, Tuple[int, int]],
+               group_of_display: List[int], used_names: set) -> None:
+    """Give each head axis's group the members of the head-block groups (every block of ``dim``
+    positions moves as one: ``inner=dim``) and their names (``heads_of``); freeze it where heads cannot
+    move as wholes. Tied groups are named ``<producer>:qk`` / ``:vo``, the heads ``<qk producer>:heads``."""
+    group_at = dict(zip(group_of_display, spec.groups))
+    for hc, h in heads.items():
+        gh = group_at.get(where[hc][0]) if hc in where else None
+        if gh is None:
+            continue
+        tied = [(group_at.get(gi), role) for gi, role in sorted(h.blocks, key=lambda t: t[1] != "qk")]
+        why = h.bad
+        if not why and not tied:
+            why = "head axis without head-block groups"
+        if not why and gh.size != h.size:
+            why = "the head axis is joined to other channels"
+        for g, _ in tied:
+            if why:
+                break
+            if g is None or g.frozen:
+                why = f"head-block group {g.name if g else '?'} is frozen ({g.reason if g else 'no taps'})"
+            elif g.blocks != h.size or g.size % h.size:
+                why = f"head-block group {g.name} is not {h.size} blocks"
+            elif any(m.groups != 1 or m.offset % g.block_size or m.length % g.block_size for m in g.members):
+                why = f"head-block group {g.name} has members that do not hold whole heads"
+        if why:
+            if not gh.frozen:
+                gh.frozen, gh.reason = True, why
+            continue
+        base = tied[0][0].name.split("#")[0]
+        for g, role in tied:
+            used_names.discard(g.name)
+            g.name = _unique(f"{g.name.split('#')[0]}:{role or 'heads'}", used_names)
+            d = g.block_size  # one head's channels of this group (q/k and v may differ: LeViT)
+            gh.members.extend(Member(m.key, m.axis, m.start, m.offset // d, m.length // d, m.inner * d)
+                              for m in g.members)
+        used_names.discard(gh.name)
+        gh.name = _unique(f"{base}:heads", used_names)
+        gh.heads_of = [g.name for g, _ in tied]
+        runs = _strided_runs(gh.members)
+        if runs is None:
+            gh.frozen, gh.reason = True, "the heads' channels do not line up head by head"
+            gh.heads_of = []
+            continue
+        gh.members = runs
+
+
+def _strided_runs(members: List[Member]) -> Optional[List[Member]]:
+    """Join a heads group's one-head members into members covering every head, track by track (the
+    i-th member of each head on one tensor axis: LeViT's q and k rows of each head), at a constant
+    step of positions (``Member.stride``). None where the heads' members do not line up."""
+    out = [m for m in members if m.length != 1]
+    buckets: Dict[tuple, Dict[int, List[Member]]] = defaultdict(lambda: defaultdict(list))
+    for m in members:
+        if m.length == 1:
+            buckets[(m.key, m.axis, m.inner, m.groups)][m.offset].append(m)
+    for by_head in buckets.values():
+        heads = sorted(by_head)
+        tracks = [sorted(by_head[h], key=lambda m: m.start) for h in heads]
+        if len({len(t) for t in tracks}) != 1:
+            return None
+        for k in range(len(tracks[0])):
+            run = [t[k] for t in tracks]
+            steps = {b.start - a.start for a, b in zip(run, run[1:])}
+            if heads != list(range(heads[0], heads[0] + len(heads))) or len(steps) > 1 or \
+                    (steps and min(steps) < run[0].inner):
+                return None
+            step = steps.pop() if steps else run[0].inner
+            out.append(dataclasses.replace(run[0], length=len(run), stride=0 if step == run[0].inner else step))
+    return sorted(out, key=lambda m: (m.offset, m.key, m.axis, m.start))
+
+
+def _unique(name: str, used: set) -> str:
+    out, k = name, 1
+    while out in used:
+        k += 1
+        out = f"{name}#{k}"
+    used.add(out)
+    return out
+
+
 def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationSpec:
     """Atoms -> components -> display groups (components from one element's equal blocks are shown
     as one group with ``blocks``) -> members and taps in group coordinates."""
     E = p.E
+    virtual = E.finish_splits()  # head dims and q/k/v axes that only the attention rules touched
     for xm in E.extra_members:  # member ranges must fall on atom boundaries
         E.cut(xm.elem, xm.off)
         E.cut(xm.elem, xm.off + xm.length)
@@ -197,7 +340,10 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
     # display groups: an element whose atoms are equal blocks, each its own component anchored here
     display: List[Tuple[int, List[int]]] = []  # (anchor element, components in block order)
     placed: set = set()
+    heads = _head_blocks(E, A, display, placed)
     for e in range(len(E.size)):
+        if e in virtual:
+            continue
         atoms = list(range(A.first[e], A.first[e] + len(A.bounds[e]) - 1))
         comps = [A.find(i) for i in atoms]
         mine = [c for c in comps if anchor[c] == e and c not in placed]
@@ -238,6 +384,8 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
             members[gi].append(Member(xm.key, xm.axis, pos, goff, n, xm.inner, xm.groups))
             pos += n * xm.inner
     for node, dim, op, pos, seg in p.taps:
+        if seg.elem in virtual:
+            continue
         for gi, goff, n, whole in place(seg.elem, seg.off, seg.length):
             if whole:
                 taps[gi].append(Tap(node, dim, op, pos, goff, n))
@@ -285,6 +433,8 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
                     if msg not in reasons[g]:
                         reasons[g].append(msg)
 
+    # heads and their blocks inside a leaf module (nn.MultiheadAttention) show no activation, yet are groups
+    head_displays = {where[hc][0] for hc in heads if hc in where} | {gi for h in heads.values() for gi, _ in h.blocks}
     spec = PermutationSpec(input_shape=tuple(input_shape), model_name=type(model).__name__)
     group_of_display: List[int] = []  # display index of each spec group
     used_names: set = set()
@@ -295,7 +445,7 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
         size = block * len(comps)
         rs = list(dict.fromkeys(reasons[gi]))[:6]
         ms = sorted(members.get(gi, []), key=lambda m: (m.offset, m.key, m.axis))
-        if not taps.get(gi):
+        if not taps.get(gi) and not (gi in head_displays and not rs):
             # never an activation channel: parameter axes that no permutation may touch
             for m in ms:
                 if rs or size > 1:
@@ -310,12 +460,15 @@ def resolve_spec(p: CouplingPass, model: nn.Module, input_shape) -> PermutationS
             name=name, size=size, members=ms, blocks=len(comps), frozen=frozen,
             reason="; ".join(rs) if frozen else None, taps=taps[gi],
         ))
+    _tie_heads(spec, heads, where, group_of_display, used_names)
     # taps whose value carries a free group's channels on another axis (see Tap.across)
     name_of = {gi: g for gi, g in zip(group_of_display, spec.groups)}
     across: Dict[str, List[Tuple[int, int, str, int, int, int]]] = {}
     for node, segs in p.tap_layouts.items():
         out = []
         for d, pos, seg in segs:
+            if seg.elem in virtual:
+                continue
             for gi, goff, n, _ in place(seg.elem, seg.off, seg.length):
                 g = name_of.get(gi)
                 if g is not None and not g.frozen:
@@ -355,14 +508,23 @@ def trace_permutation_spec(
         raise MergeVisionError(f"example_input must be a Tensor, got {type(example_input).__name__}")
     with eval_mode(model), torch.no_grad():
         gm = trace_model(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
-        p = CouplingPass(gm)
-        try:
-            p.run(example_input)
-        except MergeVisionError:
-            raise
-        except Exception as exc:
-            raise TraceError(
-                f"running the traced {type(model).__name__} on an input of shape {tuple(example_input.shape)} failed: "
-                f"{type(exc).__name__}: {exc}. Check that the example input fits the model (channels, size)."
-            ) from exc
+        plain: set = set()
+        while True:
+            p = CouplingPass(gm, plain)
+            try:
+                p.run(example_input)
+            except MergeVisionError:
+                raise
+            except Exception as exc:
+                raise TraceError(
+                    f"running the traced {type(model).__name__} on an input of shape {tuple(example_input.shape)} "
+                    f"failed: {type(exc).__name__}: {exc}. Check that the example input fits the model "
+                    "(channels, size)."
+                ) from exc
+            # a reshape viewed as heads that no attention used is a plain channel-splitting reshape:
+            # trace again with it as one (so a model without attention traces exactly as it always did)
+            unused = p.E.unused_splits() - plain
+            if not unused:
+                break
+            plain |= unused
     return resolve_spec(p, model, example_input.shape)

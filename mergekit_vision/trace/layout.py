@@ -45,6 +45,41 @@ class ExtraMember:
 
 
 @dataclass
+class HeadSplit:
+    """A channel dim viewed as ``(outer, heads, dim)``: position ``o*heads*dim + h*dim + d`` of ``chan``
+    (the channel dim's layout before the view) is channel ``(o, h, d)``. ``head`` is a real element
+    (size ``heads``: the head axis is a channel axis of its own, joined like any other); ``within`` and
+    ``selector`` are *virtual* elements standing for the per-head dim and the outer index (q, k, v).
+    They stand for different channels in each head, so rules that know them (matmul, attention,
+    the reshape back, unbind) translate them; any other rule touching them *materializes* them at
+    resolve time (``within``: one permutation shared by all heads; ``selector``: frozen)."""
+
+    head: int
+    within: int
+    chan: Tuple[Seg, ...]
+    heads: int
+    dim: int
+    outer: int = 1
+    selector: Optional[int] = None
+    role: str = ""  # "qk" or "vo" once an attention rule has seen it
+    where: str = ""  # the reshape that made it, for messages
+    parent: Optional[HeadSplit] = None  # the split this part was selected (q/k/v) or sliced (head dim) from
+    covered: int = 0  # positions of the head dim that slices of it (LeViT's q/k/v per head) took
+
+    @property
+    def root(self) -> HeadSplit:
+        s = self
+        while s.parent is not None:
+            s = s.parent
+        return s
+
+    @property
+    def sliced(self) -> bool:
+        """Whether slices of its head dim cover it: its channels are its slices' (not tied itself)."""
+        return self.covered == self.dim
+
+
+@dataclass
 class Elements:
     """Records what the rules say about elements: ``join`` (two ranges are the same channels, one to
     one), ``cut`` (a range is used on its own), ``freeze`` (never permute). Nothing is resolved while
@@ -59,6 +94,20 @@ class Elements:
     param_of: Dict[Tuple[str, int], int] = field(default_factory=dict)
     extra_members: List[ExtraMember] = field(default_factory=list)
     channel_free: Dict[Tuple[str, int], str] = field(default_factory=dict)
+    splits: List[HeadSplit] = field(default_factory=list)
+    split_of: Dict[int, int] = field(default_factory=dict)  # virtual element -> its split
+    plain_reshapes: set = field(default_factory=set)  # reshapes (``where``) not to view as heads
+    broadcast: set = field(default_factory=set)  # elements of dims a constant is expanded along
+
+    def constant_along(self, dim) -> bool:
+        """Whether ``dim`` is one dim a constant was expanded along (its values repeat there): it meets
+        any other dim without tying or freezing it."""
+        return dim is not None and len(dim) == 1 and dim[0].elem in self.broadcast
+
+    def unused_splits(self) -> set:
+        """The reshapes whose head view no attention rule used (traced again as plain reshapes)."""
+        used = {id(s.root) for s in self.splits if s.role}
+        return {s.where for s in self.splits if id(s.root) not in used}
 
     # ---- recording -----------------------------------------------------------------------
     def new(self, size: int, label: str, frozen: Optional[str] = None) -> int:
@@ -100,6 +149,71 @@ class Elements:
 
     def fresh_dim(self, size: int, label: str, reason: str) -> DimLayout:
         return (Seg(self.new(size, label, frozen=reason), 0, size),)
+
+    def head_split(self, chan: Tuple[Seg, ...], heads: int, dim: int, outer: int, label: str,
+                   head: Optional[int] = None) -> HeadSplit:
+        """Record a view of ``chan`` as ``(outer, heads, dim)`` (``head``: share another split's head axis)."""
+        if head is None:
+            head = self.new(heads, label)
+        within = self.new(dim, label)
+        sel = self.new(outer, label) if outer > 1 else None
+        s = HeadSplit(head, within, tuple(chan), heads, dim, outer, sel, where=label)
+        self.splits.append(s)
+        for v in (within, sel):
+            if v is not None:
+                self.split_of[v] = len(self.splits) - 1
+        return s
+
+    def split(self, elem: int) -> Optional[HeadSplit]:
+        """The split a virtual element stands for (None for an ordinary element)."""
+        k = self.split_of.get(elem)
+        return None if k is None else self.splits[k]
+
+    def finish_splits(self) -> set:
+        """Before resolving: settle every head split and return the elements that stay virtual.
+
+        A split no attention rule used (no ``role``) is what it was before heads were known: a reshape
+        that splits a channel axis, which freezes it. A used split cuts its channels into head blocks
+        (channels move within a block unless a heads group moves the blocks as wholes); its head dim,
+        if another rule touched it (a norm over the head dim, a rotary embedding), is joined to every
+        head's block (one permutation shared by all heads), and its q/k/v axis, if touched, freezes."""
+        for s in self.splits:
+            if s.role and s.parent is not None:
+                s.root.role = s.root.role or "qkv"
+        touched = set()
+        for a, _, b, _, _ in self.joins:
+            touched.update((a, b))
+        touched.update(e for e in list(self.split_of) + list(self.broadcast) if self.reasons[e] or self.cuts[e])
+        virtual = {e for e in self.broadcast if e not in touched}  # touched: ordinary (repeats are permutable)
+        for s in self.splits:
+            if not s.root.role:
+                for seg in s.chan:
+                    self.freeze(seg.elem, f"{s.where} reshapes a channel axis (mixes or splits channels)")
+                for e in (s.head, s.within, s.selector):
+                    if e is not None:
+                        self.freeze(e, "output of a channel-mixing reshape")
+                continue
+            pos = 0
+            for seg in s.chan:
+                for b in range((pos // s.dim + 1) * s.dim, pos + seg.span, s.dim):
+                    self.cut(seg.elem, seg.off + b - pos)
+                pos += seg.span
+            if s.within in touched:
+                for b in range(s.outer * s.heads):
+                    pos = 0
+                    for seg in slice_dim(s.chan, b * s.dim, (b + 1) * s.dim):
+                        self.join(s.within, pos, seg.elem, seg.off, seg.length)
+                        pos += seg.length
+            else:
+                virtual.add(s.within)
+            if s.selector is not None:
+                if s.selector in touched:
+                    why = f"{s.where}: its q/k/v axis is used by an op that does not select from it"
+                    for e in [seg.elem for seg in s.chan] + [s.head, s.selector]:
+                        self.freeze(e, why)
+                else:
+                    virtual.add(s.selector)
+        return virtual
 
     # ---- resolution ----------------------------------------------------------------------
     def resolve(self) -> Atoms:

@@ -24,6 +24,7 @@ class RuleCall:
     module: Optional[nn.Module] = None
     prefix: str = ""  # qualified name of the module, for state-dict keys
     declared: set = field(default_factory=set)  # (key, axis) a module rule accounted for
+    static: tuple = ()  # per positional arg: True where the value is not computed from the input (a buffer)
 
     def arg(self, i: int, name: str, default=None):
         if len(self.args) > i:
@@ -94,6 +95,8 @@ def join_dim(E: Elements, a: DimLayout, b: DimLayout, why: str) -> DimLayout:
     """Tie two layouts of the same positions; a channel axis against a non-channel axis freezes it."""
     if a is None and b is None:
         return None
+    if E.constant_along(a) or E.constant_along(b):  # a value that repeats along the dim commutes with any order
+        return b if E.constant_along(a) else a
     if a is None or b is None:
         E.freeze_dim(a or b, f"{why}: channel axis meets a non-channel axis")
         return a or b

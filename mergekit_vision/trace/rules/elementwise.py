@@ -12,18 +12,28 @@ def elementwise(call: RuleCall):
     out = call.out
     if not is_tensor(out):
         return None
-    vals = [(v, lay) for v, lay in zip(list(call.args) + list(call.kwargs.values()),
-                                   list(call.largs) + list(call.lkwargs.values())) if is_tensor(v)]
+    static = list(call.static) + [False] * (len(call.args) - len(call.static) + len(call.kwargs))
+    vals = [(v, lay, st) for v, lay, st in zip(list(call.args) + list(call.kwargs.values()),
+                                             list(call.largs) + list(call.lkwargs.values()), static) if is_tensor(v)]
     nd = out.dim()
     layout: List[DimLayout] = []
     for d in range(nd):
         size = out.shape[d]
-        dims = []
-        for v, lay in vals:
+        dims, const = [], []
+        for v, lay, st in vals:
             k = d - (nd - v.dim())
             if k < 0 or v.shape[k] != size or (size == 1 and v.dim() != nd):
                 continue
             dims.append(layout_or_none(lay, v)[k])
+            const.append(st)
+        if not all(const) and all(x is None for x, st in zip(dims, const) if not st) and any(
+                x is not None for x, st in zip(dims, const) if st):
+            # a constant (attention mask, position table) along the input's positions: they stay positions
+            for x, st in zip(dims, const):
+                if st:
+                    call.E.freeze_dim(x, f"{call.where}: a constant's axis meets a non-channel axis")
+            layout.append(None)
+            continue
         acc = None
         if dims:
             acc = dims[0]

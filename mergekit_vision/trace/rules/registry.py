@@ -17,13 +17,15 @@ from torch import nn
 
 from ... import ops
 from ...errors import MergeVisionError
+from .attention import attention_mask, matmul_rule, multihead_attention_module, sdpa_rule
 from .core import RuleCall, mixes_channels, passthrough
 from .elementwise import elementwise, norm_method, pad_rule, reduction, spatial_op
 from .layers import conv_functional, conv_module, linear_functional, linear_module, prelu_module
 from .norms import (batchnorm_functional, batchnorm_module, groupnorm_functional, groupnorm_module,
                     layernorm_functional, layernorm_module)
 from .shape import (cat_rule, chunk_rule, expand_rule, getattr_rule, getitem_rule, movedim_rule, permute_rule,
-                    repeat_rule, reshape_rule, split_rule, stack_rule, transpose_rule, unbind_rule)
+                    repeat_rule, reshape_rule, roll_rule, split_rule, stack_rule, tokens_last, transpose_rule,
+                    unbind_rule)
 
 Rule = Callable[[RuleCall], Any]
 
@@ -54,6 +56,7 @@ MODULE_RULES: Dict[type, Rule] = _table(
     ((nn.Softmax, nn.LogSoftmax, nn.Softmax2d), passthrough),  # along a dim: equivariant
     ((nn.Flatten, nn.Unflatten), reshape_rule),
     (ops.CHANNEL_MIXING_MODULES, mixes_channels),
+    ((nn.MultiheadAttention,), multihead_attention_module),
 )
 
 FUNCTION_RULES: Dict[Any, Rule] = _table(
@@ -77,12 +80,15 @@ FUNCTION_RULES: Dict[Any, Rule] = _table(
     ((torch.split,), split_rule),
     ((torch.chunk,), chunk_rule),
     ((torch.unbind,), unbind_rule),
+    ((torch.roll,), roll_rule),
     ((torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std, torch.var, torch.logsumexp,
       torch.prod), reduction()),
     ((torch.argmax, torch.argmin), reduction(arg_sensitive=True)),
     ((operator.getitem,), getitem_rule),
     ((getattr,), getattr_rule),
     (ops.CHANNEL_MIXING_FUNCTIONS, mixes_channels),
+    (ops.MATMUL_FUNCTIONS, matmul_rule),
+    (ops.ATTENTION_FUNCTIONS, sdpa_rule),
 )
 
 METHOD_RULES: Dict[str, Rule] = _table(
@@ -97,17 +103,19 @@ METHOD_RULES: Dict[str, Rule] = _table(
     (("split",), split_rule),
     (("chunk",), chunk_rule),
     (("unbind",), unbind_rule),
+    (("roll",), roll_rule),
     (("mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "prod"), reduction()),
     (("argmax", "argmin"), reduction(arg_sensitive=True)),
     (("norm",), norm_method),
     (("softmax", "log_softmax"), passthrough),
     (("size", "dim", "numel"), no_layout),
+    (ops.MATMUL_METHODS, matmul_rule),
 )
 
 # what each kind of library op does to channels (kinds as in ops.LIBRARY_MODULES / LIBRARY_FUNCTIONS)
 LIBRARY_KIND_RULES: Dict[str, Rule] = {
     "pointwise": passthrough, "batchnorm": batchnorm_module, "groupnorm": groupnorm_module, "conv": conv_module,
-    "spatial": spatial_op,
+    "spatial": spatial_op, "broadcast": elementwise, "attention_mask": attention_mask, "tokens": tokens_last,
 }
 
 # ---- the extension point ---------------------------------------------------------------------------

@@ -4,7 +4,10 @@ from __future__ import annotations
 import math
 from typing import Any, List
 
+import torch
+
 from ..layout import DimLayout, Elements, Seg, slice_dim
+from .attention import merge_view, select, slice_within, split_view, unbind_selector
 from .core import Multi, RuleCall, cut_slice, fresh_layout, is_tensor, join_dim, layout_or_none, unknown
 
 
@@ -38,10 +41,20 @@ def reshape_layout(E: Elements, where: str, in_shape, lx, out_shape):
         a = [k for k in range(i0, i) if in_shape[k] != 1]
         b = [k for k in range(j0, j) if out_shape[k] != 1]
         ins = [lx[k] for k in a]
+        if len(a) > 1 or len(b) > 1:  # merged or split, a repeating dim repeats no more
+            ins = [None if E.constant_along(lay) else lay for lay in ins]
         if all(lay is None for lay in ins):
             continue
+        merged = merge_view(E, ins) if len(b) == 1 and len(a) in (2, 3) else None
         if len(a) == 1 and len(b) == 1:
             out[b[0]] = ins[0]
+        elif merged is not None:  # heads and head dim back into one channel axis
+            out[b[0]] = merged
+        elif (len(b) == 1 and ins[-1] is not None and all(lay is None for lay in ins[:-1])
+              and all(s.inner == 1 for s in ins[-1])):
+            # positions outer, channels inner (Swin's patch merging, space-to-depth): each position's
+            # block holds the same channels
+            out[b[0]] = tuple(ins[-1]) * math.prod(in_shape[k] for k in a[:-1])
         elif len(b) == 1 and ins[0] is not None:  # merge: channel outermost, the rest become inner
             for lay in ins[1:]:
                 E.freeze_dim(lay, f"{where} flattens an axis inside another channel axis")
@@ -53,6 +66,11 @@ def reshape_layout(E: Elements, where: str, in_shape, lx, out_shape):
             rest = math.prod(out_shape[k] for k in b[1:])
             out[b[0]] = tuple(Seg(s.elem, s.off, s.length, s.inner // rest) for s in ins[0])
         else:
+            view = split_view(E, where, ins[0], [out_shape[k] for k in b]) if len(a) == 1 else None
+            if view is not None:  # (q/k/v,) heads, head dim: settled by the attention rules
+                for k, lay in zip(b, view):
+                    out[k] = lay
+                continue
             for lay in ins:
                 E.freeze_dim(lay, f"{where} reshapes a channel axis (mixes or splits channels)")
             for k in b:
@@ -104,9 +122,15 @@ def expand_rule(call: RuleCall):
     lx = layout_or_none(call.largs[0], x)
     nd = out.dim()
     layout = []
+    static = bool(call.static) and call.static[0]
     for d in range(nd):
         k = d - (nd - x.dim())
-        if k < 0 or x.shape[k] != out.shape[d]:
+        if static and k >= 0 and x.shape[k] == 1 and out.shape[d] > 1:
+            # a constant (an attention mask) repeated along a dim: it may meet channels there (heads)
+            e = call.E.new(out.shape[d], call.where)
+            call.E.broadcast.add(e)
+            layout.append((Seg(e, 0, out.shape[d]),))
+        elif k < 0 or x.shape[k] != out.shape[d]:
             layout.append(None)  # broadcast of a size-1 dim: the same value everywhere
         else:
             layout.append(lx[k])
@@ -144,7 +168,7 @@ def getitem_rule(call: RuleCall):
     lx = list(layout_or_none(lobj, obj))
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(is_tensor(i) or isinstance(i, (list,)) for i in idx):
-        return unknown(call)
+        return gather_rule(call, obj, lx, idx)
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     expanded: List[Any] = []
     for i in idx:
@@ -153,6 +177,12 @@ def getitem_rule(call: RuleCall):
         else:
             expanded.append(i)
     expanded.extend([slice(None)] * (obj.dim() - sum(1 for i in expanded if i is not None)))
+    ints = [k for k, i in enumerate(i for i in expanded if i is not None) if isinstance(i, int)]
+    if len(ints) == 1 and all(i is None or isinstance(i, int) or i == slice(None) for i in expanded) \
+            and None not in expanded:
+        picked = select(call.E, tuple(lx), ints[0], expanded[ints[0]] % obj.shape[ints[0]])
+        if picked is not None:  # qkv[0]: q out of a fused projection
+            return picked
     out: List[DimLayout] = []
     d = 0
     for i in expanded:
@@ -240,7 +270,10 @@ def split_rule(call: RuleCall):
     for o in outs:
         n = o.shape[dim]
         layout = list(lx)
-        if lx[dim] is not None:
+        part = slice_within(call.E, call.where, lx[dim], pos, pos + n)
+        if part is not None:  # q, k, v of every head out of one head dim (LeViT)
+            layout[dim] = part
+        elif lx[dim] is not None:
             sl = slice_dim(lx[dim], pos, pos + n)
             cut_slice(call.E, lx[dim], pos, pos + n)
             if sl is None:
@@ -259,6 +292,9 @@ def chunk_rule(call: RuleCall):
 
 
 def unbind_rule(call: RuleCall):
+    parts = unbind_selector(call)
+    if parts is not None:
+        return parts
     x = call.args[0]
     lx = layout_or_none(call.largs[0], x)
     dim = call.arg(1, "dim", 0) % x.dim()
@@ -279,3 +315,40 @@ def getattr_rule(call: RuleCall):
     if is_tensor(call.out):
         return unknown(call)
     return None
+
+
+def gather_rule(call: RuleCall, obj, lx, idx):
+    """``x[index]`` / ``x[:, index]`` with one integer index tensor (a relative-position table read at its
+    index buffer): the indexed dim's positions are gathered, so a channel axis there freezes; the other
+    dims keep their channels; the dims the index adds carry none."""
+    k = next(i for i, v in enumerate(idx) if is_tensor(v) or isinstance(v, list))
+    if not (is_tensor(idx[k]) and not idx[k].is_floating_point() and idx[k].dtype != torch.bool) \
+            or any(i != slice(None) for j, i in enumerate(idx) if j != k) or len(idx) > obj.dim():
+        return unknown(call)
+    lidx = call.largs[1][k] if isinstance(call.args[1], tuple) and isinstance(call.largs[1], Multi) else call.largs[1]
+    for lay in layout_or_none(lidx, idx[k]):
+        call.E.freeze_dim(lay, f"{call.where} indexes with a channel axis")
+    call.E.freeze_dim(lx[k], f"{call.where} gathers along a channel axis")
+    return tuple(lx[:k]) + (None,) * idx[k].dim() + tuple(lx[k + 1:])
+
+
+def roll_rule(call: RuleCall):
+    """``torch.roll(x, shifts, dims)``: positions move along ``dims``; a channel axis there freezes."""
+    x = call.args[0]
+    lx = layout_or_none(call.largs[0], x)
+    dims = call.arg(2, "dims", None)
+    dims = range(x.dim()) if dims is None else ([dims] if isinstance(dims, int) else dims)
+    for d in dims:
+        call.E.freeze_dim(lx[d % x.dim()], f"{call.where} rolls along a channel axis")
+    return lx
+
+
+def tokens_last(call: RuleCall):
+    """A function that only moves positions of a channels-last tensor (timm's ``window_reverse``): the
+    last dim's channels pass through; a channel axis anywhere else is not understood."""
+    x = call.args[0]
+    lx = layout_or_none(call.largs[0], x)
+    if not (is_tensor(x) and is_tensor(call.out)) or x.shape[-1] != call.out.shape[-1] or any(
+            lay is not None for lay in lx[:-1]):
+        return unknown(call)
+    return (None,) * (call.out.dim() - 1) + (lx[-1],)
