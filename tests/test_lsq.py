@@ -13,8 +13,8 @@ from mergekit_vision.engine import shared_graph
 from mergekit_vision.errors import CalibrationWarning, ConfigError
 from mergekit_vision.models import create_model
 from mergekit_vision.permute import permute, random_perms
-from mergekit_vision.repair.lsq import (LsqStats, find_lsq_sites, layer_map, lsq_pass, patches, relative_residual,
-                                        ridge_solve)
+from mergekit_vision.repair.lsq import (LsqStats, dual_solve, find_lsq_sites, layer_map, lsq_pass, patch_rows, patches,
+                                        relative_residual, ridge_solve, rows_residual)
 from mergekit_vision.testing import measure_norm_statistics, randomize_model
 from mergekit_vision.trace import trace_permutation_spec
 
@@ -273,3 +273,61 @@ def test_patches_times_the_layer_map_is_the_layer(conv):
     assert _rel(xs @ w[:, :-1] + w[:, -1:], ys) < 1e-12
     sub, _ = patches(x, y, conv, kind, positions=2, gen=torch.Generator().manual_seed(0))
     assert sub.shape[1] == (3 * 2 if kind == "conv" else xs.shape[1])
+
+
+@pytest.mark.parametrize("case", ["dense-bias", "dense-nobias", "grouped-conv"])
+@pytest.mark.parametrize("lam", [1e-3, 0.3])
+def test_dual_solve_is_the_ridge_solution(case, lam):
+    """Fewer rows than unknowns: the dual solve from the rows equals ridge_solve from the statistics (the
+    unshrunk bias included), and so do the residuals computed from rows and from statistics. Inputs
+    with a large common offset (as after a ReLU) check that the centring is exact."""
+    g = torch.Generator().manual_seed(1)
+    bias = case != "dense-nobias"
+    if case == "grouped-conv":
+        conv = nn.Conv2d(6, 4, 3, padding=1, groups=2).to(f64)
+        x = torch.randn(2, 6, 3, 3, generator=g, dtype=f64).relu() + 2.0
+        y = torch.randn(2, 4, 3, 3, generator=g, dtype=f64)
+        xs, ys = patches(x, y, conv, "conv", positions=4, gen=g)  # 8 rows per group, 27 unknowns + bias
+        assert xs.shape == (2, 8, 27) and patch_rows(x.shape, conv, "conv", 4) == 8
+        w0 = layer_map(conv, "conv")
+    else:
+        xs = torch.randn(1, 7, 12, generator=g, dtype=f64) + 3.0
+        ys = torch.randn(1, 7, 3, generator=g, dtype=f64) * 2 - 1
+        w0 = torch.randn(1, 13, 3, generator=g, dtype=f64)
+        if not bias:
+            w0[:, -1] = 0
+    st = LsqStats().observe(xs, ys)
+    want, r_want, jit = ridge_solve(st.g, st.h, w0, lam, bias)
+    got, r_got, jit_dual = dual_solve(xs, ys, w0, lam, bias)
+    assert jit == jit_dual == 0.0
+    assert torch.allclose(r_got, r_want, rtol=1e-12)
+    assert _rel(got, want) < 1e-9
+    assert abs(rows_residual(xs, ys, got) - relative_residual(st, want)) < 1e-9
+    assert abs(rows_residual(xs, ys, w0) - relative_residual(st, w0)) < 1e-9 * max(1.0, relative_residual(st, w0))
+    if not bias:
+        assert torch.equal(got[:, -1], torch.zeros_like(got[:, -1]))
+    w, _, jitter = dual_solve(xs, ys, w0, 0.0, bias)  # no ridge: the fit interpolates the rows
+    assert torch.isfinite(w).all() and jitter == 0.0 and rows_residual(xs, ys, w) < 1e-12
+    dup = torch.cat([xs, xs[:, :2]], 1), torch.cat([ys, ys[:, :2] + 1.0], 1)  # repeated rows, other targets
+    w, _, jitter = dual_solve(*dup, w0, 0.0, bias)
+    assert torch.isfinite(w).all() and jitter > 0
+
+
+def test_underdetermined_fits_take_the_dual_path_with_the_primal_result():
+    """A walk whose deep fits have fewer patches than unknowns solves those from the rows and gives the
+    same merged network as the primal walk (float64)."""
+    calib = _batches(1, 4, (3, 8, 8))  # 4 images: the 4x4 and 2x2 maps give few rows for the 3x3 convs
+    a, b, m = (_tiny("bn", s, calib) for s in (1, 2, 3))
+    gm = shared_graph(m)
+    m_dual, m_primal = copy.deepcopy(m), copy.deepcopy(m)
+    rd = lsq_pass(m_dual, [a, b], [0.5, 0.5], gm, calib, positions=4, dual=True)
+    rp = lsq_pass(m_primal, [a, b], [0.5, 0.5], gm, calib, positions=4, dual=False)
+    duals = [v for v, f in rd.fits.items() if f.solver == "dual"]
+    assert duals and all(rd.fits[v].rows < rd.fits[v].dim for v in duals)
+    assert all(f.solver == "primal" for f in rp.fits.values())
+    for v in rd.fits:
+        assert abs(rd.fits[v].residual_after - rp.fits[v].residual_after) < 1e-8, v
+    sd = m_primal.state_dict()
+    for k, v in m_dual.state_dict().items():
+        if v.is_floating_point():
+            assert _rel(v, sd[k]) < 1e-7 or (v - sd[k]).abs().max() < 1e-10, k

@@ -35,8 +35,9 @@ from ..errors import CalibrationWarning
 from ..ops import is_batchnorm
 from .sites import bn_eval, module_calls
 
-__all__ = ["LsqSite", "LsqStats", "LsqFit", "find_lsq_sites", "layer_map", "patch_layout", "patches",
-           "ridge_solve", "relative_residual", "fold_map", "fold_bn_fit", "lsq_pass"]
+__all__ = ["LsqSite", "LsqStats", "LsqRows", "LsqFit", "find_lsq_sites", "layer_map", "patch_layout", "patches",
+           "patch_rows", "ridge_solve", "dual_solve", "relative_residual", "rows_residual", "fold_map", "fold_bn_fit",
+           "lsq_pass"]
 
 _TINY = 1e-12
 _FIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -182,6 +183,29 @@ def patches(x: torch.Tensor, y: torch.Tensor, module: nn.Module, kind: str, posi
     return xs, ys.transpose(0, 1).contiguous()
 
 
+def patch_rows(shape: Sequence[int], module: nn.Module, kind: str, positions: Optional[int] = None) -> int:
+    """How many patch rows per group :func:`patches` gives for a layer input of ``shape``, without
+    forming them (so a fit's row count is known before its pass)."""
+    if kind == "bn":
+        return math.prod(shape) // shape[1]
+    if isinstance(module, nn.Linear):
+        return math.prod(shape[:-1])
+    if isinstance(module, nn.Conv1d):
+        k, dil, st = _as_2d(module)
+        spatial = (1,) + tuple(shape[2:])
+    else:
+        k, dil, st = module.kernel_size, module.dilation, module.stride
+        spatial = tuple(shape[2:])
+    pad = module._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
+    pads = [pad[2 * a] + pad[2 * a + 1] for a in range(len(pad) // 2)][::-1]
+    if isinstance(module, nn.Conv1d):
+        pads = [0] + pads
+    length = 1
+    for a in range(2):
+        length *= (spatial[a] + pads[a] - dil[a] * (k[a] - 1) - 1) // st[a] + 1
+    return shape[0] * (length if positions is None else min(length, positions))
+
+
 @dataclass
 class LsqStats:
     """Float64 sufficient statistics of one fit: ``g = sum x~ x~^T`` (``x~``: the patch and a 1),
@@ -248,6 +272,7 @@ class LsqFit:
     rows: int = 0
     dim: int = 0
     scale: Optional[torch.Tensor] = None  # conv->BatchNorm: the conv's output is the map divided by this
+    solver: str = "primal"                # "dual": fewer rows than unknowns, solved from the rows (dual_solve)
 
 
 def ridge_solve(g: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, lam: float, bias: bool = True
@@ -281,6 +306,76 @@ def ridge_solve(g: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, lam: float, 
     if not bias:
         w = torch.cat([w, torch.zeros_like(w[:, :1])], 1)
     return w, r, jitter
+
+
+@dataclass
+class LsqRows:
+    """The patch rows themselves, for a fit known to have fewer rows than unknowns: ``(groups, rows, d)``
+    regressors and ``(groups, rows, out)`` targets in float64 (smaller than the ``(d + 1)^2`` Gram they
+    replace). Not poolable across workers: the dual solve needs every row in one place."""
+
+    xs: List[torch.Tensor] = field(default_factory=list)
+    ys: List[torch.Tensor] = field(default_factory=list)
+    rows: int = 0
+
+    def observe(self, xs: torch.Tensor, ys: torch.Tensor) -> LsqRows:
+        self.xs.append(xs.detach().double())
+        self.ys.append(ys.detach().double())
+        self.rows += xs.shape[1]
+        return self
+
+    def stacked(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(self.xs, 1), torch.cat(self.ys, 1)
+
+
+def dual_solve(xs: torch.Tensor, ys: torch.Tensor, w0: torch.Tensor, lam: float, bias: bool = True
+               ) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`ridge_solve`'s solution from the rows ``xs`` (groups, n, d), ``ys`` (groups, n, out) in
+    ``n^3`` instead of ``d^3``, for ``n <= d``. With the bias column unshrunk, the bias is
+    ``b = mean(y) - mean(x) W`` for any ``W``, so the ridge problem is ``min ||Xc W - Yc||^2 +
+    r ||W - W0||^2`` on the rows centred by their means, whose solution
+    ``W0 + Xc^T (Xc Xc^T + r I)^-1 (Yc - Xc W0)`` is the primal one (push-through identity);
+    ``bias=False``: the same without centring, bias row 0. ``r`` as for :func:`ridge_solve`. The
+    centred rows' Gram always has ``1`` in its null space; that direction is deflated exactly (see
+    below). A system still singular (``lam`` 0 and duplicated rows) gets the same growing diagonal
+    (``jitter``), which here shrinks towards ``W0``: the fit closest to the average."""
+    xs, ys, w0 = xs.double(), ys.double(), w0.double()
+    d = xs.shape[-1]
+    scale = xs.pow(2).sum(1).mean(-1)  # mean(diag G) over the patch entries, as in ridge_solve
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    r = lam * scale
+    if bias:
+        mx, my = xs.mean(1, keepdim=True), ys.mean(1, keepdim=True)
+        xs, ys = xs - mx, ys - my
+    wx0 = w0[:, :d]
+    resid = ys - xs @ wx0
+    k = xs @ xs.transpose(1, 2)
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    a = k + r[:, None, None] * eye
+    if bias:  # centred rows: 1 is in K's null space and orthogonal to the right-hand side, so adding
+        # s 11^T changes no solution and keeps ``lam=0`` well-posed when the rows span n - 1 directions
+        kd = k.diagonal(dim1=1, dim2=2).mean(-1)
+        a = a + torch.where(kd > 0, kd, torch.ones_like(kd))[:, None, None] / k.shape[-1]
+    jitter = 0.0
+    floor = 1e-13 * a.diagonal(dim1=1, dim2=2).amax(-1)  # a pivot below this is rounding: treat as singular
+    for _ in range(20):
+        chol, info = torch.linalg.cholesky_ex(a + jitter * scale[:, None, None] * eye)
+        if not bool(info.any()) and bool((chol.diagonal(dim1=1, dim2=2).pow(2).amin(-1) > floor).all()):
+            break
+        jitter = 1e-10 if jitter == 0 else jitter * 100
+    else:
+        raise RuntimeError("least-squares dual system not positive definite even with a large diagonal")
+    wx = wx0 + xs.transpose(1, 2) @ torch.cholesky_solve(resid, chol)
+    b = (my - mx @ wx) if bias else torch.zeros_like(wx[:, :1])
+    return torch.cat([wx, b], 1), r, jitter
+
+
+def rows_residual(xs: torch.Tensor, ys: torch.Tensor, w: torch.Tensor) -> float:
+    """:func:`relative_residual` from the rows themselves: ``||X~ W - Y||^2 / ||Y - mean(Y)||^2``."""
+    xs, ys, w = xs.double(), ys.double(), w.double()
+    fit = (xs @ w[:, :-1] + w[:, -1:] - ys).pow(2).sum()
+    var = (ys - ys.mean(1, keepdim=True)).pow(2).sum()
+    return float(fit / var.clamp_min(_TINY))
 
 
 def relative_residual(st: LsqStats, w: torch.Tensor) -> float:
@@ -372,12 +467,15 @@ class LsqResult:
 @torch.no_grad()
 def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequence[float], gm: fx.GraphModule,
              batches: Sequence[torch.Tensor], *, ridge: float = 1e-3, positions: Optional[int] = None,
-             seed: int = 0, sites: Optional[List[LsqSite]] = None) -> LsqResult:
+             seed: int = 0, sites: Optional[List[LsqSite]] = None, dual: bool = True) -> LsqResult:
     """Refit ``merged`` (in place) layer after layer to ``sum_k weights[k] * endpoints[k]``'s values.
 
     ``endpoints``: the models already aligned to ``merged``'s channel order (not changed); ``gm``: the
     traced graph all of them share; ``batches``: the calibration inputs (all held: every model's values
-    are kept per batch until their last use). Returns the fits and the layers left at the average."""
+    are kept per batch until their last use). ``dual``: a fit with fewer patch rows than unknowns keeps
+    its rows and is solved by :func:`dual_solve` (same solution, rows^3 instead of d^3); must be False
+    when the statistics are pooled across workers (raw rows cannot be). Returns the fits and the layers
+    left at the average."""
     from ..engine import bind
 
     if sites is None:
@@ -419,7 +517,7 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
                 run(k, b, i)
         if site is not None:
             result.fits[site.value] = _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge,
-                                           positions, seed + i)
+                                           positions, seed + i, dual)
         for b in range(len(batches)):
             run(me, b, i)
         if site is not None and site.bn is not None:  # train-consistent fold: the new output's statistics
@@ -443,13 +541,18 @@ def _target(site: LsqSite, k: int, y: torch.Tensor, mods) -> torch.Tensor:
     return y
 
 
-def _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge, positions, seed) -> LsqFit:
+def _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge, positions, seed, dual) -> LsqFit:
     me = len(models) - 1
     module = mods[me][site.module]
     bn = mods[me][site.bn] if site.bn is not None else None
     arg = n.args[0]
     j = next(idx for idx, node in enumerate(node_lists[me]) if node.name == arg.name)
-    st = LsqStats()
+    pos = None if site.kind == "bn" else positions
+    lay = patch_layout(module, site.kind)
+    # the row count is known from the shapes before any patch is formed: fewer rows than unknowns
+    # keep the rows (smaller than the Gram) and solve in rows^3
+    rows = sum(patch_rows(envs[me][b][node_lists[me][j]].shape, module, site.kind, pos) for b in range(len(batches)))
+    acc = LsqRows() if dual and site.kind != "bn" and rows < lay.dim + 1 else LsqStats()
     gen = torch.Generator().manual_seed(seed)
     for b in range(len(batches)):
         x = envs[me][b][node_lists[me][j]]
@@ -460,14 +563,22 @@ def _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge, pos
             else:
                 yk = _target(site, k, envs[k][b][node_lists[k][i]], mods)
             tgt = wk * yk if tgt is None else tgt + wk * yk
-        xs, ys = patches(x, tgt, module, site.kind, None if site.kind == "bn" else positions, gen)
-        st.observe(xs, ys)
-        del tgt, xs, ys
+        acc.observe(*patches(x, tgt, module, site.kind, pos, gen))
+        del tgt
     w0 = layer_map(module, site.kind, bn)
-    w, r, jitter = ridge_solve(st.g, st.h, w0.to(st.g.device), ridge, site.bias)
-    w0 = w0.to(st.g.device)
-    fit = LsqFit(w, r, jitter, relative_residual(st, w0), relative_residual(st, w), st.rows,
-                 int(st.g.shape[-1]) - (0 if site.bias else 1))
+    if isinstance(acc, LsqRows):
+        xs, ys = acc.stacked()
+        w0 = w0.to(xs.device)
+        w, r, jitter = dual_solve(xs, ys, w0, ridge, site.bias)
+        fit = LsqFit(w, r, jitter, rows_residual(xs, ys, w0), rows_residual(xs, ys, w), acc.rows,
+                     lay.dim + (1 if site.bias else 0), solver="dual")
+        del xs, ys, acc
+    else:
+        st = acc  # the fit's statistics are complete here: pooled statistics would be solved the same way
+        w0 = w0.to(st.g.device)
+        w, r, jitter = ridge_solve(st.g, st.h, w0, ridge, site.bias)
+        fit = LsqFit(w, r, jitter, relative_residual(st, w0), relative_residual(st, w), st.rows,
+                     int(st.g.shape[-1]) - (0 if site.bias else 1))
     if site.kind == "bn":
         x_mean = st.g[:, 0, 1] / max(st.rows, 1)  # the per-channel patch is the channel itself
         x_var = (st.g[:, 0, 0] / max(st.rows, 1) - x_mean.pow(2)).clamp_min(0)
