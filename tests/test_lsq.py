@@ -331,3 +331,27 @@ def test_underdetermined_fits_take_the_dual_path_with_the_primal_result():
     for k, v in m_dual.state_dict().items():
         if v.is_floating_point():
             assert _rel(v, sd[k]) < 1e-7 or (v - sd[k]).abs().max() < 1e-10, k
+
+
+def test_a_small_memory_budget_spills_and_gives_the_same_merge_bit_for_bit(tmp_path, monkeypatch):
+    """Values beyond ``memory`` go to a temporary directory and come back bit for bit: the merged
+    network and every fit equal the unlimited walk's exactly; the directory is gone afterwards."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    calib = _batches(3, 16, (3, 16, 16))
+    a, b, m = (_tiny("bn", s, calib) for s in (1, 2, 3))
+    gm = shared_graph(m)
+    runs = {}
+    for budget in (None, 64 * 1024):
+        mm = copy.deepcopy(m)
+        runs[budget] = (mm, lsq_pass(mm, [a, b], [0.4, 0.6], gm, calib, positions=20, memory=budget))
+    (m_all, r_all), (m_small, r_small) = runs[None], runs[64 * 1024]
+    assert r_all.spilled_bytes == 0 and r_small.spilled_bytes > 0
+    assert r_small.peak_held_bytes < r_all.peak_held_bytes
+    sd = m_all.state_dict()
+    for k, v in m_small.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    for v, f in r_all.fits.items():
+        assert torch.equal(f.w, r_small.fits[v].w) and f.residual_after == r_small.fits[v].residual_after, v
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("mergekit_lsq_")]

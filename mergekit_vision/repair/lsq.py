@@ -22,9 +22,14 @@ each model plus the solves, at the memory of the widest frontier times the calib
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 import torch
 import torch.fx as fx
@@ -444,7 +449,7 @@ def fold_bn_fit(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int, a:
     bn.bias.copy_((a * mean + c).to(bn.bias.dtype))
 
 
-def _moments(values: Sequence[torch.Tensor], dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+def _moments(values: Iterable[torch.Tensor], dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Pooled per-channel mean and (biased) variance over every position of ``values``, in float64."""
     n, s, ss = 0, 0.0, 0.0
     for v in values:
@@ -462,20 +467,152 @@ class LsqResult:
     fits: Dict[str, LsqFit] = field(default_factory=dict)        # by the fitted value's node
     notes: Dict[str, str] = field(default_factory=dict)          # module -> why it was left alone
     samples: int = 0
+    spilled_bytes: int = 0     # bytes written to the spill directory (0: everything stayed in memory)
+    peak_held_bytes: int = 0   # the most bytes of values the walk held in memory at once
+
+
+def memory_budget(memory: Union[int, str, None]) -> Optional[int]:
+    """The walk's budget in bytes for ``lsq_memory``: None (no limit), an int of bytes, a size string
+    ("4GB", "512MiB") or "auto" (half the memory the system reports available now; no limit where it
+    reports none)."""
+    if memory is None:
+        return None
+    if isinstance(memory, str) and memory.strip().lower() == "auto":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024 // 2
+        except OSError:
+            pass
+        return None
+    if isinstance(memory, str):
+        from ..export.files import parse_size
+
+        return parse_size(memory)
+    return int(memory)
+
+
+class _Spilled:
+    """A value written to the spill directory: read back bit for bit."""
+
+    __slots__ = ("path", "dtype", "shape")
+
+    def __init__(self, path: str, dtype: torch.dtype, shape: torch.Size):
+        self.path, self.dtype, self.shape = path, dtype, shape
+
+    def load(self) -> torch.Tensor:
+        raw = torch.from_numpy(np.fromfile(self.path, dtype=np.uint8))
+        return raw.view(self.dtype).reshape(self.shape)
+
+
+def _nbytes(v) -> Tuple[Optional[int], int]:
+    """A held value's storage (id, bytes): CPU tensors only; anything else is not counted."""
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.is_sparse:
+        st = v.untyped_storage()
+        return st.data_ptr(), st.nbytes()
+    return None, 0
+
+
+class _Store:
+    """Every model's values per batch during the walk, keyed ``(model, batch, node index)``. Held in
+    memory up to ``budget`` bytes (storage shared by several values counted once); beyond it the values
+    whose next use is farthest ahead (then the later batches) are written to a temporary directory and
+    read back when next needed, bit for bit, so the walk's arithmetic and results do not change. A
+    value read back keeps its file until its last use (evicting it again writes nothing)."""
+
+    def __init__(self, budget: Optional[int], next_use):
+        self.budget, self.next_use = budget, next_use
+        self.mem: Dict[Tuple[int, int, int], object] = {}
+        self.disk: Dict[Tuple[int, int, int], _Spilled] = {}
+        self.refs: Dict[int, List[int]] = {}   # storage id -> [bytes, values holding it]
+        self.held = self.peak = self.spilled = 0
+        self.now = 0
+        self.dir: Optional[str] = None
+
+    def _hold(self, key, v) -> None:
+        self.mem[key] = v
+        sid, nb = _nbytes(v)
+        if sid is not None:
+            ref = self.refs.setdefault(sid, [nb, 0])
+            if ref[1] == 0:
+                self.held += nb
+            ref[1] += 1
+            self.peak = max(self.peak, self.held)
+
+    def _release(self, key) -> None:
+        v = self.mem.pop(key)
+        sid, _ = _nbytes(v)
+        if sid is not None:
+            ref = self.refs[sid]
+            ref[1] -= 1
+            if ref[1] == 0:
+                self.held -= ref[0]
+                del self.refs[sid]
+
+    def put(self, key, v, pin=()) -> None:
+        self._hold(key, v)
+        self._shrink(set(pin) | {key})
+
+    def get(self, key, pin=()):
+        if key not in self.mem:
+            self._hold(key, self.disk[key].load())
+            self._shrink(set(pin) | {key})
+        return self.mem[key]
+
+    def shape(self, key) -> torch.Size:
+        return self.mem[key].shape if key in self.mem else self.disk[key].shape
+
+    def pop(self, key) -> None:
+        if key in self.mem:
+            self._release(key)
+        sp = self.disk.pop(key, None)
+        if sp is not None:
+            os.remove(sp.path)
+
+    def _shrink(self, pin) -> None:
+        if self.budget is None or self.held <= self.budget:
+            return
+        order = sorted((k for k, v in self.mem.items() if k not in pin and _nbytes(v)[0] is not None),
+                       key=lambda k: (self.next_use(k[2], self.now), k[1]), reverse=True)
+        for key in order:
+            if self.held <= self.budget:
+                break
+            if key not in self.disk:
+                v = self.mem[key]
+                if self.dir is None:
+                    self.dir = tempfile.mkdtemp(prefix="mergekit_lsq_")
+                path = os.path.join(self.dir, f"{key[0]}_{key[1]}_{key[2]}.bin")
+                v.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tofile(path)
+                self.disk[key] = _Spilled(path, v.dtype, v.shape)
+                self.spilled += v.numel() * v.element_size()
+            self._release(key)
+
+    def close(self) -> None:
+        self.mem.clear()
+        self.disk.clear()
+        self.refs.clear()
+        self.held = 0
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
 
 @torch.no_grad()
 def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequence[float], gm: fx.GraphModule,
              batches: Sequence[torch.Tensor], *, ridge: float = 1e-3, positions: Optional[int] = None,
-             seed: int = 0, sites: Optional[List[LsqSite]] = None, dual: bool = True) -> LsqResult:
+             seed: int = 0, sites: Optional[List[LsqSite]] = None, dual: bool = True,
+             memory: Union[int, str, None] = None) -> LsqResult:
     """Refit ``merged`` (in place) layer after layer to ``sum_k weights[k] * endpoints[k]``'s values.
 
     ``endpoints``: the models already aligned to ``merged``'s channel order (not changed); ``gm``: the
-    traced graph all of them share; ``batches``: the calibration inputs (all held: every model's values
-    are kept per batch until their last use). ``dual``: a fit with fewer patch rows than unknowns keeps
-    its rows and is solved by :func:`dual_solve` (same solution, rows^3 instead of d^3); must be False
-    when the statistics are pooled across workers (raw rows cannot be). Returns the fits and the layers
-    left at the average."""
+    traced graph all of them share; ``batches``: the calibration inputs (every model's values are kept
+    per batch until their last use). ``dual``: a fit with fewer patch rows than unknowns keeps its rows
+    and is solved by :func:`dual_solve` (same solution, rows^3 instead of d^3); must be False when the
+    statistics are pooled across workers (raw rows cannot be). ``memory``: the bytes of values held in
+    memory (:func:`memory_budget`; None: no limit); beyond it values are spilled to a temporary
+    directory (``TMPDIR``) and read back, with the same results bit for bit. Returns the fits, the
+    layers left at the average and the bytes spilled."""
     from ..engine import bind
 
     if sites is None:
@@ -493,43 +630,70 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
     node_lists = [nodes if g.graph is graph else list(g.graph.nodes) for g in gms]
     mods = [dict(m.named_modules()) for m in models]
     index = {n: i for i, n in enumerate(nodes)}
-    last_use: Dict[int, int] = {}
-    for i in reversed(range(len(nodes))):
-        for a in nodes[i].all_input_nodes:
-            last_use.setdefault(index[a], i)
+    inputs = [[index[a] for a in n.all_input_nodes] for n in nodes]
+    uses: Dict[int, List[int]] = {}  # node index -> the node indices reading its value, in order
+    for i, ins in enumerate(inputs):
+        for a in ins:
+            uses.setdefault(a, []).append(i)
+    for s in sites:  # a fit reads its own node's values (the endpoints' targets, the merged net's fold)
+        i = index[next(n for n in nodes if n.name == s.node)]
+        uses.setdefault(i, []).insert(0, i)
+    last_use = {a: u[-1] for a, u in uses.items()}
     free_after: Dict[int, List[int]] = {}
     for a, i in last_use.items():
         free_after.setdefault(i, []).append(a)
-    envs = [[{} for _ in batches] for _ in models]
+
+    def next_use(a: int, now: int) -> int:
+        return next((u for u in uses.get(a, ()) if u >= now), len(nodes))
+
+    store = _Store(memory_budget(memory), next_use)
     result = LsqResult(notes=dict(skipped), samples=sum(int(x.shape[0]) for x in batches))
+
+    def value(k: int, b: int, a: int, pin=()):
+        op = nodes[a].op
+        if op == "placeholder":  # the caller holds the batches: not stored again
+            return batches[b]
+        if op == "get_attr":  # a parameter or buffer of the model itself
+            return interps[k].fetch_attr(node_lists[k][a].target)
+        return store.get((k, b, a), pin)
+
+    def shape(k: int, b: int, a: int) -> torch.Size:
+        return value(k, b, a).shape if nodes[a].op in ("placeholder", "get_attr") else store.shape((k, b, a))
 
     def run(k: int, b: int, i: int):
         it, nk = interps[k], node_lists[k][i]
-        it.env = envs[k][b]
-        if nk.op == "placeholder":
-            it.args_iter = iter([batches[b]])
-        envs[k][b][nk] = it.run_node(nk)
+        if nk.op in ("placeholder", "get_attr"):
+            return
+        pin = [(k, b, a) for a in inputs[i]]
+        it.env = {node_lists[k][a]: value(k, b, a, pin) for a in inputs[i]}
+        out = it.run_node(nk)
+        it.env = {}
+        if i in uses:
+            store.put((k, b, i), out, pin)
 
-    for i, n in enumerate(nodes):
-        site = by_node.get(n.name)
-        for k in range(me):  # the endpoints never change: their values first
+    try:
+        for i, n in enumerate(nodes):
+            store.now = i
+            site = by_node.get(n.name)
+            for k in range(me):  # the endpoints never change: their values first
+                for b in range(len(batches)):
+                    run(k, b, i)
+            if site is not None:
+                j = index[n.args[0]]
+                result.fits[site.value] = _fit(site, i, j, models, mods, active, value, shape, batches, ridge,
+                                               positions, seed + i, dual)
             for b in range(len(batches)):
-                run(k, b, i)
-        if site is not None:
-            result.fits[site.value] = _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge,
-                                           positions, seed + i, dual)
-        for b in range(len(batches)):
-            run(me, b, i)
-        if site is not None and site.bn is not None:  # train-consistent fold: the new output's statistics
-            _fold_composed(site, mods[me], [envs[me][b][node_lists[me][i]] for b in range(len(batches))],
-                           result.fits[site.value])
-        for dead in free_after.get(i, ()):
-            for k in range(len(models)):
-                for env in envs[k]:
-                    env.pop(node_lists[k][dead], None)
-    for k in range(len(models)):
-        for env in envs[k]:
-            env.clear()
+                run(me, b, i)
+            if site is not None and site.bn is not None:  # train-consistent fold: the new output's statistics
+                _fold_composed(site, mods[me], (value(me, b, i) for b in range(len(batches))),
+                               result.fits[site.value])
+            for dead in free_after.get(i, ()):
+                for k in range(len(models)):
+                    for b in range(len(batches)):
+                        store.pop((k, b, dead))
+        result.spilled_bytes, result.peak_held_bytes = store.spilled, store.peak
+    finally:
+        store.close()
     return result
 
 
@@ -541,30 +705,30 @@ def _target(site: LsqSite, k: int, y: torch.Tensor, mods) -> torch.Tensor:
     return y
 
 
-def _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge, positions, seed, dual) -> LsqFit:
+def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positions, seed, dual) -> LsqFit:
+    """Fit ``site`` (node index ``i``, its input node ``j``) from every batch's values (``value(k, b, a)``;
+    ``shape(k, b, a)``: a value's shape without reading it back)."""
     me = len(models) - 1
     module = mods[me][site.module]
     bn = mods[me][site.bn] if site.bn is not None else None
-    arg = n.args[0]
-    j = next(idx for idx, node in enumerate(node_lists[me]) if node.name == arg.name)
     pos = None if site.kind == "bn" else positions
     lay = patch_layout(module, site.kind)
     # the row count is known from the shapes before any patch is formed: fewer rows than unknowns
     # keep the rows (smaller than the Gram) and solve in rows^3
-    rows = sum(patch_rows(envs[me][b][node_lists[me][j]].shape, module, site.kind, pos) for b in range(len(batches)))
+    rows = sum(patch_rows(shape(me, b, j), module, site.kind, pos) for b in range(len(batches)))
     acc = LsqRows() if dual and site.kind != "bn" and rows < lay.dim + 1 else LsqStats()
     gen = torch.Generator().manual_seed(seed)
     for b in range(len(batches)):
-        x = envs[me][b][node_lists[me][j]]
+        a = j if site.kind == "bn" else i  # a BatchNorm fit: the endpoint's BatchNorm on its own input
+        pin = [(me, b, j)] + [(k, b, a) for k in range(me)]
+        x = value(me, b, j, pin)
         tgt = None
         for k, (_, wk) in enumerate(active):
-            if site.kind == "bn":  # the endpoint's BatchNorm on its own input
-                yk = bn_eval(mods[k][site.module], envs[k][b][node_lists[k][j]])
-            else:
-                yk = _target(site, k, envs[k][b][node_lists[k][i]], mods)
+            yk = value(k, b, a, pin)
+            yk = bn_eval(mods[k][site.module], yk) if site.kind == "bn" else _target(site, k, yk, mods)
             tgt = wk * yk if tgt is None else tgt + wk * yk
         acc.observe(*patches(x, tgt, module, site.kind, pos, gen))
-        del tgt
+        del tgt, x
     w0 = layer_map(module, site.kind, bn)
     if isinstance(acc, LsqRows):
         xs, ys = acc.stacked()
@@ -593,7 +757,7 @@ def _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge, pos
     return fit
 
 
-def _fold_composed(site: LsqSite, mods, outputs: List[torch.Tensor], fit: LsqFit) -> None:
+def _fold_composed(site: LsqSite, mods, outputs: Iterable[torch.Tensor], fit: LsqFit) -> None:
     """The conv now writes ``u = (W x) / s``; the BatchNorm after it becomes ``s*u + b`` with running
     statistics those of ``u`` on the calibration data."""
     bn = mods[site.bn]
