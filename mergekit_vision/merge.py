@@ -151,6 +151,7 @@ def merge_many(
     fold_stream: bool = True,
     lsq_ridge: float = 1e-3,
     lsq_positions: Optional[int] = 64,
+    lsq_memory: Union[int, str, None] = "auto",
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``models`` into one coordinate system, average them with ``weights`` and REPAIR the result.
 
@@ -184,7 +185,7 @@ def merge_many(
         max_batches=max_batches, max_samples=max_samples, progress=progress, leaf_modules=leaf_modules,
         weight_iters=weight_iters, weight_tol=weight_tol, seed=seed, diagnostic_batches=diagnostic_batches,
         fold_stream=fold_stream, lineage_threshold=lineage_threshold, taps=taps, lsq_ridge=lsq_ridge,
-        lsq_positions=lsq_positions)
+        lsq_positions=lsq_positions, lsq_memory=lsq_memory)
     w = _normalized_weights(weights, len(models))
     ref = 0 if reference is None else reference
     if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(models):
@@ -219,6 +220,7 @@ def merge(
     collect: Optional[Collect] = None,
     lsq_ridge: float = 1e-3,
     lsq_positions: Optional[int] = 64,
+    lsq_memory: Union[int, str, None] = "auto",
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result: the two-model
     call of :func:`merge_many` (weights ``[1 - alpha, alpha]``, reference ``model_a``).
@@ -239,9 +241,10 @@ def merge(
     conv/linear layer (with the BatchNorm after it) refit in graph order, by ridge regression on the
     merged net's own inputs, to the interpolated endpoints' values (docs/merge.md); ``lsq_ridge`` is the
     ridge strength relative to each layer's mean input energy, ``lsq_positions`` the output positions per
-    image each fit samples (None: all). It keeps ``model_a``'s architecture and needs ``calib_loader``
-    (not ``collect=``). Models wrapped in ``nn.DataParallel``,
-    ``DistributedDataParallel`` or ``torch.compile`` are merged as the models inside (``.module``,
+    image each fit samples (None: all), ``lsq_memory`` the bytes of activations it holds before spilling
+    them to ``TMPDIR`` ("auto": half the available memory; None: no limit; the result is the same). It
+    keeps ``model_a``'s architecture and needs ``calib_loader`` (not ``collect=``). Models wrapped in
+    ``nn.DataParallel``, ``DistributedDataParallel`` or ``torch.compile`` are merged as the models inside (``.module``,
     ``._orig_mod``; the wrappers are left as they are): the result is the inner architecture,
     neither wrapped nor compiled.
     ``lineage_threshold``: when the models' conv/linear weights, compared unpermuted, have a median
@@ -262,7 +265,7 @@ def merge(
         method=method, repair=repair, iterations=0, max_batches=max_batches, max_samples=max_samples,
         progress=progress, leaf_modules=leaf_modules, weight_iters=weight_iters, weight_tol=weight_tol, seed=seed,
         diagnostic_batches=diagnostic_batches, fold_stream=fold_stream, lineage_threshold=lineage_threshold,
-        taps=taps, lsq_ridge=lsq_ridge, lsq_positions=lsq_positions)
+        taps=taps, lsq_ridge=lsq_ridge, lsq_positions=lsq_positions, lsq_memory=lsq_memory)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
     alpha = float(alpha)
@@ -535,7 +538,10 @@ def _lsq_repair(p: PreparedMerge, merged: nn.Module, aligned: List[Dict[str, tor
                                        device=dev, dtype=dt, desc="least-squares repair", progress=kw["progress"]))
     sites, skipped = find_lsq_sites(p.plan.gm)
     res = lsq_pass(merged, ends, ws, p.plan.gm, batches, ridge=opts.lsq_ridge, positions=opts.lsq_positions,
-                   seed=opts.seed, sites=sites)
+                   seed=opts.seed, sites=sites, memory=opts.lsq_memory)
+    if res.spilled_bytes:
+        logger.info("least-squares repair: %.0f MB of activations spilled to disk (lsq_memory=%r)",
+                    res.spilled_bytes / 1e6, opts.lsq_memory)
     del batches, ends
     report.calibration_samples = max(report.calibration_samples, res.samples)
     thin = warn_underdetermined(res.fits, sites, res.samples)

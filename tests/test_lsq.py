@@ -13,8 +13,8 @@ from mergekit_vision.engine import shared_graph
 from mergekit_vision.errors import CalibrationWarning, ConfigError
 from mergekit_vision.models import create_model
 from mergekit_vision.permute import permute, random_perms
-from mergekit_vision.repair.lsq import (LsqStats, dual_solve, find_lsq_sites, layer_map, lsq_pass, patch_rows, patches,
-                                        relative_residual, ridge_solve, rows_residual)
+from mergekit_vision.repair.lsq import (LsqStats, dual_solve, find_lsq_sites, layer_map, lsq_pass, memory_budget,
+                                        patch_rows, patches, relative_residual, ridge_solve, rows_residual)
 from mergekit_vision.testing import measure_norm_statistics, randomize_model
 from mergekit_vision.trace import trace_permutation_spec
 
@@ -229,7 +229,9 @@ def test_options_are_checked():
     calib = [torch.randn(4, 3, 16, 16)]
     a = create_model("tiny_resnet", width=4, in_chans=3)
     for kw, msg in ((dict(lsq_ridge=-1.0), "lsq_ridge"), (dict(lsq_ridge=float("nan")), "lsq_ridge"),
-                    (dict(lsq_positions=0), "lsq_positions"), (dict(lsq_positions=2.5), "lsq_positions")):
+                    (dict(lsq_positions=0), "lsq_positions"), (dict(lsq_positions=2.5), "lsq_positions"),
+                    (dict(lsq_memory=-1), "lsq_memory"), (dict(lsq_memory="lots"), "lsq_memory"),
+                    (dict(lsq_memory=True), "lsq_memory"), (dict(lsq_memory=1.5e9), "lsq_memory")):
         with pytest.raises(ConfigError, match=msg):
             merge(a, a, calib, repair="lsq", progress=False, **kw)
     with pytest.raises(ConfigError, match="local calib_loader"):
@@ -246,10 +248,13 @@ def test_config_and_curve_accept_lsq(tmp_path):
     data = tmp_path / "calib.npz"
     data.write_bytes(b"")
     base = {"models": [{"model": "resnet20", "pretrained": True}] * 2, "calibration": {"path": str(data)}}
-    cfg = MergeConfig.model_validate({**base, "repair": "lsq", "lsq_ridge": 1e-2, "lsq_positions": None})
+    cfg = MergeConfig.model_validate({**base, "repair": "lsq", "lsq_ridge": 1e-2, "lsq_positions": None,
+                                      "lsq_memory": "2GB"})
     assert (cfg.repair, cfg.lsq_ridge, cfg.lsq_positions) == ("lsq", 1e-2, None) and MODES["lsq"] == (True, "lsq")
+    assert cfg.lsq_memory == "2GB" and memory_budget(cfg.lsq_memory) == 2 * 10**9
     assert MergeConfig.model_validate(base).lsq_positions == 64
-    for bad in ({"lsq_ridge": -1}, {"lsq_positions": 0}):
+    assert MergeConfig.model_validate(base).lsq_memory == "auto"
+    for bad in ({"lsq_ridge": -1}, {"lsq_positions": 0}, {"lsq_memory": "lots"}):
         with pytest.raises(ValidationError, match="lsq_"):
             MergeConfig.model_validate({**base, **bad})
 
