@@ -37,11 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationWarning
+from ..match.stats import ChannelMoments
 from ..ops import is_batchnorm
 from .sites import bn_eval, module_calls
 
 __all__ = ["LsqSite", "LsqStats", "LsqRows", "LsqFit", "find_lsq_sites", "layer_map", "patch_layout", "patches",
-           "patch_rows", "ridge_solve", "dual_solve", "relative_residual", "rows_residual", "fold_map", "fold_bn_fit",
+           "patch_rows", "conv_positions", "conv_cols", "conv_targets", "at_positions",
+           "ridge_solve", "dual_solve", "relative_residual", "rows_residual", "fold_map", "fold_bn_fit",
            "lsq_pass"]
 
 _TINY = 1e-12
@@ -141,14 +143,84 @@ def _positions(total: int, keep: Optional[int], gen: Optional[torch.Generator]) 
     return torch.randperm(total, generator=gen)[:keep].sort().values
 
 
+def _geometry(module: nn.Module):
+    """Kernel, dilation and stride as 2-d tuples (a Conv1d as Conv2d over (1, L))."""
+    if isinstance(module, nn.Conv1d):
+        return _as_2d(module)
+    return module.kernel_size, module.dilation, module.stride
+
+
+def _out_hw(shape: Sequence[int], module: nn.Module) -> Tuple[int, int]:
+    """The conv's output grid for an input of ``shape`` (its padding included)."""
+    k, dil, st = _geometry(module)
+    pad = module._reversed_padding_repeated_twice  # (before, after) per spatial dim, last dim first
+    pads = [pad[2 * a] + pad[2 * a + 1] for a in range(len(pad) // 2)][::-1]
+    spatial = list(shape[2:])
+    if isinstance(module, nn.Conv1d):
+        pads, spatial = [0] + pads, [1] + spatial
+    return tuple((spatial[a] + pads[a] - dil[a] * (k[a] - 1) - 1) // st[a] + 1 for a in range(2))
+
+
+def conv_positions(shape: Sequence[int], module: nn.Module, positions: Optional[int],
+                   gen: Optional[torch.Generator]) -> Tuple[Optional[torch.Tensor], Tuple[int, int]]:
+    """The output positions a conv fit samples for one batch (None: all) and the output grid."""
+    out_hw = _out_hw(shape, module)
+    return _positions(out_hw[0] * out_hw[1], positions, gen), out_hw
+
+
+def conv_cols(x: torch.Tensor, module: nn.Module, idx: Optional[torch.Tensor], out_hw: Tuple[int, int]
+              ) -> torch.Tensor:
+    """im2col patches ``(groups, N * positions, dim)`` of ``x`` at the output positions ``idx`` (None:
+    all): the input padded once into channels-last, then one row gather (patch entry
+    ``tap * C_group + c``, the order of :func:`layer_map`)."""
+    lay = patch_layout(module, "conv")
+    k, dil, st = _geometry(module)
+    pad = tuple(module._reversed_padding_repeated_twice)
+    n = x.shape[0]
+    x4 = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
+    if module.padding_mode == "zeros":  # pad the channels-last view: one copy, already in gather layout
+        pad4 = pad + (0, 0) if isinstance(module, nn.Conv1d) else pad
+        xl = F.pad(x4.permute(0, 2, 3, 1), (0, 0) + pad4).contiguous()
+    else:
+        xp = F.pad(x, pad, mode=module.padding_mode)
+        xl = (xp.unsqueeze(2) if isinstance(module, nn.Conv1d) else xp).permute(0, 2, 3, 1).contiguous()
+    wp = xl.shape[2]
+    pos = torch.arange(out_hw[0] * out_hw[1], device=x.device) if idx is None else idx.to(x.device)
+    oi, oj = pos // out_hw[1], pos % out_hw[1]
+    ti = torch.arange(k[0], device=x.device).repeat_interleave(k[1]) * dil[0]
+    tj = torch.arange(k[1], device=x.device).repeat(k[0]) * dil[1]
+    src = (oi[:, None] * st[0] + ti) * wp + (oj[:, None] * st[1] + tj)  # (positions, taps)
+    cols = xl.view(n, -1, xl.shape[3]).index_select(1, src.reshape(-1))  # (N, positions * taps, C)
+    rows = n * pos.numel()
+    if lay.groups == 1:
+        return cols.view(1, rows, lay.dim)
+    cg = module.in_channels // lay.groups
+    return cols.view(rows, k[0] * k[1], lay.groups, cg).permute(2, 0, 1, 3).reshape(lay.groups, rows, lay.dim)
+
+
+def conv_targets(y_at: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Targets ``(N, out, positions)`` at the sampled positions as ``(groups, N * positions, out)``."""
+    lay = patch_layout(module, "conv")
+    n, ln = y_at.shape[0], y_at.shape[-1]
+    ys = y_at.transpose(1, 2).reshape(n * ln, lay.groups, lay.out)
+    return ys.reshape(1, n * ln, lay.out) if lay.groups == 1 else ys.transpose(0, 1).contiguous()
+
+
+def at_positions(y: torch.Tensor, idx: Optional[torch.Tensor], length: int) -> torch.Tensor:
+    """A conv output ``(N, C, ...)`` as ``(N, C, positions)`` at the sampled positions ``idx``."""
+    yl = y.reshape(y.shape[0], y.shape[1], -1)
+    if yl.shape[-1] != length:
+        raise RuntimeError(f"im2col gives {length} positions where the layer has {yl.shape[-1]}")
+    return yl if idx is None else yl.index_select(2, idx.to(yl.device))
+
+
 def patches(x: torch.Tensor, y: torch.Tensor, module: nn.Module, kind: str, positions: Optional[int] = None,
             gen: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The regressors and targets of one batch, ``(groups, rows, dim)`` and ``(groups, rows, out)``:
     im2col patches of the layer input ``x`` (stride, padding, dilation, groups of ``module``) and the
     target ``y`` at the same output positions; ``positions``: at most this many output positions
     per image, the same random ones for the whole batch (``gen``). Only the sampled positions' patches
-    are gathered (one strided gather per kernel tap), not every position's."""
-    lay = patch_layout(module, kind)
+    are gathered, not every position's."""
     if kind == "bn" or isinstance(module, nn.Linear):
         c = x.shape[1] if kind == "bn" else x.shape[-1]
         xs = (x.movedim(1, -1) if kind == "bn" else x).reshape(-1, c)
@@ -156,36 +228,9 @@ def patches(x: torch.Tensor, y: torch.Tensor, module: nn.Module, kind: str, posi
         if kind == "bn":  # one "group" per channel, one input per group
             return xs.t().unsqueeze(-1), ys.t().unsqueeze(-1)
         return xs.unsqueeze(0), ys.unsqueeze(0)
-    n = x.shape[0]
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    xp = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-    if isinstance(module, nn.Conv1d):
-        k, dil, st = _as_2d(module)
-        xp = xp.unsqueeze(2)
-    else:
-        k, dil, st = module.kernel_size, module.dilation, module.stride
-    out_hw = [(xp.shape[2 + a] - dil[a] * (k[a] - 1) - 1) // st[a] + 1 for a in range(2)]
-    length = out_hw[0] * out_hw[1]
-    yl = y.reshape(n, y.shape[1], -1)
-    if yl.shape[-1] != length:
-        raise RuntimeError(f"im2col gives {length} positions where the layer has {yl.shape[-1]}")
-    idx = _positions(length, positions, gen)
-    if idx is None:
-        idx = torch.arange(length)
-    else:
-        yl = yl[:, :, idx.to(yl.device)]
-    idx = idx.to(x.device)
-    oi, oj = idx // out_hw[1], idx % out_hw[1]
-    ln = idx.numel()
-    xl = xp.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): each gather below reads whole channel rows
-    taps = [xl[:, oi * st[0] + ki * dil[0], oj * st[1] + kj * dil[1]] for ki in range(k[0]) for kj in range(k[1])]
-    cols = torch.stack(taps, 2)  # (N, positions, taps, C): patch entry tap * C_group + c (see layer_map)
-    cg = module.in_channels // lay.groups
-    ys = yl.transpose(1, 2).reshape(n * ln, lay.groups, lay.out)
-    if lay.groups == 1:
-        return cols.view(1, n * ln, lay.dim), ys.reshape(1, n * ln, lay.out)
-    xs = cols.view(n * ln, len(taps), lay.groups, cg).permute(2, 0, 1, 3).reshape(lay.groups, n * ln, lay.dim)
-    return xs, ys.transpose(0, 1).contiguous()
+    idx, out_hw = conv_positions(x.shape, module, positions, gen)
+    y_at = at_positions(y, idx, out_hw[0] * out_hw[1])
+    return conv_cols(x, module, idx, out_hw), conv_targets(y_at, module)
 
 
 def patch_rows(shape: Sequence[int], module: nn.Module, kind: str, positions: Optional[int] = None) -> int:
@@ -195,20 +240,8 @@ def patch_rows(shape: Sequence[int], module: nn.Module, kind: str, positions: Op
         return math.prod(shape) // shape[1]
     if isinstance(module, nn.Linear):
         return math.prod(shape[:-1])
-    if isinstance(module, nn.Conv1d):
-        k, dil, st = _as_2d(module)
-        spatial = (1,) + tuple(shape[2:])
-    else:
-        k, dil, st = module.kernel_size, module.dilation, module.stride
-        spatial = tuple(shape[2:])
-    pad = module._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
-    pads = [pad[2 * a] + pad[2 * a + 1] for a in range(len(pad) // 2)][::-1]
-    if isinstance(module, nn.Conv1d):
-        pads = [0] + pads
-    length = 1
-    for a in range(2):
-        length *= (spatial[a] + pads[a] - dil[a] * (k[a] - 1) - 1) // st[a] + 1
-    return shape[0] * (length if positions is None else min(length, positions))
+    oh, ow = _out_hw(shape, module)
+    return shape[0] * (oh * ow if positions is None else min(oh * ow, positions))
 
 
 @dataclass
@@ -450,15 +483,13 @@ def fold_bn_fit(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int, a:
 
 
 def _moments(values: Iterable[torch.Tensor], dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Pooled per-channel mean and (biased) variance over every position of ``values``, in float64."""
-    n, s, ss = 0, 0.0, 0.0
+    """Pooled per-channel mean and (biased) variance over every position of ``values``: each batch about
+    its own mean in its working precision, pooled in float64 (match/stats.py), so a channel with a
+    large mean keeps its variance."""
+    mom = ChannelMoments()
     for v in values:
-        v = v.detach().double().movedim(dim, -1).reshape(-1, v.shape[dim])
-        n += v.shape[0]
-        s = s + v.sum(0)
-        ss = ss + v.pow(2).sum(0)
-    mean = s / max(n, 1)
-    return mean, (ss / max(n, 1) - mean.pow(2)).clamp_min(0), n
+        mom.observe(v.detach(), dim)
+    return mom.mean, mom.var.clamp_min(0), int(mom.n)
 
 
 # ---- the walk ------------------------------------------------------------------------------------
@@ -722,12 +753,20 @@ def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positio
         a = j if site.kind == "bn" else i  # a BatchNorm fit: the endpoint's BatchNorm on its own input
         pin = [(me, b, j)] + [(k, b, a) for k in range(me)]
         x = value(me, b, j, pin)
+        if site.kind == "conv":  # the targets only at the sampled positions: a fraction of the map
+            idx, out_hw = conv_positions(x.shape, module, pos, gen)
+            length = out_hw[0] * out_hw[1]
         tgt = None
         for k, (_, wk) in enumerate(active):
             yk = value(k, b, a, pin)
+            if site.kind == "conv":
+                yk = at_positions(yk, idx, length)
             yk = bn_eval(mods[k][site.module], yk) if site.kind == "bn" else _target(site, k, yk, mods)
             tgt = wk * yk if tgt is None else tgt + wk * yk
-        acc.observe(*patches(x, tgt, module, site.kind, pos, gen))
+        if site.kind == "conv":
+            acc.observe(conv_cols(x, module, idx, out_hw), conv_targets(tgt, module))
+        else:
+            acc.observe(*patches(x, tgt, module, site.kind, pos, gen))
         del tgt, x
     w0 = layer_map(module, site.kind, bn)
     if isinstance(acc, LsqRows):
