@@ -360,3 +360,49 @@ def test_a_small_memory_budget_spills_and_gives_the_same_merge_bit_for_bit(tmp_p
     for v, f in r_all.fits.items():
         assert torch.equal(f.w, r_small.fits[v].w) and f.residual_after == r_small.fits[v].residual_after, v
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("mergekit_lsq_")]
+
+
+@pytest.mark.parametrize("conv,hw", [
+    (nn.Conv2d(4, 6, 3, padding=1), (2, 2)),
+    (nn.Conv2d(4, 6, 3, padding=1), (1, 1)),
+    (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4)),
+    (nn.Conv2d(4, 6, (3, 5), padding=(2, 1), dilation=(2, 1)), (5, 5)),
+    (nn.Conv1d(4, 6, 3, padding=2), (1, 3)),
+], ids=["2x2", "1x1", "strided-grouped", "dilated", "conv1d"])
+def test_border_classes_give_the_dense_statistics_and_dead_taps_decouple(conv, hw):
+    """Patches split by the taps that read padding (each part without them) give the dense im2col's
+    statistics; the ridge solve without the entries that only ever read padding is the full solve; the
+    unknowns counted are the entries that read the input somewhere."""
+    from mergekit_vision.repair.lsq import conv_classes, conv_cols, conv_live_dim, conv_positions, conv_targets
+
+    conv = conv.to(f64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, *hw, generator=g, dtype=f64).relu() + 1.0
+    x = x.squeeze(2) if isinstance(conv, nn.Conv1d) else x
+    with torch.no_grad():
+        y = conv(x) + 0.1 * torch.randn(conv(x).shape, generator=g, dtype=f64)
+    for positions in (2, None):  # the solve below uses every position
+        idx, out_hw = conv_positions(x.shape, conv, positions, torch.Generator().manual_seed(1))
+        y_at = y.reshape(5, 6, -1)[:, :, idx] if idx is not None else y.reshape(5, 6, -1)
+        dense = LsqStats().observe(conv_cols(x, conv, idx, out_hw), conv_targets(y_at, conv))
+        parts = LsqStats()
+        for entries, xs, ys in conv_classes(x, y_at, conv, idx, out_hw):
+            parts.observe(xs, ys, entries=entries, dim=dense.g.shape[-1] - 1)
+        assert parts.rows == dense.rows
+        for f in ("g", "h", "yy", "ys"):
+            assert torch.allclose(getattr(parts, f), getattr(dense, f), rtol=1e-12, atol=1e-10), f
+    w0 = layer_map(conv, "conv")
+    full_g = dense.g.clone()
+    w, _, _ = ridge_solve(dense.g, dense.h, w0, 1e-2)
+    d = full_g.shape[-1] - 1
+    dead = full_g[:, :d, :d].diagonal(dim1=1, dim2=2).eq(0).all(0)
+    reg = 1e-2 * full_g[:, :d, :d].diagonal(dim1=1, dim2=2).mean(-1)
+    a = full_g + torch.diag_embed(torch.cat([reg[:, None].expand(-1, d), torch.zeros_like(reg[:, None])], 1))
+    rhs = dense.h + torch.cat([reg[:, None, None] * w0[:, :d], torch.zeros_like(w0[:, d:])], 1)
+    want = torch.linalg.solve(a, rhs)  # the full system (positive definite for lam > 0)
+    assert _rel(w, want) < 1e-9
+    assert torch.equal(w[:, :d][:, dead], w0[:, :d][:, dead])  # entries that never read the input keep W0
+    # only the 1x1 map has taps that never read the input (all but the centre); elsewhere every tap
+    # reads it at some output position
+    assert conv_live_dim(x.shape, conv) == (4 if hw == (1, 1) else d)
+    assert int((~dead).sum()) == (4 if hw == (1, 1) else d)

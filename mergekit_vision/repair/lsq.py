@@ -42,7 +42,8 @@ from ..ops import is_batchnorm
 from .sites import bn_eval, module_calls
 
 __all__ = ["LsqSite", "LsqStats", "LsqRows", "LsqFit", "find_lsq_sites", "layer_map", "patch_layout", "patches",
-           "patch_rows", "conv_positions", "conv_cols", "conv_targets", "at_positions",
+           "patch_rows", "conv_positions", "conv_cols", "conv_classes", "conv_live_dim", "conv_targets",
+           "at_positions", "live_entries",
            "ridge_solve", "dual_solve", "relative_residual", "rows_residual", "fold_map", "fold_bn_fit",
            "lsq_pass"]
 
@@ -168,34 +169,95 @@ def conv_positions(shape: Sequence[int], module: nn.Module, positions: Optional[
     return _positions(out_hw[0] * out_hw[1], positions, gen), out_hw
 
 
+def _channels_last_padded(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """The conv input padded as the conv pads it, channels-last ``(N, Hp, Wp, C)`` (Conv1d: Hp = 1)."""
+    pad = tuple(module._reversed_padding_repeated_twice)
+    x4 = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
+    if module.padding_mode == "zeros":  # pad the channels-last view: one copy, already in gather layout
+        pad4 = pad + (0, 0) if isinstance(module, nn.Conv1d) else pad
+        return F.pad(x4.permute(0, 2, 3, 1), (0, 0) + pad4).contiguous()
+    xp = F.pad(x, pad, mode=module.padding_mode)
+    return (xp.unsqueeze(2) if isinstance(module, nn.Conv1d) else xp).permute(0, 2, 3, 1).contiguous()
+
+
+def _taps(module: nn.Module, pos: torch.Tensor, out_hw: Tuple[int, int]):
+    """For output positions ``pos``: each tap's row and column in the padded input, ``(positions, taps)``."""
+    k, dil, st = _geometry(module)
+    oi, oj = pos // out_hw[1], pos % out_hw[1]
+    ti = torch.arange(k[0], device=pos.device).repeat_interleave(k[1]) * dil[0]
+    tj = torch.arange(k[1], device=pos.device).repeat(k[0]) * dil[1]
+    return oi[:, None] * st[0] + ti, oj[:, None] * st[1] + tj
+
+
+def _gather(xl: torch.Tensor, src: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Rows ``(groups, N * positions, taps * C_group)`` of the padded channels-last input at the flat
+    padded indices ``src`` ``(positions, taps)``: one row gather (patch entry ``tap * C_group + c``)."""
+    lay = patch_layout(module, "conv")
+    n, c = xl.shape[0], xl.shape[3]
+    cols = xl.view(n, -1, c).index_select(1, src.reshape(-1))  # (N, positions * taps, C)
+    rows, taps = n * src.shape[0], src.shape[1]
+    if lay.groups == 1:
+        return cols.view(1, rows, taps * c)
+    cg = c // lay.groups
+    return cols.view(rows, taps, lay.groups, cg).permute(2, 0, 1, 3).reshape(lay.groups, rows, taps * cg)
+
+
 def conv_cols(x: torch.Tensor, module: nn.Module, idx: Optional[torch.Tensor], out_hw: Tuple[int, int]
               ) -> torch.Tensor:
     """im2col patches ``(groups, N * positions, dim)`` of ``x`` at the output positions ``idx`` (None:
     all): the input padded once into channels-last, then one row gather (patch entry
     ``tap * C_group + c``, the order of :func:`layer_map`)."""
-    lay = patch_layout(module, "conv")
-    k, dil, st = _geometry(module)
-    pad = tuple(module._reversed_padding_repeated_twice)
-    n = x.shape[0]
-    x4 = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
-    if module.padding_mode == "zeros":  # pad the channels-last view: one copy, already in gather layout
-        pad4 = pad + (0, 0) if isinstance(module, nn.Conv1d) else pad
-        xl = F.pad(x4.permute(0, 2, 3, 1), (0, 0) + pad4).contiguous()
-    else:
-        xp = F.pad(x, pad, mode=module.padding_mode)
-        xl = (xp.unsqueeze(2) if isinstance(module, nn.Conv1d) else xp).permute(0, 2, 3, 1).contiguous()
-    wp = xl.shape[2]
+    xl = _channels_last_padded(x, module)
     pos = torch.arange(out_hw[0] * out_hw[1], device=x.device) if idx is None else idx.to(x.device)
-    oi, oj = pos // out_hw[1], pos % out_hw[1]
-    ti = torch.arange(k[0], device=x.device).repeat_interleave(k[1]) * dil[0]
-    tj = torch.arange(k[1], device=x.device).repeat(k[0]) * dil[1]
-    src = (oi[:, None] * st[0] + ti) * wp + (oj[:, None] * st[1] + tj)  # (positions, taps)
-    cols = xl.view(n, -1, xl.shape[3]).index_select(1, src.reshape(-1))  # (N, positions * taps, C)
-    rows = n * pos.numel()
-    if lay.groups == 1:
-        return cols.view(1, rows, lay.dim)
-    cg = module.in_channels // lay.groups
-    return cols.view(rows, k[0] * k[1], lay.groups, cg).permute(2, 0, 1, 3).reshape(lay.groups, rows, lay.dim)
+    ri, rj = _taps(module, pos, out_hw)
+    return _gather(xl, ri * xl.shape[2] + rj, module)
+
+
+def _inside(x_shape: Sequence[int], module: nn.Module, ri: torch.Tensor, rj: torch.Tensor) -> torch.Tensor:
+    """Which taps (padded coordinates ``ri``, ``rj``) read the input itself rather than zero padding."""
+    pad = module._reversed_padding_repeated_twice
+    if isinstance(module, nn.Conv1d):
+        h, w, top, left = 1, x_shape[-1], 0, pad[0]
+    else:
+        h, w, top, left = x_shape[-2], x_shape[-1], pad[2], pad[0]
+    ri, rj = ri - top, rj - left
+    return (ri >= 0) & (ri < h) & (rj >= 0) & (rj < w)
+
+
+def conv_live_dim(x_shape: Sequence[int], module: nn.Module) -> int:
+    """Patch entries per group that read the input at some output position (the others only ever read
+    zero padding: a 3x3 conv on a 1x1 map has 1/9 of them): the fit's unknowns, without the bias."""
+    lay = patch_layout(module, "conv")
+    if module.padding_mode != "zeros":
+        return lay.dim
+    out_hw = _out_hw(x_shape, module)
+    ri, rj = _taps(module, torch.arange(out_hw[0] * out_hw[1]), out_hw)
+    live = int(_inside(x_shape, module, ri, rj).any(0).sum())
+    return lay.dim // math.prod(_geometry(module)[0]) * live
+
+
+def conv_classes(x: torch.Tensor, y_at: torch.Tensor, module: nn.Module, idx: Optional[torch.Tensor],
+                 out_hw: Tuple[int, int]):
+    """The batch's patches and targets split by which taps read zero padding, each part without those
+    taps: ``(entries or None, xs, ys)``, ``entries`` the patch entries of ``xs``'s columns (None: all).
+    The same statistics as :func:`conv_cols` (rows in another order), without the products of zeros:
+    on the small maps of deep layers most of a patch is padding."""
+    xl = _channels_last_padded(x, module)
+    pos = torch.arange(out_hw[0] * out_hw[1], device=x.device) if idx is None else idx.to(x.device)
+    ri, rj = _taps(module, pos, out_hw)
+    src = ri * xl.shape[2] + rj
+    inside = _inside(x.shape, module, ri, rj) if module.padding_mode == "zeros" else None
+    if inside is None or bool(inside.all()):
+        yield None, _gather(xl, src, module), conv_targets(y_at, module)
+        return
+    cg = module.in_channels // patch_layout(module, "conv").groups
+    kinds, which = torch.unique(inside, dim=0, return_inverse=True)
+    for c in range(kinds.shape[0]):
+        sel = (which == c).nonzero().flatten()
+        taps = kinds[c].nonzero().flatten()
+        entries = (taps[:, None] * cg + torch.arange(cg, device=x.device)).flatten()
+        ys = conv_targets(y_at.index_select(2, sel.to(y_at.device)), module)
+        yield (None if taps.numel() == src.shape[1] else entries), _gather(xl, src[sel][:, taps], module), ys
 
 
 def conv_targets(y_at: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -274,11 +336,14 @@ class LsqStats:
     ys: Optional[torch.Tensor] = None
     rows: int = 0
 
-    def observe(self, xs: torch.Tensor, ys: torch.Tensor, consume: bool = False) -> LsqStats:
+    def observe(self, xs: torch.Tensor, ys: torch.Tensor, consume: bool = False,
+                entries: Optional[torch.Tensor] = None, dim: Optional[int] = None) -> LsqStats:
         """Add one batch: its products are formed in the activations' precision (at least float32)
         *about the batch's own means* and pooled in float64, as the channel moments are
         (match/stats.py), so a large mean costs no precision. ``consume``: ``xs`` is the caller's own
-        scratch (fresh patches), centred in place (no second patch-sized allocation)."""
+        scratch (fresh patches), centred in place (no second patch-sized allocation). ``entries``: the
+        columns of ``xs`` are these entries of a ``dim``-wide patch, every other entry zero in these
+        rows (patches near a border: the taps that read padding are left out of the products)."""
         xs, ys = xs.detach(), ys.detach()
         if xs.dtype not in (torch.float32, torch.float64):
             xs, ys = xs.float(), ys.float()
@@ -297,7 +362,17 @@ class LsqStats:
         h = torch.cat([cxy + r * mx.transpose(1, 2) @ my, r * my], 1)
         yy = yc.pow(2).sum(1).to(f64) + r * my[:, 0].pow(2)
         s = r * my[:, 0]
-        if self.g is None:
+        if entries is not None:
+            if self.g is None:
+                self.g = torch.zeros(groups, dim + 1, dim + 1, dtype=f64, device=xs.device)
+                self.h = torch.zeros(groups, dim + 1, h.shape[-1], dtype=f64, device=xs.device)
+                self.yy, self.ys = torch.zeros_like(yy), torch.zeros_like(s)
+            ix = torch.cat([entries.to(xs.device), torch.tensor([dim], device=xs.device)])
+            self.g[:, ix[:, None], ix] += g
+            self.h[:, ix] += h
+            self.yy += yy
+            self.ys += s
+        elif self.g is None:
             self.g, self.h, self.yy, self.ys = g, h, yy, s
         else:
             self.g += g
@@ -333,26 +408,51 @@ class LsqFit:
     solver: str = "primal"                # "dual": fewer rows than unknowns, solved from the rows (dual_solve)
 
 
+def live_entries(g: torch.Tensor) -> Optional[torch.Tensor]:
+    """The patch entries of a Gram ``(groups, d + 1, d + 1)`` that any row ever made nonzero in any group
+    (None: all). An entry with ``G_ii = 0`` is zero in every row (a tap that only ever reads padding, a
+    dead input), so its row and column of ``G`` and its row of ``H`` are exactly zero."""
+    d = g.shape[-1] - 1
+    live = (g[:, :d, :d].diagonal(dim1=1, dim2=2) != 0).any(0)
+    return None if bool(live.all()) else live.nonzero().flatten()
+
+
 def ridge_solve(g: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, lam: float, bias: bool = True
                 ) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """``W = (G + r I)^-1 (H + r W0)`` per group, ``r = lam * mean(diag G)`` over the patch entries
     (the bias column is not shrunk); ``bias=False`` solves without the bias column (its row of W is 0).
-    A system still singular (``lam`` 0, dead inputs) gets a growing diagonal until Cholesky succeeds:
+    Entries zero in every row (:func:`live_entries`) decouple exactly: their rows of ``W`` are ``W0``'s
+    and the rest is solved without them (a 3x3 conv on a 1x1 map: 1/9 of the system). A system still
+    singular (``lam`` 0, dead or duplicated inputs) gets a growing diagonal until Cholesky succeeds:
     returned as ``jitter`` (relative to mean(diag G)). Never NaN for finite statistics."""
     g, h, w0 = g.double(), h.double(), w0.double()
     d = g.shape[-1] - 1
-    keep = d + 1 if bias else d
-    gs, hs, ws = g[:, :keep, :keep], h[:, :keep], w0[:, :keep]
-    diag = g[:, :d, :d].diagonal(dim1=1, dim2=2)
-    scale = diag.mean(-1)
+    scale = g[:, :d, :d].diagonal(dim1=1, dim2=2).mean(-1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # dead inputs: any positive scale
     r = lam * scale
-    reg = torch.zeros(g.shape[0], keep, dtype=g.dtype, device=g.device)
+    live = live_entries(g) if lam > 0 else None  # lam 0: a dead entry is singular, as it always was
+    if live is None:
+        ix = torch.arange(d + 1 if bias else d, device=g.device)
+    else:
+        ix = torch.cat([live, torch.tensor([d], device=g.device)]) if bias else live
+    w = w0.clone()
+    w[:, ix], jitter = _ridge(g[:, ix][:, :, ix], h[:, ix], w0[:, ix], r, scale, len(ix) - (1 if bias else 0))
+    if not bias:
+        w[:, d] = 0
+    return w, r, jitter
+
+
+def _ridge(a: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, d: int
+           ) -> Tuple[torch.Tensor, float]:
+    """The Cholesky solve of ``(A + r I_d) W = H + r W0`` (``I_d``: the first ``d`` entries; the rest,
+    the bias, unshrunk), with the growing diagonal of :func:`ridge_solve`."""
+    keep = a.shape[-1]
+    reg = torch.zeros(a.shape[0], keep, dtype=a.dtype, device=a.device)
     reg[:, :d] = r[:, None]
-    a = gs + torch.diag_embed(reg)
-    rhs = hs + reg[:, :, None] * ws
+    a = a + torch.diag_embed(reg)
+    rhs = h + reg[:, :, None] * w0
     jitter = 0.0
-    eye = torch.eye(keep, dtype=g.dtype, device=g.device)
+    eye = torch.eye(keep, dtype=a.dtype, device=a.device)
     for _ in range(20):
         chol, info = torch.linalg.cholesky_ex(a + jitter * scale[:, None, None] * eye)
         if not bool(info.any()):
@@ -360,10 +460,7 @@ def ridge_solve(g: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, lam: float, 
         jitter = 1e-10 if jitter == 0 else jitter * 100
     else:
         raise RuntimeError("least-squares system not positive definite even with a large diagonal")
-    w = torch.cholesky_solve(rhs, chol)
-    if not bias:
-        w = torch.cat([w, torch.zeros_like(w[:, :1])], 1)
-    return w, r, jitter
+    return torch.cholesky_solve(rhs, chol), jitter
 
 
 @dataclass
@@ -439,7 +536,12 @@ def rows_residual(xs: torch.Tensor, ys: torch.Tensor, w: torch.Tensor) -> float:
 def relative_residual(st: LsqStats, w: torch.Tensor) -> float:
     """``||X~ W - Y||^2 / ||Y - mean(Y)||^2`` over all groups and outputs, from the statistics alone."""
     w = w.double()
-    fit = (w * (st.g @ w)).sum() - 2 * (w * st.h).sum() + st.yy.sum()
+    g, h = st.g, st.h
+    live = live_entries(g)
+    if live is not None:  # entries zero in every row add nothing: skip them (the product is d^2 * out)
+        ix = torch.cat([live, torch.tensor([g.shape[-1] - 1], device=g.device)])
+        g, h, w = g[:, ix][:, :, ix], h[:, ix], w[:, ix]
+    fit = (w * (g @ w)).sum() - 2 * (w * h).sum() + st.yy.sum()
     var = (st.yy - st.ys.pow(2) / max(st.rows, 1)).sum()
     return float(fit.clamp_min(0) / var.clamp_min(_TINY))
 
@@ -764,10 +866,12 @@ def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positio
     bn = mods[me][site.bn] if site.bn is not None else None
     pos = None if site.kind == "bn" else positions
     lay = patch_layout(module, site.kind)
-    # the row count is known from the shapes before any patch is formed: fewer rows than unknowns
-    # keep the rows (smaller than the Gram) and solve in rows^3
+    # the row count and the unknowns (patch entries that ever read the input) are known from the shapes
+    # before any patch is formed: fewer rows than unknowns keep the rows (smaller than the Gram) and
+    # solve in rows^3
     rows = sum(patch_rows(shape(me, b, j), module, site.kind, pos) for b in range(len(batches)))
-    acc = LsqRows() if dual and site.kind != "bn" and rows < lay.dim + 1 else LsqStats()
+    dim = conv_live_dim(shape(me, 0, j), module) if site.kind == "conv" else lay.dim
+    acc = LsqRows() if dual and site.kind != "bn" and rows < dim + 1 else LsqStats()
     gen = torch.Generator().manual_seed(seed)
     for b in range(len(batches)):
         a = j if site.kind == "bn" else i  # a BatchNorm fit: the endpoint's BatchNorm on its own input
@@ -784,7 +888,11 @@ def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positio
             yk = bn_eval(mods[k][site.module], yk) if site.kind == "bn" else _target(site, k, yk, mods)
             tgt = wk * yk if tgt is None else tgt + wk * yk
         if site.kind == "conv":
-            acc.observe(conv_cols(x, module, idx, out_hw), conv_targets(tgt, module), consume=True)  # fresh patches
+            if isinstance(acc, LsqRows):
+                acc.observe(conv_cols(x, module, idx, out_hw), conv_targets(tgt, module))
+            else:  # fresh patches, split by the taps that read padding
+                for entries, xs, ys in conv_classes(x, tgt, module, idx, out_hw):
+                    acc.observe(xs, ys, consume=True, entries=entries, dim=lay.dim)
         else:
             acc.observe(*patches(x, tgt, module, site.kind, pos, gen))
         del tgt, x
@@ -794,14 +902,14 @@ def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positio
         w0 = w0.to(xs.device)
         w, r, jitter = dual_solve(xs, ys, w0, ridge, site.bias)
         fit = LsqFit(w, r, jitter, rows_residual(xs, ys, w0), rows_residual(xs, ys, w), acc.rows,
-                     lay.dim + (1 if site.bias else 0), solver="dual")
+                     dim + (1 if site.bias else 0), solver="dual")
         del xs, ys, acc
     else:
         st = acc  # the fit's statistics are complete here: pooled statistics would be solved the same way
         w0 = w0.to(st.g.device)
         w, r, jitter = ridge_solve(st.g, st.h, w0, ridge, site.bias)
         fit = LsqFit(w, r, jitter, relative_residual(st, w0), relative_residual(st, w), st.rows,
-                     int(st.g.shape[-1]) - (0 if site.bias else 1))
+                     dim + (1 if site.bias else 0))
     if site.kind == "bn":
         x_mean = st.g[:, 0, 1] / max(st.rows, 1)  # the per-channel patch is the channel itself
         x_var = (st.g[:, 0, 0] / max(st.rows, 1) - x_mean.pow(2)).clamp_min(0)
