@@ -369,12 +369,14 @@ def test_a_small_memory_budget_spills_and_gives_the_same_merge_bit_for_bit(tmp_p
     (nn.Conv2d(4, 6, (3, 5), padding=(2, 1), dilation=(2, 1)), (5, 5)),
     (nn.Conv1d(4, 6, 3, padding=2), (1, 3)),
 ], ids=["2x2", "1x1", "strided-grouped", "dilated", "conv1d"])
-def test_border_classes_give_the_dense_statistics_and_dead_taps_decouple(conv, hw):
+def test_border_classes_give_the_dense_statistics_and_dead_taps_decouple(conv, hw, monkeypatch):
     """Patches split by the taps that read padding (each part without them) give the dense im2col's
     statistics; the ridge solve without the entries that only ever read padding is the full solve; the
     unknowns counted are the entries that read the input somewhere."""
+    from mergekit_vision.repair import lsq
     from mergekit_vision.repair.lsq import conv_classes, conv_cols, conv_live_dim, conv_positions, conv_targets
 
+    monkeypatch.setattr(lsq, "SPLIT_PADDING", 0.0)  # split wherever any tap reads padding
     conv = conv.to(f64)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 4, *hw, generator=g, dtype=f64).relu() + 1.0
@@ -385,9 +387,10 @@ def test_border_classes_give_the_dense_statistics_and_dead_taps_decouple(conv, h
         idx, out_hw = conv_positions(x.shape, conv, positions, torch.Generator().manual_seed(1))
         y_at = y.reshape(5, 6, -1)[:, :, idx] if idx is not None else y.reshape(5, 6, -1)
         dense = LsqStats().observe(conv_cols(x, conv, idx, out_hw), conv_targets(y_at, conv))
-        parts = LsqStats()
-        for entries, xs, ys in conv_classes(x, y_at, conv, idx, out_hw):
-            parts.observe(xs, ys, entries=entries, dim=dense.g.shape[-1] - 1)
+        split = [(e, LsqStats().observe(xs, ys)) for e, xs, ys in conv_classes(x, y_at, conv, idx, out_hw)]
+        assert all(e is None or p.g.shape[-1] - 1 == e.numel() < dense.g.shape[-1] - 1 for e, p in split)
+        assert any(e is not None for e, _ in split)  # every case here has patches that read padding
+        parts = LsqStats.embedded(split, dense.g.shape[-1] - 1)
         assert parts.rows == dense.rows
         for f in ("g", "h", "yy", "ys"):
             assert torch.allclose(getattr(parts, f), getattr(dense, f), rtol=1e-12, atol=1e-10), f

@@ -48,6 +48,7 @@ __all__ = ["LsqSite", "LsqStats", "LsqRows", "LsqFit", "find_lsq_sites", "layer_
            "lsq_pass"]
 
 _TINY = 1e-12
+SPLIT_PADDING = 0.25  # conv patches are split by the taps reading padding where at least this much is padding
 _FIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
@@ -247,7 +248,8 @@ def conv_classes(x: torch.Tensor, y_at: torch.Tensor, module: nn.Module, idx: Op
     ri, rj = _taps(module, pos, out_hw)
     src = ri * xl.shape[2] + rj
     inside = _inside(x.shape, module, ri, rj) if module.padding_mode == "zeros" else None
-    if inside is None or bool(inside.all()):
+    # a split costs a gather and a set of products per part: worth it where much of the patch is padding
+    if inside is None or float(inside.float().mean()) > 1 - SPLIT_PADDING:
         yield None, _gather(xl, src, module), conv_targets(y_at, module)
         return
     cg = module.in_channels // patch_layout(module, "conv").groups
@@ -320,8 +322,10 @@ def _gram(xc: torch.Tensor) -> torch.Tensor:
     out = []
     for grp in xc.contiguous():
         up = torch.from_numpy(syrk(1.0, grp.numpy().T))  # (d, rows) in Fortran order: no copy; upper triangle
-        out.append(up.triu() + up.triu(1).transpose(0, 1))
-    return torch.stack(out)
+        full = up + up.transpose(0, 1)  # the lower triangle of syrk's fresh output is zero
+        full.diagonal().sub_(up.diagonal())
+        out.append(full)
+    return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
 
 @dataclass
@@ -336,14 +340,11 @@ class LsqStats:
     ys: Optional[torch.Tensor] = None
     rows: int = 0
 
-    def observe(self, xs: torch.Tensor, ys: torch.Tensor, consume: bool = False,
-                entries: Optional[torch.Tensor] = None, dim: Optional[int] = None) -> LsqStats:
+    def observe(self, xs: torch.Tensor, ys: torch.Tensor, consume: bool = False) -> LsqStats:
         """Add one batch: its products are formed in the activations' precision (at least float32)
         *about the batch's own means* and pooled in float64, as the channel moments are
         (match/stats.py), so a large mean costs no precision. ``consume``: ``xs`` is the caller's own
-        scratch (fresh patches), centred in place (no second patch-sized allocation). ``entries``: the
-        columns of ``xs`` are these entries of a ``dim``-wide patch, every other entry zero in these
-        rows (patches near a border: the taps that read padding are left out of the products)."""
+        scratch (fresh patches), centred in place (no second patch-sized allocation)."""
         xs, ys = xs.detach(), ys.detach()
         if xs.dtype not in (torch.float32, torch.float64):
             xs, ys = xs.float(), ys.float()
@@ -362,17 +363,7 @@ class LsqStats:
         h = torch.cat([cxy + r * mx.transpose(1, 2) @ my, r * my], 1)
         yy = yc.pow(2).sum(1).to(f64) + r * my[:, 0].pow(2)
         s = r * my[:, 0]
-        if entries is not None:
-            if self.g is None:
-                self.g = torch.zeros(groups, dim + 1, dim + 1, dtype=f64, device=xs.device)
-                self.h = torch.zeros(groups, dim + 1, h.shape[-1], dtype=f64, device=xs.device)
-                self.yy, self.ys = torch.zeros_like(yy), torch.zeros_like(s)
-            ix = torch.cat([entries.to(xs.device), torch.tensor([dim], device=xs.device)])
-            self.g[:, ix[:, None], ix] += g
-            self.h[:, ix] += h
-            self.yy += yy
-            self.ys += s
-        elif self.g is None:
+        if self.g is None:
             self.g, self.h, self.yy, self.ys = g, h, yy, s
         else:
             self.g += g
@@ -381,6 +372,33 @@ class LsqStats:
             self.ys += s
         self.rows += r
         return self
+
+    @staticmethod
+    def embedded(parts: Sequence[Tuple[Optional[torch.Tensor], LsqStats]], dim: int) -> LsqStats:
+        """The statistics of the whole ``dim``-wide patch from parts whose patches held only the patch
+        entries ``entries`` (every other entry zero in their rows: the taps that read padding; None:
+        every entry), pooled exactly."""
+        parts = [(e, p) for e, p in parts if p.g is not None]
+        if not parts:
+            return LsqStats()
+        ref = parts[0][1]
+        groups, out = ref.g.shape[0], ref.h.shape[-1]
+        dev = ref.g.device
+        st = LsqStats(torch.zeros(groups, dim + 1, dim + 1, dtype=ref.g.dtype, device=dev),
+                      torch.zeros(groups, dim + 1, out, dtype=ref.h.dtype, device=dev),
+                      torch.zeros_like(ref.yy), torch.zeros_like(ref.ys), 0)
+        for entries, p in parts:
+            if entries is None:
+                st.g += p.g
+                st.h += p.h
+            else:
+                ix = torch.cat([entries.to(dev), torch.tensor([dim], device=dev)])
+                st.g[:, ix[:, None], ix] += p.g
+                st.h[:, ix] += p.h
+            st.yy += p.yy
+            st.ys += p.ys
+            st.rows += p.rows
+        return st
 
     def __add__(self, other: LsqStats) -> LsqStats:
         if self.g is None:
@@ -873,6 +891,7 @@ def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positio
     dim = conv_live_dim(shape(me, 0, j), module) if site.kind == "conv" else lay.dim
     acc = LsqRows() if dual and site.kind != "bn" and rows < dim + 1 else LsqStats()
     gen = torch.Generator().manual_seed(seed)
+    kinds: Dict[Optional[tuple], Tuple[Optional[torch.Tensor], LsqStats]] = {}
     for b in range(len(batches)):
         a = j if site.kind == "bn" else i  # a BatchNorm fit: the endpoint's BatchNorm on its own input
         pin = [(me, b, j)] + [(k, b, a) for k in range(me)]
@@ -890,9 +909,10 @@ def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positio
         if site.kind == "conv":
             if isinstance(acc, LsqRows):
                 acc.observe(conv_cols(x, module, idx, out_hw), conv_targets(tgt, module))
-            else:  # fresh patches, split by the taps that read padding
+            else:  # fresh patches, split by the taps that read padding: one accumulator per split
                 for entries, xs, ys in conv_classes(x, tgt, module, idx, out_hw):
-                    acc.observe(xs, ys, consume=True, entries=entries, dim=lay.dim)
+                    key = None if entries is None else tuple(entries.tolist())
+                    kinds.setdefault(key, (entries, LsqStats()))[1].observe(xs, ys, consume=True)
         else:
             acc.observe(*patches(x, tgt, module, site.kind, pos, gen))
         del tgt, x
@@ -905,6 +925,8 @@ def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positio
                      dim + (1 if site.bias else 0), solver="dual")
         del xs, ys, acc
     else:
+        if kinds:
+            acc = LsqStats.embedded(list(kinds.values()), lay.dim)
         st = acc  # the fit's statistics are complete here: pooled statistics would be solved the same way
         w0 = w0.to(st.g.device)
         w, r, jitter = ridge_solve(st.g, st.h, w0, ridge, site.bias)
