@@ -10,11 +10,11 @@ from torch import nn
 
 from mergekit_vision import merge, merge_many
 from mergekit_vision.engine import shared_graph
-from mergekit_vision.errors import CalibrationWarning, ConfigError
+from mergekit_vision.errors import CalibrationWarning, ConfigError, DataError
 from mergekit_vision.models import create_model
 from mergekit_vision.permute import permute, random_perms
-from mergekit_vision.repair.lsq import (LsqStats, find_lsq_sites, layer_map, lsq_pass, patches, relative_residual,
-                                        ridge_solve)
+from mergekit_vision.repair.lsq import (LsqRound, LsqStats, find_lsq_sites, layer_map, lsq_pass, lsq_rounds, patches,
+                                        relative_residual, ridge_solve)
 from mergekit_vision.testing import measure_norm_statistics, randomize_model
 from mergekit_vision.trace import trace_permutation_spec
 
@@ -273,3 +273,97 @@ def test_patches_times_the_layer_map_is_the_layer(conv):
     assert _rel(xs @ w[:, :-1] + w[:, -1:], ys) < 1e-12
     sub, _ = patches(x, y, conv, kind, positions=2, gen=torch.Generator().manual_seed(0))
     assert sub.shape[1] == (3 * 2 if kind == "conv" else xs.shape[1])
+
+
+class _TwoShards:
+    """Two walks in two threads, each on its own shard, whose ``reduce`` swaps their rounds: what two
+    data-parallel workers do, without a process group."""
+
+    def __init__(self):
+        import threading
+
+        self.barrier = threading.Barrier(2, timeout=60)
+        self.slots = [None, None]
+        self.pooled = []
+
+    def reduce(self, rank):
+        def pool(rnd):
+            self.slots[rank] = rnd
+            self.barrier.wait()
+            out = self.slots[0] + self.slots[1]  # rank order: both workers add the same way
+            self.barrier.wait()
+            if rank == 0:
+                self.pooled.append(out)
+            return out
+        return pool
+
+
+def test_walk_on_two_shards_with_reduce_equals_the_walk_on_the_whole():
+    """The per-round reduce hook: two shards' walks, pooling each round's statistics, give the merged net of
+    one walk on all the batches, and each round's pooled statistics equal the whole's (float64). The
+    residual block's shortcut conv shares a round with the block's first conv."""
+    import threading
+
+    calib = _batches(4, size=12, shape=(3, 16, 16))
+    a, b = _tiny("bn", 1, calib), _tiny("bn", 2, calib)
+    start = _tiny("bn", 3, calib)
+    gm = shared_graph(start)
+    sites, _ = find_lsq_sites(gm)
+    rounds = lsq_rounds(gm.graph, sites)
+    assert [[s.module for s in r] for r in rounds] == [
+        ["conv1"], ["layer1.0.conv1"], ["layer1.0.conv2"], ["layer2.0.conv1", "layer2.0.downsample.0"],
+        ["layer2.0.conv2"], ["fc"]]
+    whole_rounds = []
+    whole = copy.deepcopy(start)
+    res = lsq_pass(whole, [a, b], [0.4, 0.6], gm, calib, positions=20,
+                   reduce=lambda rnd: whole_rounds.append(rnd) or rnd)
+    assert len(whole_rounds) == len(rounds) + 1 and whole_rounds[-1].moments  # the last: BatchNorm moments
+    assert res.round_bytes == [r.nbytes for r in whole_rounds] and res.samples == 48
+
+    shards, outs = _TwoShards(), [copy.deepcopy(start), copy.deepcopy(start)]
+    got = [None, None]
+
+    def work(rank):
+        got[rank] = lsq_pass(outs[rank], [copy.deepcopy(a), copy.deepcopy(b)], [0.4, 0.6], gm, calib[rank::2],
+                             positions=20, reduce=shards.reduce(rank))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] is not None and got[1] is not None
+    assert got[0].samples == got[1].samples == 48
+    for mine, theirs in zip(shards.pooled, whole_rounds):
+        assert mine.index == theirs.index and mine.samples == theirs.samples
+        for name, st in theirs.fits.items():
+            assert mine.fits[name].rows == st.rows
+            for f in ("g", "h", "yy", "ys"):
+                assert torch.allclose(getattr(mine.fits[name], f), getattr(st, f), rtol=1e-11, atol=1e-11), (name, f)
+        for name, m in theirs.moments.items():
+            assert torch.allclose(mine.moments[name].m2, m.m2, rtol=1e-11)
+    ref = whole.state_dict()
+    for out in outs:
+        for k, v in out.state_dict().items():
+            assert torch.allclose(v, ref[k], rtol=1e-9, atol=1e-10), k
+    for k, v in outs[0].state_dict().items():  # the workers agree exactly
+        assert torch.equal(v, outs[1].state_dict()[k]), k
+
+
+def test_round_statistics_travel_as_flat_float64_tensors():
+    calib = _batches(2, size=6, shape=(3, 12, 12))
+    a, m = _tiny("bn", 1, calib), _tiny("bn", 2, calib)
+    gm = shared_graph(m)
+    seen = []
+    lsq_pass(copy.deepcopy(m), [a], [1.0], gm, calib, reduce=lambda rnd: seen.append(rnd) or rnd)
+    for rnd in (seen[0], seen[-1]):
+        flat = rnd.as_tensors()
+        assert all(t.dtype == f64 for t in flat.values())
+        back = LsqRound.from_tensors(flat)
+        assert back.index == rnd.index and back.samples == rnd.samples == 12
+        assert set(back.fits) == set(rnd.fits) and set(back.moments) == set(rnd.moments)
+        assert rnd.nbytes == 8 * sum(t.numel() for t in flat.values())
+        for k, st in rnd.fits.items():
+            assert torch.equal(back.fits[k].g, st.g) and back.fits[k].rows == st.rows
+    with pytest.raises(DataError, match="round 0 and round 1"):
+        seen[0] + seen[1]

@@ -18,25 +18,34 @@ data), so the result keeps the architecture and state-dict keys.
 The walk runs node by node over *all* calibration batches at once (:func:`lsq_pass`): each model's
 values of every batch are kept until their last use, so the whole repair costs one forward pass of
 each model plus the solves, at the memory of the widest frontier times the calibration set.
+
+Sharded data (data-parallel workers, federated clients): the statistics are sums, so each worker walks
+its own batches and ``lsq_pass(reduce=...)`` pools every *round* of fits (:func:`lsq_rounds`: fits
+whose regressors do not depend on each other, e.g. a residual block's first conv and its shortcut
+conv) right before the solve, plus one last round of the composed BatchNorms' output moments; every
+worker then solves and folds the same pooled sums to the same model.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CalibrationWarning
+from ..errors import CalibrationWarning, DataError
+from ..match.stats import ChannelMoments
 from ..ops import is_batchnorm
 from .sites import bn_eval, module_calls
 
 __all__ = ["LsqSite", "LsqStats", "LsqFit", "find_lsq_sites", "layer_map", "patch_layout", "patches",
-           "ridge_solve", "relative_residual", "fold_map", "fold_bn_fit", "lsq_pass"]
+           "ridge_solve", "relative_residual", "fold_map", "fold_bn_fit", "lsq_pass", "lsq_rounds", "LsqRound",
+           "lsq_moments"]
 
 _TINY = 1e-12
 _FIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -349,16 +358,124 @@ def fold_bn_fit(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int, a:
     bn.bias.copy_((a * mean + c).to(bn.bias.dtype))
 
 
-def _moments(values: Sequence[torch.Tensor], dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Pooled per-channel mean and (biased) variance over every position of ``values``, in float64."""
-    n, s, ss = 0, 0.0, 0.0
-    for v in values:
-        v = v.detach().double().movedim(dim, -1).reshape(-1, v.shape[dim])
-        n += v.shape[0]
-        s = s + v.sum(0)
-        ss = ss + v.pow(2).sum(0)
-    mean = s / max(n, 1)
-    return mean, (ss / max(n, 1) - mean.pow(2)).clamp_min(0), n
+@torch.no_grad()
+def _fold_bn_canonical(bn: nn.Module, a: torch.Tensor, c: torch.Tensor) -> None:
+    """The BatchNorm computes ``a*u + c`` in eval mode from parameters of the fit alone (running mean 0,
+    variance 1): what the walk runs until the output moments are known (pooled, on sharded data);
+    :func:`fold_bn_fit` with those moments replaces them at the end."""
+    f64 = torch.float64
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.weight.copy_((a.to(f64) * math.sqrt(1.0 + bn.eps)).to(bn.weight.dtype))
+    bn.bias.copy_(c.to(bn.bias.dtype))
+
+
+# ---- rounds: what sharded data pools, and when ---------------------------------------------------
+@dataclass
+class LsqRound:
+    """One statistics round of the walk, as pooled across data shards: ``fits`` (fitted value node ->
+    :class:`LsqStats`) of the round's fits, or, in the walk's last round, ``moments`` (fitted value node
+    -> the channel moments of a composed conv's new output: its BatchNorm's running statistics);
+    ``samples``: inputs seen. ``a + b`` pools two shards; ``as_tensors()`` / ``from_tensors()`` give a
+    flat ``{name: float64 tensor}`` view (to all-gather, or to send as a Flower ArrayRecord)."""
+
+    index: int
+    fits: Dict[str, LsqStats] = field(default_factory=dict)
+    moments: Dict[str, ChannelMoments] = field(default_factory=dict)
+    samples: int = 0
+
+    def __add__(self, other: LsqRound) -> LsqRound:
+        if not isinstance(other, LsqRound):
+            return NotImplemented
+        if other.index != self.index:
+            raise DataError(f"least-squares statistics of round {self.index} and round {other.index} cannot be "
+                            "pooled: every shard must answer the same round")
+        fits, moments = dict(self.fits), dict(self.moments)
+        for k, v in other.fits.items():
+            fits[k] = fits[k] + v if k in fits else v
+        for k, v in other.moments.items():
+            moments[k] = moments[k] + v if k in moments else v
+        return LsqRound(self.index, fits, moments, self.samples + other.samples)
+
+    def as_tensors(self) -> Dict[str, torch.Tensor]:
+        """``{name: float64 tensor}`` in a fixed (sorted) order; statistics of no data are left out."""
+        f64 = torch.float64
+        out = {"round": torch.tensor([float(self.index)], dtype=f64),
+               "samples": torch.tensor([float(self.samples)], dtype=f64)}
+        for name, st in sorted(self.fits.items()):
+            if st.g is not None:
+                out.update({f"fit/{name}/g": st.g, f"fit/{name}/h": st.h, f"fit/{name}/yy": st.yy,
+                            f"fit/{name}/ys": st.ys,
+                            f"fit/{name}/rows": torch.tensor([float(st.rows)], dtype=f64, device=st.g.device)})
+        for name, m in sorted(self.moments.items()):
+            if m.mean is not None:
+                out.update({f"moments/{name}/{f}": t for f, t in zip(("n", "mean", "m2"), m.as_tensors())})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors) -> LsqRound:
+        """The inverse of :meth:`as_tensors` (any mapping of names to tensors or arrays)."""
+        t = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in tensors.items()}
+        parts: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {"fit": {}, "moments": {}}
+        for name, v in t.items():
+            kind, _, rest = name.partition("/")
+            if kind in parts:
+                node, _, f = rest.rpartition("/")
+                parts[kind].setdefault(node, {})[f] = v
+            elif name not in ("round", "samples"):
+                raise DataError(f"least-squares statistics tensor {name!r} is not one of round, samples, fit/..., "
+                                "moments/...; pass what LsqRound.as_tensors() produced")
+        if "round" not in t:
+            raise DataError("least-squares statistics without their round index; pass what LsqRound.as_tensors() "
+                            "produced")
+        rnd = cls(int(t["round"].reshape(-1)[0]), samples=int(t["samples"].reshape(-1)[0]) if "samples" in t else 0)
+        for node, fs in parts["fit"].items():
+            rnd.fits[node] = LsqStats(fs["g"], fs["h"], fs["yy"], fs["ys"], int(fs["rows"].reshape(-1)[0]))
+        for node, fs in parts["moments"].items():
+            rnd.moments[node] = ChannelMoments.from_tensors([fs["n"].reshape(-1), fs["mean"], fs["m2"]])
+        return rnd
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this round's float64 statistics: what each shard sends."""
+        return sum(v.numel() * 8 for v in self.as_tensors().values())
+
+
+def lsq_rounds(graph: fx.Graph, sites: Sequence[LsqSite]) -> List[List[LsqSite]]:
+    """The fits of ``sites`` grouped into the walk's statistics rounds, in order. A round starts at the
+    first fit not yet taken (graph order) and takes every later fit whose node reads only values
+    computed before that first one (a residual block's shortcut conv joins the block's first conv;
+    parallel branches on one input join each other): their regressors and targets are all known at the
+    round's first fit and none depends on another's solve, so solving them together gives exactly what
+    solving them one by one gives. The next round needs values this round changes. Deterministic from
+    the graph: every worker and client derives the same rounds."""
+    nodes = {n.name: n for n in graph.nodes}
+    index = {name: i for i, name in enumerate(nodes)}
+    order = sorted(sites, key=lambda s: index[s.node])
+    rounds: List[List[LsqSite]] = []
+    taken = set()
+    for s in order:
+        if s.node in taken:
+            continue
+        first = index[s.node]
+        group = [s]
+        for t in order:
+            if t.node not in taken and index[t.node] > first and all(
+                    index[a.name] < first for a in nodes[t.node].all_input_nodes):
+                group.append(t)
+        taken.update(t.node for t in group)
+        rounds.append(group)
+    return rounds
+
+
+def _batch_key(x: torch.Tensor) -> int:
+    """A fingerprint of a batch's contents: its positions' sampling seed, so that a batch samples the
+    same positions whichever shard holds it and wherever in the stream it comes."""
+    v = x.detach().reshape(-1)
+    v = v[::max(1, v.numel() // 4096)].cpu().contiguous()
+    h = hashlib.blake2b(str((tuple(x.shape), str(x.dtype))).encode(), digest_size=8)
+    h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return int.from_bytes(h.digest(), "little") >> 1
 
 
 # ---- the walk ------------------------------------------------------------------------------------
@@ -367,17 +484,27 @@ class LsqResult:
     fits: Dict[str, LsqFit] = field(default_factory=dict)        # by the fitted value's node
     notes: Dict[str, str] = field(default_factory=dict)          # module -> why it was left alone
     samples: int = 0
+    round_bytes: List[int] = field(default_factory=list)         # float64 statistics per shard, per round
 
 
 @torch.no_grad()
 def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequence[float], gm: fx.GraphModule,
              batches: Sequence[torch.Tensor], *, ridge: float = 1e-3, positions: Optional[int] = None,
-             seed: int = 0, sites: Optional[List[LsqSite]] = None) -> LsqResult:
+             seed: int = 0, sites: Optional[List[LsqSite]] = None,
+             reduce: Optional[Callable[[LsqRound], LsqRound]] = None) -> LsqResult:
     """Refit ``merged`` (in place) layer after layer to ``sum_k weights[k] * endpoints[k]``'s values.
 
     ``endpoints``: the models already aligned to ``merged``'s channel order (not changed); ``gm``: the
     traced graph all of them share; ``batches``: the calibration inputs (all held: every model's values
-    are kept per batch until their last use). Returns the fits and the layers left at the average."""
+    are kept per batch until their last use). Returns the fits and the layers left at the average.
+
+    ``reduce``: the batches are one shard of the data; ``reduce(round)`` returns the :class:`LsqRound`
+    pooled over all shards (an all-gather across workers, a query to federated clients), the same on
+    every worker. It is called once per round of :func:`lsq_rounds`, with the round's statistics right
+    before its fits are solved, and last with the composed BatchNorms' output moments (when there are
+    any); every worker must walk the same models, graph and options. Fits are then solved from the
+    pooled sums alone (``reduce`` set: no solve that needs the raw patches). ``None``: the batches are
+    all the data (the same rounds, pooled with nothing)."""
     from ..engine import bind
 
     if sites is None:
@@ -403,7 +530,14 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
     for a, i in last_use.items():
         free_after.setdefault(i, []).append(a)
     envs = [[{} for _ in batches] for _ in models]
-    result = LsqResult(notes=dict(skipped), samples=sum(int(x.shape[0]) for x in batches))
+    keys = [_batch_key(x) for x in batches]
+    local_samples = sum(int(x.shape[0]) for x in batches)
+    result = LsqResult(notes=dict(skipped), samples=local_samples)
+    rounds = lsq_rounds(graph, sites)
+    leads = {r[0].node: (ri, r) for ri, r in enumerate(rounds)}
+    at = {n.name: i for i, n in enumerate(nodes)}
+    ahead = set()  # nodes the endpoints ran early, for a round's later fits
+    composed: Dict[str, ChannelMoments] = {s.value: ChannelMoments() for s in sites if s.bn is not None}
 
     def run(k: int, b: int, i: int):
         it, nk = interps[k], node_lists[k][i]
@@ -412,19 +546,40 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
             it.args_iter = iter([batches[b]])
         envs[k][b][nk] = it.run_node(nk)
 
+    def pool(rnd: LsqRound) -> LsqRound:
+        got = reduce(rnd) if reduce is not None else rnd
+        if got.index != rnd.index or set(got.fits) != set(rnd.fits) or set(got.moments) != set(rnd.moments):
+            raise DataError(f"least-squares round {rnd.index}: the pooled statistics name other fits than this "
+                            "walk's; every worker must merge the same models with the same options")
+        result.samples = got.samples
+        result.round_bytes.append(got.nbytes)
+        return got
+
     for i, n in enumerate(nodes):
-        site = by_node.get(n.name)
-        for k in range(me):  # the endpoints never change: their values first
-            for b in range(len(batches)):
-                run(k, b, i)
-        if site is not None:
-            result.fits[site.value] = _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge,
-                                           positions, seed + i)
+        if i not in ahead:
+            for k in range(me):  # the endpoints never change: their values first
+                for b in range(len(batches)):
+                    run(k, b, i)
+        lead = leads.get(n.name)
+        if lead is not None:
+            ri, members = lead
+            for s in members[1:]:  # the round's later fits: their inputs are computed, their targets now
+                ahead.add(at[s.node])
+                for k in range(me):
+                    for b in range(len(batches)):
+                        run(k, b, at[s.node])
+            rnd = LsqRound(ri, {s.value: _observe(s, at[s.node], at[nodes[at[s.node]].args[0].name], mods, active,
+                                                  envs, node_lists, batches, keys, positions, seed)
+                                for s in members}, samples=local_samples)
+            rnd = pool(rnd)
+            for s in members:
+                result.fits[s.value] = _solve(s, mods[me], rnd.fits[s.value], ridge)
         for b in range(len(batches)):
             run(me, b, i)
+        site = by_node.get(n.name)
         if site is not None and site.bn is not None:  # train-consistent fold: the new output's statistics
-            _fold_composed(site, mods[me], [envs[me][b][node_lists[me][i]] for b in range(len(batches))],
-                           result.fits[site.value])
+            for b in range(len(batches)):
+                composed[site.value].observe(envs[me][b][node_lists[me][i]], 1)
         for dead in free_after.get(i, ()):
             for k in range(len(models)):
                 for env in envs[k]:
@@ -432,7 +587,36 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
     for k in range(len(models)):
         for env in envs[k]:
             env.clear()
+    if composed:
+        final = pool(LsqRound(len(rounds), moments=composed, samples=local_samples))
+        for s in sites:
+            if s.bn is not None:
+                _fold_composed(s, mods[me], final.moments[s.value], result.fits[s.value])
     return result
+
+
+@torch.no_grad()
+def lsq_moments(merged: nn.Module, gm: fx.GraphModule, sites: Sequence[LsqSite], batches: Sequence[torch.Tensor],
+                index: int) -> LsqRound:
+    """The walk's last round on one shard, for a worker that does not walk (a stateless federated
+    client): the channel moments of every composed conv's output in ``merged`` (fitted, its BatchNorms as
+    the walk leaves them) over ``batches``, as round ``index`` (``len(lsq_rounds(...))``)."""
+    from ..engine import bind
+
+    watch = {s.node: s.value for s in sites if s.bn is not None}
+    moments = {v: ChannelMoments() for v in watch.values()}
+
+    class Watch(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in watch:
+                moments[watch[n.name]].observe(out, 1)
+            return out
+
+    g = bind(merged, gm)
+    for x in batches:
+        Watch(g, garbage_collect_values=True).run(x)
+    return LsqRound(index, moments=moments, samples=sum(int(x.shape[0]) for x in batches))
 
 
 def _target(site: LsqSite, k: int, y: torch.Tensor, mods) -> torch.Tensor:
@@ -443,14 +627,12 @@ def _target(site: LsqSite, k: int, y: torch.Tensor, mods) -> torch.Tensor:
     return y
 
 
-def _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge, positions, seed) -> LsqFit:
-    me = len(models) - 1
+def _observe(site, i, j, mods, active, envs, node_lists, batches, keys, positions, seed) -> LsqStats:
+    """This shard's statistics of one fit (node ``i``, its input node ``j``): the merged net's inputs and
+    the endpoints' interpolated targets, positions sampled per batch by the batch's contents."""
+    me = len(mods) - 1
     module = mods[me][site.module]
-    bn = mods[me][site.bn] if site.bn is not None else None
-    arg = n.args[0]
-    j = next(idx for idx, node in enumerate(node_lists[me]) if node.name == arg.name)
     st = LsqStats()
-    gen = torch.Generator().manual_seed(seed)
     for b in range(len(batches)):
         x = envs[me][b][node_lists[me][j]]
         tgt = None
@@ -460,9 +642,19 @@ def _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge, pos
             else:
                 yk = _target(site, k, envs[k][b][node_lists[k][i]], mods)
             tgt = wk * yk if tgt is None else tgt + wk * yk
+        gen = torch.Generator().manual_seed(((seed + i) * 1_000_003 + keys[b]) & (2 ** 63 - 1))
         xs, ys = patches(x, tgt, module, site.kind, None if site.kind == "bn" else positions, gen)
         st.observe(xs, ys)
         del tgt, xs, ys
+    return st
+
+
+def _solve(site: LsqSite, mods, st: LsqStats, ridge: float) -> LsqFit:
+    """Solve one fit from its (pooled) statistics and fold it into the merged net's modules ``mods``."""
+    module = mods[site.module]
+    bn = mods[site.bn] if site.bn is not None else None
+    if st.g is None:
+        raise DataError(f"least-squares repair: no statistics for {site.module} (no calibration data reached it)")
     w0 = layer_map(module, site.kind, bn)
     w, r, jitter = ridge_solve(st.g, st.h, w0.to(st.g.device), ridge, site.bias)
     w0 = w0.to(st.g.device)
@@ -479,15 +671,16 @@ def _fit(site, i, n, models, mods, active, envs, node_lists, batches, ridge, pos
         s = torch.where(s.abs() > _TINY, s, torch.ones_like(s))
         fold_map(module, w, scale=s)
         fit.scale = s
+        _fold_bn_canonical(bn, s, w[:, -1].reshape(-1))
     return fit
 
 
-def _fold_composed(site: LsqSite, mods, outputs: List[torch.Tensor], fit: LsqFit) -> None:
+def _fold_composed(site: LsqSite, mods, moments: ChannelMoments, fit: LsqFit) -> None:
     """The conv now writes ``u = (W x) / s``; the BatchNorm after it becomes ``s*u + b`` with running
-    statistics those of ``u`` on the calibration data."""
-    bn = mods[site.bn]
-    mean, var, n = _moments(outputs, 1)
-    fold_bn_fit(bn, mean, var, n, fit.scale, fit.w[:, -1].reshape(-1))
+    statistics those of ``u`` on the calibration data (all shards)."""
+    if moments.mean is None or not moments.n:
+        return  # no data reached it: the walk's fold computes the same map
+    fold_bn_fit(mods[site.bn], moments.mean, moments.var, int(moments.n), fit.scale, fit.w[:, -1].reshape(-1))
 
 
 def warn_underdetermined(fits: Dict[str, LsqFit], sites: List[LsqSite], samples: int) -> Optional[str]:
