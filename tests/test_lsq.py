@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergekit_vision import merge, merge_many
+from mergekit_vision.calibration import LocalCollector
 from mergekit_vision.engine import shared_graph
 from mergekit_vision.errors import CalibrationWarning, ConfigError, DataError
 from mergekit_vision.models import create_model
@@ -232,8 +233,10 @@ def test_options_are_checked():
                     (dict(lsq_positions=0), "lsq_positions"), (dict(lsq_positions=2.5), "lsq_positions")):
         with pytest.raises(ConfigError, match=msg):
             merge(a, a, calib, repair="lsq", progress=False, **kw)
-    with pytest.raises(ConfigError, match="local calib_loader"):
+    with pytest.raises(ConfigError, match="lsq\\(...\\) method"):
         merge(a, a, calib, repair="lsq", progress=False, collect=lambda models, plan, request: None)
+    with pytest.raises(ConfigError, match="lsq_reduce"):  # pooled passes, local walk: refused before any pass
+        merge(a, a, calib, repair="lsq", progress=False, collect=LocalCollector(calib, reduce=lambda st: 1 / 0))
     with pytest.raises(ConfigError, match="lsq"):
         merge(a, a, calib, repair="lsqq", progress=False)
 
