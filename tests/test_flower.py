@@ -121,6 +121,25 @@ def test_oneshot_lsq_merge_from_client_sums_equals_the_local_lsq_merge_on_pooled
         assert torch.allclose(merged[k].double(), v.double(), rtol=1e-5, atol=1e-6), k
 
 
+@pytest.mark.slow
+def test_aligned_fedavg_offers_lsq():
+    strategy = AlignedFedAvg(_model, method="activation", repair="lsq", example=torch.zeros(1, 1, 16, 16),
+                             fraction_evaluate=0.0, min_train_nodes=CLIENTS, min_available_nodes=CLIENTS)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        torch.manual_seed(0)
+        strategy.start(grid, ArrayRecord.from_torch_state_dict(_model().state_dict()), num_rounds=1,
+                       train_config=ConfigRecord({"epochs": 1}))
+
+    run_inprocess(app, client_app(_model, _data, _train), CLIENTS)
+    rep = strategy.reports[1]
+    assert rep.repair == "lsq" and rep.calibration_samples == 1347 and len(rep.lsq_round_bytes) == 7
+    assert rep.weights[0] == 0.0  # the global model only sets the channel order: not an endpoint of the walk
+    assert all(s.residual_after <= s.residual_before for s in rep.sites.values() if s.residual_after is not None)
+
+
 def test_a_client_on_another_architecture_names_the_mismatch():
     from mergekit_vision.engine import shared_graph
     from mergekit_vision.recipes.flower import FlowerCollector
