@@ -160,6 +160,6 @@ class MergeReport:
                          + (" ..." if len(left) > 5 else ""))
         if self.lsq_round_bytes:
             b = self.lsq_round_bytes
-            lines.append(f"  least-squares walk: {len(b)} statistics rounds, {sum(b) / 1e6:.2f} MB of float64 sums "
-                         f"per data shard (largest round {max(b) / 1e6:.2f} MB)")
+            lines.append(f"  least-squares walk: {len(b)} statistics rounds; on sharded data each shard sends "
+                         f"{sum(b) / 1e6:.2f} MB of float64 sums in all (largest round {max(b) / 1e6:.2f} MB)")
         return "\n".join(lines + summary_tail(self.sites, self.timings))

@@ -140,8 +140,9 @@ def test_aligned_fedavg_offers_lsq():
     assert all(s.residual_after <= s.residual_before for s in rep.sites.values() if s.residual_after is not None)
 
 
-def test_a_client_on_another_architecture_names_the_mismatch():
+def test_a_client_whose_graph_gives_other_rounds_names_the_mismatch():
     from mergekit_vision.engine import shared_graph
+    from mergekit_vision.errors import DataError
     from mergekit_vision.recipes.flower import FlowerCollector
     from mergekit_vision.repair.lsq import find_lsq_sites
 
@@ -149,15 +150,18 @@ def test_a_client_on_another_architecture_names_the_mismatch():
 
     @app.main()
     def main(grid, context):
-        m = tiny_resnet(4, in_chans=1).eval()  # the clients build width 8
+        m = _model().eval()
         gm = shared_graph(m)
         sites, _ = find_lsq_sites(gm)
-        with pytest.raises(Exception, match="same architecture|size mismatch") as err:
-            FlowerCollector(grid).lsq(m, [m], [1.0], gm, sites, ridge=1e-3, positions=8, seed=0)
+        with pytest.raises(DataError) as err:  # the server leaves out the stem: its round 0 is another layer
+            FlowerCollector(grid).lsq(m, [m], [1.0], gm, sites[1:], ridge=1e-3, positions=8, seed=0)
         seen["error"] = str(err.value)
 
     run_inprocess(app, client_app(_model, _data, _train), 2)
     assert "none of 2 clients answered" in seen["error"] and "answer_lsq_query" in seen["error"]
+    assert ("least-squares round 0 (fit): the server fits 'layer1_0_norm1', this client's graph gives 'norm1'"
+            in seen["error"]), seen["error"]
+    assert "same architecture" in seen["error"]
 
 
 def test_a_client_without_the_statistics_handler_gets_a_clear_error():

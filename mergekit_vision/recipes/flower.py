@@ -266,6 +266,8 @@ class AlignedFedAvg(FedAvg):
     ``self.reports[server_round]``; the aggregated train metrics gain ``"align-moved"`` (largest fraction
     of channels any client's assignment moved) and ``"align-near-identity"`` (1 when nothing moved).
 
+    ``repair="lsq"`` refits every layer by least squares from the clients' ``G``/``H`` sums (one
+    ``"query.lsq_statistics"`` round per round of fits, see :meth:`FlowerCollector.lsq`).
     ``repair`` defaults to ``"reset"`` (BatchNorm statistics re-estimated on the clients' data): for
     clients of one global model it is what helped in docs/recipes/fedavg_align.md. Clients of one
     global model share its channel order, so ``merge_many``'s lineage test (``lineage_threshold``, via
@@ -339,8 +341,9 @@ def oneshot_server_app(model_fn: ModelFn, *, example: torch.Tensor, min_nodes: i
     """A ServerApp for one-shot federated learning: every client trains from its own initialization
     (train messages carry no ArrayRecord, only a config with ``"init-seed"``), then the server merges the
     replies with :func:`merge_many`, weighted by ``weighted_by_key``, asking the clients for the
-    statistics. The merged model is stored in the server context's ``state["merged"]`` (ArrayRecord)
-    and passed to ``on_merged(merged, report, client_models)``."""
+    statistics (``repair="lsq"``: also one QUERY round per round of least-squares fits). The merged model
+    is stored in the server context's ``state["merged"]`` (ArrayRecord) and passed to
+    ``on_merged(merged, report, client_models)``."""
     app = ServerApp()
 
     @app.main()
