@@ -213,6 +213,7 @@ class FlowerCollector:
         endpoints and the merged net as fitted so far (clients keep nothing between rounds)."""
         ends = [_record(m) for m in endpoints]
         n_rounds = len(lsq_rounds(gm.graph, sites))
+        dev = next(iter(merged.parameters())).device  # the sums are solved and folded where the merged net is
 
         def reduce(rnd: LsqRound) -> LsqRound:
             content = RecordDict({f"model.{i}": r for i, r in enumerate(ends)})
@@ -223,7 +224,8 @@ class FlowerCollector:
                 "positions": int(positions or 0), "seed": int(seed)})
             pooled = None
             for r in self._ask(content, LSQ_MESSAGE_TYPE, "answer_lsq_query"):
-                part = LsqRound.from_tensors(r.content["statistics"].to_torch_state_dict())
+                sums = r.content["statistics"].to_torch_state_dict()
+                part = LsqRound.from_tensors({k: v.to(dev) for k, v in sums.items()})
                 pooled = part if pooled is None else pooled + part
             return pooled
 
