@@ -192,7 +192,8 @@ def answer_lsq_query(message: Message, context: Context, *, model_fn: ModelFn, d
 
 class FlowerCollector:
     """A ``collect`` for :func:`merge_many` that asks Flower clients for the statistics (one QUERY
-    round per pass) and sums their replies. ``node_ids``: the clients to ask (default: all)."""
+    round per pass; ``repair="lsq"``: one per round of fits too, :meth:`lsq`) and sums their replies.
+    ``node_ids``: the clients to ask (default: all); ``rounds``: QUERY rounds asked so far."""
 
     def __init__(self, grid: Grid, node_ids: Optional[Iterable[int]] = None, *, timeout: Optional[float] = None,
                  group_id: str = "merge-statistics"):
