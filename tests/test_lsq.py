@@ -9,12 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergekit_vision import merge, merge_many
+from mergekit_vision.calibration import LocalCollector
 from mergekit_vision.engine import shared_graph
-from mergekit_vision.errors import CalibrationWarning, ConfigError
+from mergekit_vision.errors import CalibrationWarning, ConfigError, DataError
 from mergekit_vision.models import create_model
 from mergekit_vision.permute import permute, random_perms
-from mergekit_vision.repair.lsq import (LsqStats, dual_solve, find_lsq_sites, layer_map, lsq_pass, memory_budget,
-                                        patch_rows, patches, relative_residual, ridge_solve, rows_residual)
+from mergekit_vision.repair.lsq import (LsqRound, LsqStats, dual_solve, find_lsq_sites, layer_map, lsq_pass,
+                                        lsq_rounds, memory_budget, patch_rows, patches, relative_residual, ridge_solve,
+                                        rows_residual)
 from mergekit_vision.testing import measure_norm_statistics, randomize_model
 from mergekit_vision.trace import trace_permutation_spec
 
@@ -234,8 +236,10 @@ def test_options_are_checked():
                     (dict(lsq_memory=True), "lsq_memory"), (dict(lsq_memory=1.5e9), "lsq_memory")):
         with pytest.raises(ConfigError, match=msg):
             merge(a, a, calib, repair="lsq", progress=False, **kw)
-    with pytest.raises(ConfigError, match="local calib_loader"):
+    with pytest.raises(ConfigError, match="lsq\\(...\\) method"):
         merge(a, a, calib, repair="lsq", progress=False, collect=lambda models, plan, request: None)
+    with pytest.raises(ConfigError, match="lsq_reduce"):  # pooled passes, local walk: refused before any pass
+        merge(a, a, calib, repair="lsq", progress=False, collect=LocalCollector(calib, reduce=lambda st: 1 / 0))
     with pytest.raises(ConfigError, match="lsq"):
         merge(a, a, calib, repair="lsqq", progress=False)
 
@@ -409,3 +413,164 @@ def test_border_classes_give_the_dense_statistics_and_dead_taps_decouple(conv, h
     # reads it at some output position
     assert conv_live_dim(x.shape, conv) == (4 if hw == (1, 1) else d)
     assert int((~dead).sum()) == (4 if hw == (1, 1) else d)
+
+
+class _TwoShards:
+    """Two walks in two threads, each on its own shard, whose ``reduce`` swaps their rounds: what two
+    data-parallel workers do, without a process group."""
+
+    def __init__(self):
+        import threading
+
+        self.barrier = threading.Barrier(2, timeout=60)
+        self.slots = [None, None]
+        self.pooled = []
+
+    def reduce(self, rank):
+        def pool(rnd):
+            self.slots[rank] = rnd
+            self.barrier.wait()
+            out = self.slots[0] + self.slots[1]  # rank order: both workers add the same way
+            self.barrier.wait()
+            if rank == 0:
+                self.pooled.append(out)
+            return out
+        return pool
+
+
+def test_walk_on_two_shards_with_reduce_equals_the_walk_on_the_whole():
+    """The per-round reduce hook: two shards' walks, pooling each round's statistics, give the merged net of
+    one walk on all the batches, and each round's pooled statistics equal the whole's (float64). The
+    residual block's shortcut conv shares a round with the block's first conv."""
+    import threading
+
+    calib = _batches(4, size=12, shape=(3, 16, 16))
+    a, b = _tiny("bn", 1, calib), _tiny("bn", 2, calib)
+    start = _tiny("bn", 3, calib)
+    gm = shared_graph(start)
+    sites, _ = find_lsq_sites(gm)
+    rounds = lsq_rounds(gm.graph, sites)
+    assert [[s.module for s in r] for r in rounds] == [
+        ["conv1"], ["layer1.0.conv1"], ["layer1.0.conv2"], ["layer2.0.conv1", "layer2.0.downsample.0"],
+        ["layer2.0.conv2"], ["fc"]]
+    whole_rounds = []
+    whole = copy.deepcopy(start)
+    res = lsq_pass(whole, [a, b], [0.4, 0.6], gm, calib, positions=20,
+                   reduce=lambda rnd: whole_rounds.append(rnd) or rnd)
+    assert len(whole_rounds) == len(rounds) + 1 and whole_rounds[-1].moments  # the last: BatchNorm moments
+    assert res.round_bytes == [r.nbytes for r in whole_rounds] and res.samples == 48
+
+    shards, outs = _TwoShards(), [copy.deepcopy(start), copy.deepcopy(start)]
+    got = [None, None]
+
+    def work(rank):
+        got[rank] = lsq_pass(outs[rank], [copy.deepcopy(a), copy.deepcopy(b)], [0.4, 0.6], gm, calib[rank::2],
+                             positions=20, reduce=shards.reduce(rank))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] is not None and got[1] is not None
+    assert got[0].samples == got[1].samples == 48
+    for mine, theirs in zip(shards.pooled, whole_rounds):
+        assert mine.index == theirs.index and mine.samples == theirs.samples
+        for name, st in theirs.fits.items():
+            assert mine.fits[name].rows == st.rows
+            for f in ("g", "h", "yy", "ys"):
+                assert torch.allclose(getattr(mine.fits[name], f), getattr(st, f), rtol=1e-11, atol=1e-11), (name, f)
+        for name, m in theirs.moments.items():
+            assert torch.allclose(mine.moments[name].m2, m.m2, rtol=1e-11)
+    ref = whole.state_dict()
+    for out in outs:
+        for k, v in out.state_dict().items():
+            assert torch.allclose(v, ref[k], rtol=1e-9, atol=1e-10), k
+    for k, v in outs[0].state_dict().items():  # the workers agree exactly
+        assert torch.equal(v, outs[1].state_dict()[k]), k
+
+
+def test_round_statistics_travel_as_flat_float64_tensors():
+    calib = _batches(2, size=6, shape=(3, 12, 12))
+    a, m = _tiny("bn", 1, calib), _tiny("bn", 2, calib)
+    gm = shared_graph(m)
+    seen = []
+    lsq_pass(copy.deepcopy(m), [a], [1.0], gm, calib, reduce=lambda rnd: seen.append(rnd) or rnd)
+    for rnd in (seen[0], seen[-1]):
+        flat = rnd.as_tensors()
+        assert all(t.dtype == f64 for t in flat.values())
+        back = LsqRound.from_tensors(flat)
+        assert back.index == rnd.index and back.samples == rnd.samples == 12
+        assert set(back.fits) == set(rnd.fits) and set(back.moments) == set(rnd.moments)
+        assert rnd.nbytes == 8 * sum(t.numel() for t in flat.values())
+        for k, st in rnd.fits.items():
+            assert torch.equal(back.fits[k].g, st.g) and back.fits[k].rows == st.rows
+    with pytest.raises(DataError, match="round 0 and round 1"):
+        seen[0] + seen[1]
+
+
+def test_a_sharded_walk_solves_the_thin_fits_from_pooled_statistics_and_still_spills(tmp_path, monkeypatch):
+    """``reduce`` turns the dual solve off: the fits with fewer patches than unknowns, solved from their
+    rows without it, come from the pooled statistics instead, to the same merged net (float64); a
+    small memory budget spills and changes nothing, bit for bit; the rounds' bytes count a fit kept as
+    rows as the statistics it would send."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    calib = _batches(3, 4, (3, 8, 8))
+    a, b, m = (_tiny("bn", s, calib) for s in (1, 2, 3))
+    gm = shared_graph(m)
+    m_dual = copy.deepcopy(m)
+    rd = lsq_pass(m_dual, [a, b], [0.5, 0.5], gm, calib, positions=4)  # no reduce: the dual where it pays
+    duals = [v for v, f in rd.fits.items() if f.solver == "dual"]
+    assert duals
+    runs = {}
+    for budget in (None, 4 * 1024):
+        mm, seen = copy.deepcopy(m), []
+        res = lsq_pass(mm, [a, b], [0.5, 0.5], gm, calib, positions=4, memory=budget,
+                       reduce=lambda rnd, seen=seen: seen.append(rnd) or rnd)
+        runs[budget] = (mm, res, seen)
+    (m_all, r_all, seen), (m_small, r_small, _) = runs[None], runs[4 * 1024]
+    assert all(f.solver == "primal" for f in r_all.fits.values())
+    assert all(isinstance(st, LsqStats) and st.g is not None for rnd in seen for st in rnd.fits.values())
+    assert r_all.round_bytes == rd.round_bytes == [rnd.nbytes for rnd in seen]
+    for v, f in rd.fits.items():
+        assert (r_all.fits[v].rows, r_all.fits[v].dim) == (f.rows, f.dim), v
+        assert abs(r_all.fits[v].residual_after - f.residual_after) < 1e-8, v
+    sd = m_dual.state_dict()
+    for k, v in m_all.state_dict().items():
+        if v.is_floating_point():
+            assert _rel(v, sd[k]) < 1e-7 or (v - sd[k]).abs().max() < 1e-10, k
+    assert r_all.spilled_bytes == 0 < r_small.spilled_bytes
+    sd = m_all.state_dict()
+    for k, v in m_small.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    for v, f in r_all.fits.items():
+        assert torch.equal(f.w, r_small.fits[v].w), v
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("mergekit_lsq_")]
+
+
+def test_a_walk_without_data_takes_every_fit_and_its_unknowns_from_the_pooled_rounds():
+    """What the Flower server does: a walk with no batches of its own, whose ``reduce`` returns the
+    rounds (sent as flat tensors) of a walk on the data, computes the same merged net bit for bit. The
+    fits' unknowns come with the rounds: on 1x1 maps a 3x3 conv reads the input with few of its taps."""
+    calib = _batches(2, 6, (3, 2, 2))
+    a, b, m = (_tiny("bn", s, calib) for s in (1, 2, 3))
+    gm = shared_graph(m)
+    sent = []
+    data = copy.deepcopy(m)
+    rd = lsq_pass(data, [a, b], [0.5, 0.5], gm, calib,
+                  reduce=lambda rnd: sent.append(LsqRound.from_tensors(rnd.as_tensors())) or rnd)
+    server = copy.deepcopy(m)
+    rs = lsq_pass(server, [a, b], [0.5, 0.5], gm, [], reduce=lambda rnd: sent[rnd.index])
+    assert rs.samples == rd.samples == 12 and rs.round_bytes == rd.round_bytes
+    sd = data.state_dict()
+    for k, v in server.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    for v, f in rd.fits.items():
+        assert (rs.fits[v].rows, rs.fits[v].dim) == (f.rows, f.dim) and torch.equal(rs.fits[v].w, f.w), v
+    by_module = {s.module: s.value for s in find_lsq_sites(gm)[0]}
+    # layer2's convs (8 channels out) on a 1x1 output map: its first (stride 2, 4 input channels) reads
+    # 4 of 9 taps, its second (8 input channels) only the centre
+    assert rd.fits[by_module["layer2.0.conv1"]].dim == 4 * 4 + 1
+    assert rd.fits[by_module["layer2.0.conv2"]].dim == 8 + 1

@@ -18,16 +18,23 @@ data), so the result keeps the architecture and state-dict keys.
 The walk runs node by node over *all* calibration batches at once (:func:`lsq_pass`): each model's
 values of every batch are kept until their last use, so the whole repair costs one forward pass of
 each model plus the solves, at the memory of the widest frontier times the calibration set.
+
+Sharded data (data-parallel workers, federated clients): the statistics are sums, so each worker walks
+its own batches and ``lsq_pass(reduce=...)`` pools every *round* of fits (:func:`lsq_rounds`: fits
+whose regressors do not depend on each other, e.g. a residual block's first conv and its shortcut
+conv) right before the solve, plus one last round of the composed BatchNorms' output moments; every
+worker then solves and folds the same pooled sums to the same model.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -36,7 +43,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CalibrationWarning
+from ..errors import CalibrationWarning, DataError
 from ..match.stats import ChannelMoments
 from ..ops import is_batchnorm
 from .sites import bn_eval, module_calls
@@ -45,7 +52,7 @@ __all__ = ["LsqSite", "LsqStats", "LsqRows", "LsqFit", "find_lsq_sites", "layer_
            "patch_rows", "conv_positions", "conv_cols", "conv_classes", "conv_live_dim", "conv_targets",
            "at_positions", "live_entries",
            "ridge_solve", "dual_solve", "relative_residual", "rows_residual", "fold_map", "fold_bn_fit",
-           "lsq_pass"]
+           "lsq_pass", "lsq_rounds", "LsqRound", "lsq_moments"]
 
 _TINY = 1e-12
 SPLIT_PADDING = 0.25  # conv patches are split by the taps reading padding where at least this much is padding
@@ -622,14 +629,154 @@ def fold_bn_fit(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int, a:
     bn.bias.copy_((a * mean + c).to(bn.bias.dtype))
 
 
-def _moments(values: Iterable[torch.Tensor], dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Pooled per-channel mean and (biased) variance over every position of ``values``: each batch about
-    its own mean in its working precision, pooled in float64 (match/stats.py), so a channel with a
-    large mean keeps its variance."""
-    mom = ChannelMoments()
-    for v in values:
-        mom.observe(v.detach(), dim)
-    return mom.mean, mom.var.clamp_min(0), int(mom.n)
+@torch.no_grad()
+def _fold_bn_canonical(bn: nn.Module, a: torch.Tensor, c: torch.Tensor) -> None:
+    """The BatchNorm computes ``a*u + c`` in eval mode from parameters of the fit alone (running mean 0,
+    variance 1): what the walk runs until the output moments are known (pooled, on sharded data);
+    :func:`fold_bn_fit` with those moments replaces them at the end."""
+    f64 = torch.float64
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.weight.copy_((a.to(f64) * math.sqrt(1.0 + bn.eps)).to(bn.weight.dtype))
+    bn.bias.copy_(c.to(bn.bias.dtype))
+
+
+# ---- rounds: what sharded data pools, and when ---------------------------------------------------
+def _fit_numel(st) -> int:
+    """Float64 numbers one fit's statistics take in a round (G, H, the target's sums, rows, unknowns);
+    a fit kept as rows (:class:`LsqRows`, unsharded walks only) counts the statistics it would send."""
+    if isinstance(st, LsqRows):
+        if not st.xs:
+            return 0
+        groups, d, out = st.xs[0].shape[0], st.xs[0].shape[-1], st.ys[0].shape[-1]
+    elif st.g is None:
+        return 0
+    else:
+        groups, d, out = st.h.shape[0], st.h.shape[1] - 1, st.h.shape[2]
+    return groups * ((d + 1) ** 2 + (d + 1) * out + 2 * out) + 2
+
+
+@dataclass
+class LsqRound:
+    """One statistics round of the walk, as pooled across data shards: ``fits`` (fitted value node ->
+    :class:`LsqStats`) of the round's fits, or, in the walk's last round, ``moments`` (fitted value node
+    -> the channel moments of a composed conv's new output: its BatchNorm's running statistics);
+    ``dims``: each fit's unknowns per group without the bias (the patch entries that read the input,
+    from the layer's input shape: a walk without data of its own, a federated server, learns them
+    here); ``samples``: inputs seen. ``a + b`` pools two shards; ``as_tensors()`` / ``from_tensors()``
+    give a flat ``{name: float64 tensor}`` view (to all-gather, or to send as a Flower ArrayRecord)."""
+
+    index: int
+    fits: Dict[str, LsqStats] = field(default_factory=dict)
+    moments: Dict[str, ChannelMoments] = field(default_factory=dict)
+    samples: int = 0
+    dims: Dict[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: LsqRound) -> LsqRound:
+        if not isinstance(other, LsqRound):
+            return NotImplemented
+        if other.index != self.index:
+            raise DataError(f"least-squares statistics of round {self.index} and round {other.index} cannot be "
+                            "pooled: every shard must answer the same round")
+        fits, moments, dims = dict(self.fits), dict(self.moments), dict(self.dims)
+        for k, v in other.fits.items():
+            fits[k] = fits[k] + v if k in fits else v
+        for k, v in other.moments.items():
+            moments[k] = moments[k] + v if k in moments else v
+        for k, v in other.dims.items():  # the same on every shard of one input size; else the widest
+            dims[k] = max(dims.get(k, 0), v)
+        return LsqRound(self.index, fits, moments, self.samples + other.samples, dims)
+
+    def as_tensors(self) -> Dict[str, torch.Tensor]:
+        """``{name: float64 tensor}`` in a fixed (sorted) order; statistics of no data are left out."""
+        f64 = torch.float64
+        out = {"round": torch.tensor([float(self.index)], dtype=f64),
+               "samples": torch.tensor([float(self.samples)], dtype=f64)}
+        for name, st in sorted(self.fits.items()):
+            if isinstance(st, LsqRows):
+                raise DataError(f"least-squares fit {name} keeps its patch rows (the dual solve), which cannot be "
+                                "pooled: walk sharded data with reduce= (it turns the dual solve off)")
+            if st.g is not None:
+                dev = st.g.device
+                out.update({f"fit/{name}/g": st.g, f"fit/{name}/h": st.h, f"fit/{name}/yy": st.yy,
+                            f"fit/{name}/ys": st.ys,
+                            f"fit/{name}/rows": torch.tensor([float(st.rows)], dtype=f64, device=dev),
+                            f"fit/{name}/dim": torch.tensor([float(self.dims.get(name, 0))], dtype=f64,
+                                                            device=dev)})
+        for name, m in sorted(self.moments.items()):
+            if m.mean is not None:
+                out.update({f"moments/{name}/{f}": t for f, t in zip(("n", "mean", "m2"), m.as_tensors())})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors) -> LsqRound:
+        """The inverse of :meth:`as_tensors` (any mapping of names to tensors or arrays)."""
+        t = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in tensors.items()}
+        parts: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {"fit": {}, "moments": {}}
+        for name, v in t.items():
+            kind, _, rest = name.partition("/")
+            if kind in parts:
+                node, _, f = rest.rpartition("/")
+                parts[kind].setdefault(node, {})[f] = v
+            elif name not in ("round", "samples"):
+                raise DataError(f"least-squares statistics tensor {name!r} is not one of round, samples, fit/..., "
+                                "moments/...; pass what LsqRound.as_tensors() produced")
+        if "round" not in t:
+            raise DataError("least-squares statistics without their round index; pass what LsqRound.as_tensors() "
+                            "produced")
+        rnd = cls(int(t["round"].reshape(-1)[0]), samples=int(t["samples"].reshape(-1)[0]) if "samples" in t else 0)
+        for node, fs in parts["fit"].items():
+            rnd.fits[node] = LsqStats(fs["g"], fs["h"], fs["yy"], fs["ys"], int(fs["rows"].reshape(-1)[0]))
+            if "dim" in fs:
+                rnd.dims[node] = int(fs["dim"].reshape(-1)[0])
+        for node, fs in parts["moments"].items():
+            rnd.moments[node] = ChannelMoments.from_tensors([fs["n"].reshape(-1), fs["mean"], fs["m2"]])
+        return rnd
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this round's float64 statistics: what each shard sends (an unsharded walk's fit kept
+        as rows counts as the statistics it would send)."""
+        n = 2 + sum(_fit_numel(st) for st in self.fits.values())
+        n += sum(t.numel() for m in self.moments.values() if m.mean is not None for t in m.as_tensors())
+        return 8 * n
+
+
+def lsq_rounds(graph: fx.Graph, sites: Sequence[LsqSite]) -> List[List[LsqSite]]:
+    """The fits of ``sites`` grouped into the walk's statistics rounds, in order. A round starts at the
+    first fit not yet taken (graph order) and takes every later fit whose node reads only values
+    computed before that first one (a residual block's shortcut conv joins the block's first conv;
+    parallel branches on one input join each other): their regressors and targets are all known at the
+    round's first fit and none depends on another's solve, so solving them together gives exactly what
+    solving them one by one gives. The next round needs values this round changes. Deterministic from
+    the graph: every worker and client derives the same rounds."""
+    nodes = {n.name: n for n in graph.nodes}
+    index = {name: i for i, name in enumerate(nodes)}
+    order = sorted(sites, key=lambda s: index[s.node])
+    rounds: List[List[LsqSite]] = []
+    taken = set()
+    for s in order:
+        if s.node in taken:
+            continue
+        first = index[s.node]
+        group = [s]
+        for t in order:
+            if t.node not in taken and index[t.node] > first and all(
+                    index[a.name] < first for a in nodes[t.node].all_input_nodes):
+                group.append(t)
+        taken.update(t.node for t in group)
+        rounds.append(group)
+    return rounds
+
+
+def _batch_key(x: torch.Tensor) -> int:
+    """A fingerprint of a batch's contents: its positions' sampling seed, so that a batch samples the
+    same positions whichever shard holds it and wherever in the stream it comes."""
+    v = x.detach().reshape(-1)
+    v = v[::max(1, v.numel() // 4096)].cpu().contiguous()
+    h = hashlib.blake2b(str((tuple(x.shape), str(x.dtype))).encode(), digest_size=8)
+    h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return int.from_bytes(h.digest(), "little") >> 1
 
 
 # ---- the walk ------------------------------------------------------------------------------------
@@ -640,6 +787,7 @@ class LsqResult:
     samples: int = 0
     spilled_bytes: int = 0     # bytes written to the spill directory (0: everything stayed in memory)
     peak_held_bytes: int = 0   # the most bytes of values the walk held in memory at once
+    round_bytes: List[int] = field(default_factory=list)         # float64 statistics per shard, per round
 
 
 def memory_budget(memory: Union[int, str, None]) -> Optional[int]:
@@ -773,23 +921,33 @@ class _Store:
 def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequence[float], gm: fx.GraphModule,
              batches: Sequence[torch.Tensor], *, ridge: float = 1e-3, positions: Optional[int] = None,
              seed: int = 0, sites: Optional[List[LsqSite]] = None, dual: bool = True,
-             memory: Union[int, str, None] = None) -> LsqResult:
+             memory: Union[int, str, None] = None,
+             reduce: Optional[Callable[[LsqRound], LsqRound]] = None) -> LsqResult:
     """Refit ``merged`` (in place) layer after layer to ``sum_k weights[k] * endpoints[k]``'s values.
 
     ``endpoints``: the models already aligned to ``merged``'s channel order (not changed); ``gm``: the
     traced graph all of them share; ``batches``: the calibration inputs (every model's values are kept
     per batch until their last use). ``dual``: a fit with fewer patch rows than unknowns keeps its rows
-    and is solved by :func:`dual_solve` (same solution, rows^3 instead of d^3); must be False when the
-    statistics are pooled across workers (raw rows cannot be). ``memory``: the bytes of values held in
+    and is solved by :func:`dual_solve` (same solution, rows^3 instead of d^3); off whenever ``reduce``
+    is set (raw rows cannot be pooled across workers). ``memory``: the bytes of values held in
     memory (:func:`memory_budget`; None: no limit); beyond it values are spilled to a temporary
     directory (``TMPDIR``) and read back, with the same results bit for bit. Returns the fits, the
-    layers left at the average and the bytes spilled."""
+    layers left at the average, the bytes spilled and each round's statistics bytes.
+
+    ``reduce``: the batches are one shard of the data; ``reduce(round)`` returns the :class:`LsqRound`
+    pooled over all shards (an all-gather across workers, a query to federated clients), the same on
+    every worker. It is called once per round of :func:`lsq_rounds`, with the round's statistics right
+    before its fits are solved, and last with the composed BatchNorms' output moments (when there are
+    any); every worker must walk the same models, graph and options. Fits are then solved from the
+    pooled sums alone (``reduce`` set: no solve that needs the raw patches). ``None``: the batches are
+    all the data (the same rounds, pooled with nothing)."""
     from ..engine import bind
 
     if sites is None:
         sites, skipped = find_lsq_sites(gm)
     else:
         skipped = {}
+    dual = dual and reduce is None  # pooled statistics: the rows stay on their shard
     by_node = {s.node: s for s in sites}
     active = [(m, float(w)) for m, w in zip(endpoints, weights) if float(w) != 0.0]
     models = [m for m, _ in active] + [merged]
@@ -801,13 +959,14 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
     node_lists = [nodes if g.graph is graph else list(g.graph.nodes) for g in gms]
     mods = [dict(m.named_modules()) for m in models]
     index = {n: i for i, n in enumerate(nodes)}
+    at = {n.name: i for i, n in enumerate(nodes)}
     inputs = [[index[a] for a in n.all_input_nodes] for n in nodes]
     uses: Dict[int, List[int]] = {}  # node index -> the node indices reading its value, in order
     for i, ins in enumerate(inputs):
         for a in ins:
             uses.setdefault(a, []).append(i)
     for s in sites:  # a fit reads its own node's values (the endpoints' targets, the merged net's fold)
-        i = index[next(n for n in nodes if n.name == s.node)]
+        i = at[s.node]
         uses.setdefault(i, []).insert(0, i)
     last_use = {a: u[-1] for a, u in uses.items()}
     free_after: Dict[int, List[int]] = {}
@@ -818,7 +977,13 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
         return next((u for u in uses.get(a, ()) if u >= now), len(nodes))
 
     store = _Store(memory_budget(memory), next_use)
-    result = LsqResult(notes=dict(skipped), samples=sum(int(x.shape[0]) for x in batches))
+    keys = [_batch_key(x) for x in batches]
+    local_samples = sum(int(x.shape[0]) for x in batches)
+    result = LsqResult(notes=dict(skipped), samples=local_samples)
+    rounds = lsq_rounds(graph, sites)
+    leads = {r[0].node: (ri, r) for ri, r in enumerate(rounds)}
+    ahead = set()  # nodes the endpoints ran early, for a round's later fits
+    composed: Dict[str, ChannelMoments] = {s.value: ChannelMoments() for s in sites if s.bn is not None}
 
     def value(k: int, b: int, a: int, pin=()):
         op = nodes[a].op
@@ -842,22 +1007,46 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
         if i in uses:
             store.put((k, b, i), out, pin)
 
+    def pool(rnd: LsqRound) -> LsqRound:
+        got = reduce(rnd) if reduce is not None else rnd
+        if got.index != rnd.index or set(got.fits) != set(rnd.fits) or set(got.moments) != set(rnd.moments):
+            raise DataError(f"least-squares round {rnd.index}: the pooled statistics name other fits than this "
+                            "walk's; every worker must merge the same models with the same options")
+        result.samples = got.samples
+        result.round_bytes.append(got.nbytes)
+        return got
+
     try:
         for i, n in enumerate(nodes):
             store.now = i
-            site = by_node.get(n.name)
-            for k in range(me):  # the endpoints never change: their values first
-                for b in range(len(batches)):
-                    run(k, b, i)
-            if site is not None:
-                j = index[n.args[0]]
-                result.fits[site.value] = _fit(site, i, j, models, mods, active, value, shape, batches, ridge,
-                                               positions, seed + i, dual)
+            if i not in ahead:
+                for k in range(me):  # the endpoints never change: their values first
+                    for b in range(len(batches)):
+                        run(k, b, i)
+            lead = leads.get(n.name)
+            if lead is not None:
+                ri, members = lead
+                for s in members[1:]:  # the round's later fits: their inputs are computed, their targets now
+                    ahead.add(at[s.node])
+                    for k in range(me):
+                        for b in range(len(batches)):
+                            run(k, b, at[s.node])
+                rnd = LsqRound(ri, samples=local_samples)
+                for s in members:
+                    t = at[s.node]
+                    rnd.fits[s.value], rnd.dims[s.value] = _observe(
+                        s, t, index[nodes[t].args[0]], mods, active, value, shape, batches, keys, positions, seed,
+                        dual)
+                rnd = pool(rnd)
+                for s in members:
+                    result.fits[s.value] = _solve(s, mods[me], rnd.fits[s.value], rnd.dims.get(s.value, 0), ridge)
+                del rnd
             for b in range(len(batches)):
                 run(me, b, i)
+            site = by_node.get(n.name)
             if site is not None and site.bn is not None:  # train-consistent fold: the new output's statistics
-                _fold_composed(site, mods[me], (value(me, b, i) for b in range(len(batches))),
-                               result.fits[site.value])
+                for b in range(len(batches)):
+                    composed[site.value].observe(value(me, b, i).detach(), 1)
             for dead in free_after.get(i, ()):
                 for k in range(len(models)):
                     for b in range(len(batches)):
@@ -865,7 +1054,36 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
         result.spilled_bytes, result.peak_held_bytes = store.spilled, store.peak
     finally:
         store.close()
+    if composed:
+        final = pool(LsqRound(len(rounds), moments=composed, samples=local_samples))
+        for s in sites:
+            if s.bn is not None:
+                _fold_composed(s, mods[me], final.moments[s.value], result.fits[s.value])
     return result
+
+
+@torch.no_grad()
+def lsq_moments(merged: nn.Module, gm: fx.GraphModule, sites: Sequence[LsqSite], batches: Sequence[torch.Tensor],
+                index: int) -> LsqRound:
+    """The walk's last round on one shard, for a worker that does not walk (a stateless federated
+    client): the channel moments of every composed conv's output in ``merged`` (fitted, its BatchNorms as
+    the walk leaves them) over ``batches``, as round ``index`` (``len(lsq_rounds(...))``)."""
+    from ..engine import bind
+
+    watch = {s.node: s.value for s in sites if s.bn is not None}
+    moments = {v: ChannelMoments() for v in watch.values()}
+
+    class Watch(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in watch:
+                moments[watch[n.name]].observe(out, 1)
+            return out
+
+    g = bind(merged, gm)
+    for x in batches:
+        Watch(g, garbage_collect_values=True).run(x)
+    return LsqRound(index, moments=moments, samples=sum(int(x.shape[0]) for x in batches))
 
 
 def _target(site: LsqSite, k: int, y: torch.Tensor, mods) -> torch.Tensor:
@@ -876,23 +1094,31 @@ def _target(site: LsqSite, k: int, y: torch.Tensor, mods) -> torch.Tensor:
     return y
 
 
-def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positions, seed, dual) -> LsqFit:
-    """Fit ``site`` (node index ``i``, its input node ``j``) from every batch's values (``value(k, b, a)``;
-    ``shape(k, b, a)``: a value's shape without reading it back)."""
-    me = len(models) - 1
+def _observe(site, i, j, mods, active, value, shape, batches, keys, positions, seed, dual):
+    """This shard's statistics of one fit (node index ``i``, its input node ``j``) from every batch's
+    values (``value(k, b, a)``; ``shape(k, b, a)``: a value's shape without reading it back): the merged
+    net's inputs and the endpoints' interpolated targets, positions sampled per batch by the batch's
+    contents. Returns the :class:`LsqStats` (or, ``dual`` and fewer rows than unknowns, the
+    :class:`LsqRows`) and the fit's unknowns per group without the bias (0: no batch to tell)."""
+    me = len(mods) - 1
     module = mods[me][site.module]
-    bn = mods[me][site.bn] if site.bn is not None else None
     pos = None if site.kind == "bn" else positions
     lay = patch_layout(module, site.kind)
     # the row count and the unknowns (patch entries that ever read the input) are known from the shapes
     # before any patch is formed: fewer rows than unknowns keep the rows (smaller than the Gram) and
     # solve in rows^3
-    rows = sum(patch_rows(shape(me, b, j), module, site.kind, pos) for b in range(len(batches)))
-    dim = conv_live_dim(shape(me, 0, j), module) if site.kind == "conv" else lay.dim
-    acc = LsqRows() if dual and site.kind != "bn" and rows < dim + 1 else LsqStats()
-    gen = torch.Generator().manual_seed(seed)
+    if site.kind == "conv":
+        dim = conv_live_dim(shape(me, 0, j), module) if batches else 0
+    else:
+        dim = lay.dim
+    acc = LsqStats()
+    if dual and site.kind != "bn":
+        rows = sum(patch_rows(shape(me, b, j), module, site.kind, pos) for b in range(len(batches)))
+        if rows < dim + 1:
+            acc = LsqRows()
     kinds: Dict[Optional[tuple], Tuple[Optional[torch.Tensor], LsqStats]] = {}
     for b in range(len(batches)):
+        gen = torch.Generator().manual_seed(((seed + i) * 1_000_003 + keys[b]) & (2 ** 63 - 1))
         a = j if site.kind == "bn" else i  # a BatchNorm fit: the endpoint's BatchNorm on its own input
         pin = [(me, b, j)] + [(k, b, a) for k in range(me)]
         x = value(me, b, j, pin)
@@ -916,18 +1142,31 @@ def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positio
         else:
             acc.observe(*patches(x, tgt, module, site.kind, pos, gen))
         del tgt, x
+    if kinds:
+        acc = LsqStats.embedded(list(kinds.values()), lay.dim)
+    return acc, dim
+
+
+def _solve(site: LsqSite, mods, st, dim: int, ridge: float) -> LsqFit:
+    """Solve one fit from its (pooled) statistics, or its rows (:class:`LsqRows`, unsharded), and fold
+    it into the merged net's modules ``mods``; ``dim``: its unknowns per group without the bias (0:
+    unknown, every patch entry counted)."""
+    module = mods[site.module]
+    bn = mods[site.bn] if site.bn is not None else None
+    dim = dim or patch_layout(module, site.kind).dim
     w0 = layer_map(module, site.kind, bn)
-    if isinstance(acc, LsqRows):
-        xs, ys = acc.stacked()
+    if isinstance(st, LsqRows):
+        if not st.xs:
+            raise DataError(f"least-squares repair: no rows for {site.module} (no calibration data reached it)")
+        xs, ys = st.stacked()
         w0 = w0.to(xs.device)
         w, r, jitter = dual_solve(xs, ys, w0, ridge, site.bias)
-        fit = LsqFit(w, r, jitter, rows_residual(xs, ys, w0), rows_residual(xs, ys, w), acc.rows,
+        fit = LsqFit(w, r, jitter, rows_residual(xs, ys, w0), rows_residual(xs, ys, w), st.rows,
                      dim + (1 if site.bias else 0), solver="dual")
-        del xs, ys, acc
+        del xs, ys
     else:
-        if kinds:
-            acc = LsqStats.embedded(list(kinds.values()), lay.dim)
-        st = acc  # the fit's statistics are complete here: pooled statistics would be solved the same way
+        if st.g is None:
+            raise DataError(f"least-squares repair: no statistics for {site.module} (no calibration data reached it)")
         w0 = w0.to(st.g.device)
         w, r, jitter = ridge_solve(st.g, st.h, w0, ridge, site.bias)
         fit = LsqFit(w, r, jitter, relative_residual(st, w0), relative_residual(st, w), st.rows,
@@ -943,15 +1182,17 @@ def _fit(site, i, j, models, mods, active, value, shape, batches, ridge, positio
         s = torch.where(s.abs() > _TINY, s, torch.ones_like(s))
         fold_map(module, w, scale=s)
         fit.scale = s
+        _fold_bn_canonical(bn, s, w[:, -1].reshape(-1))
     return fit
 
 
-def _fold_composed(site: LsqSite, mods, outputs: Iterable[torch.Tensor], fit: LsqFit) -> None:
+def _fold_composed(site: LsqSite, mods, moments: ChannelMoments, fit: LsqFit) -> None:
     """The conv now writes ``u = (W x) / s``; the BatchNorm after it becomes ``s*u + b`` with running
-    statistics those of ``u`` on the calibration data."""
-    bn = mods[site.bn]
-    mean, var, n = _moments(outputs, 1)
-    fold_bn_fit(bn, mean, var, n, fit.scale, fit.w[:, -1].reshape(-1))
+    statistics those of ``u`` on the calibration data (all shards)."""
+    if moments.mean is None or not moments.n:
+        return  # no data reached it: the walk's fold computes the same map
+    fold_bn_fit(mods[site.bn], moments.mean, moments.var.clamp_min(0), int(moments.n), fit.scale,
+                fit.w[:, -1].reshape(-1))
 
 
 def warn_underdetermined(fits: Dict[str, LsqFit], sites: List[LsqSite], samples: int) -> Optional[str]:
