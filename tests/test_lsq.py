@@ -409,3 +409,19 @@ def test_border_classes_give_the_dense_statistics_and_dead_taps_decouple(conv, h
     # reads it at some output position
     assert conv_live_dim(x.shape, conv) == (4 if hw == (1, 1) else d)
     assert int((~dead).sum()) == (4 if hw == (1, 1) else d)
+
+
+def test_merge_threads_lsq_memory_through_and_gives_the_same_model(caplog):
+    """``merge(..., lsq_memory=0)`` spills every value (the log says how much) and returns the model
+    the unlimited merge returns, bit for bit."""
+    import logging
+
+    calib = _batches(2, 8, (3, 16, 16))
+    a, b = _tiny("bn", 1, calib), _tiny("bn", 2, calib)
+    kw = dict(repair="lsq", progress=False, lsq_positions=8)
+    want = merge(a, b, calib, lsq_memory=None, **kw).state_dict()
+    with caplog.at_level(logging.INFO, logger="mergekit_vision"):
+        got = merge(a, b, calib, lsq_memory=0, **kw).state_dict()
+    assert any("spilled to disk" in r.getMessage() for r in caplog.records)
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k
