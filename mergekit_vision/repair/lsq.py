@@ -687,8 +687,9 @@ class _Spilled:
 
 
 def _nbytes(v) -> Tuple[Optional[int], int]:
-    """A held value's storage (id, bytes): CPU tensors only; anything else is not counted."""
-    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.is_sparse:
+    """A held value's storage (id, bytes): dense CPU tensors only; anything else is neither counted nor
+    spilled."""
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not (v.is_sparse or v.is_quantized):
         st = v.untyped_storage()
         return st.data_ptr(), st.nbytes()
     return None, 0
