@@ -574,3 +574,19 @@ def test_a_walk_without_data_takes_every_fit_and_its_unknowns_from_the_pooled_ro
     # 4 of 9 taps, its second (8 input channels) only the centre
     assert rd.fits[by_module["layer2.0.conv1"]].dim == 4 * 4 + 1
     assert rd.fits[by_module["layer2.0.conv2"]].dim == 8 + 1
+
+
+def test_merge_threads_lsq_memory_through_and_gives_the_same_model(caplog):
+    """``merge(..., lsq_memory=0)`` spills every value (the log says how much) and returns the model
+    the unlimited merge returns, bit for bit."""
+    import logging
+
+    calib = _batches(2, 8, (3, 16, 16))
+    a, b = _tiny("bn", 1, calib), _tiny("bn", 2, calib)
+    kw = dict(repair="lsq", progress=False, lsq_positions=8)
+    want = merge(a, b, calib, lsq_memory=None, **kw).state_dict()
+    with caplog.at_level(logging.INFO, logger="mergekit_vision"):
+        got = merge(a, b, calib, lsq_memory=0, **kw).state_dict()
+    assert any("spilled to disk" in r.getMessage() for r in caplog.records)
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k

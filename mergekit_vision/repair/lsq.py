@@ -359,24 +359,28 @@ class LsqStats:
         mx, my = xs.mean(1, keepdim=True), ys.mean(1, keepdim=True)
         xc, yc = (xs.sub_(mx) if consume else xs - mx), ys - my
         f64 = torch.float64
-        cxx = _gram(xc).to(f64)
-        cxy = (yc.transpose(1, 2) @ xc).transpose(1, 2).to(f64)  # (Y^T X)^T: the faster layout for BLAS
+        cxx = _gram(xc)
+        cxy = (yc.transpose(1, 2) @ xc).transpose(1, 2)  # (Y^T X)^T: the faster layout for BLAS
         mx, my = mx.to(f64), my.to(f64)
         groups, d = xs.shape[0], xs.shape[2]
-        g = torch.empty(groups, d + 1, d + 1, dtype=f64, device=xs.device)
-        g[:, :d, :d] = cxx + r * mx.transpose(1, 2) @ mx
-        g[:, :d, d] = g[:, d, :d] = r * mx[:, 0]
-        g[:, d, d] = r
-        h = torch.cat([cxy + r * mx.transpose(1, 2) @ my, r * my], 1)
-        yy = yc.pow(2).sum(1).to(f64) + r * my[:, 0].pow(2)
-        s = r * my[:, 0]
         if self.g is None:
-            self.g, self.h, self.yy, self.ys = g, h, yy, s
-        else:
-            self.g += g
-            self.h += h
-            self.yy += yy
-            self.ys += s
+            self.g = torch.zeros(groups, d + 1, d + 1, dtype=f64, device=xs.device)
+            self.h = torch.zeros(groups, d + 1, ys.shape[2], dtype=f64, device=xs.device)
+            self.yy = torch.zeros(groups, ys.shape[2], dtype=f64, device=xs.device)
+            self.ys = torch.zeros(groups, ys.shape[2], dtype=f64, device=xs.device)
+        # pooled in place in float64 (no Gram-sized temporaries): the centred products, then the
+        # means' share r * m m^T
+        gxx, hx = self.g[:, :d, :d], self.h[:, :d]
+        gxx.add_(cxx)
+        gxx.baddbmm_(mx.transpose(1, 2), mx, alpha=r)
+        self.g[:, :d, d] += r * mx[:, 0]
+        self.g[:, d, :d] += r * mx[:, 0]
+        self.g[:, d, d] += r
+        hx.add_(cxy)
+        hx.baddbmm_(mx.transpose(1, 2), my, alpha=r)
+        self.h[:, d] += r * my[:, 0]
+        self.yy += yc.pow(2).sum(1).to(f64) + r * my[:, 0].pow(2)
+        self.ys += r * my[:, 0]
         self.rows += r
         return self
 
@@ -456,12 +460,13 @@ def ridge_solve(g: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, lam: float, 
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # dead inputs: any positive scale
     r = lam * scale
     live = live_entries(g) if lam > 0 else None  # lam 0: a dead entry is singular, as it always was
-    if live is None:
-        ix = torch.arange(d + 1 if bias else d, device=g.device)
+    w = w0.clone()
+    if live is None:  # every entry: slices, no copy of G
+        keep = d + 1 if bias else d
+        w[:, :keep], jitter = _ridge(g[:, :keep, :keep], h[:, :keep], w0[:, :keep], r, scale, d)
     else:
         ix = torch.cat([live, torch.tensor([d], device=g.device)]) if bias else live
-    w = w0.clone()
-    w[:, ix], jitter = _ridge(g[:, ix][:, :, ix], h[:, ix], w0[:, ix], r, scale, len(ix) - (1 if bias else 0))
+        w[:, ix], jitter = _ridge(g[:, ix][:, :, ix], h[:, ix], w0[:, ix], r, scale, len(live))
     if not bias:
         w[:, d] = 0
     return w, r, jitter
@@ -474,12 +479,16 @@ def _ridge(a: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, r: torch.Tensor, 
     keep = a.shape[-1]
     reg = torch.zeros(a.shape[0], keep, dtype=a.dtype, device=a.device)
     reg[:, :d] = r[:, None]
-    a = a + torch.diag_embed(reg)
+    a = a.clone()
+    a.diagonal(dim1=1, dim2=2).add_(reg)
     rhs = h + reg[:, :, None] * w0
     jitter = 0.0
-    eye = torch.eye(keep, dtype=a.dtype, device=a.device)
     for _ in range(20):
-        chol, info = torch.linalg.cholesky_ex(a + jitter * scale[:, None, None] * eye)
+        aj = a
+        if jitter:
+            aj = a.clone()
+            aj.diagonal(dim1=1, dim2=2).add_(jitter * scale[:, None])
+        chol, info = torch.linalg.cholesky_ex(aj)
         if not bool(info.any()):
             break
         jitter = 1e-10 if jitter == 0 else jitter * 100
@@ -826,8 +835,9 @@ class _Spilled:
 
 
 def _nbytes(v) -> Tuple[Optional[int], int]:
-    """A held value's storage (id, bytes): CPU tensors only; anything else is not counted."""
-    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.is_sparse:
+    """A held value's storage (id, bytes): dense CPU tensors only; anything else is neither counted nor
+    spilled."""
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not (v.is_sparse or v.is_quantized):
         st = v.untyped_storage()
         return st.data_ptr(), st.nbytes()
     return None, 0
