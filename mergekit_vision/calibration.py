@@ -22,6 +22,7 @@ from .match import ChannelMoments, CrossMoments
 from .match.activation import align_across, aligned_tap_plan, tap_plan
 from .options import REPAIRS, repair_mode
 from .repair import CorrectionPass, Site, Target, find_sites
+from .repair.lsq import LsqResult, LsqRound, LsqSite, lsq_pass
 from .repair.sites import bn_eval, bn_forward
 from .spec import PermutationSpec
 from .trace import trace_permutation_spec
@@ -368,17 +369,43 @@ def _affine_hook(sites: List[Site], name: str, scale: torch.Tensor, shift: torch
 
 class LocalCollector:
     """The default ``collect``: passes over a local loader; ``reduce`` (e.g. an all-reduce across
-    data-parallel workers, see :mod:`mergekit_vision.distributed`) is applied to every pass's statistics."""
+    data-parallel workers, see :mod:`mergekit_vision.distributed`) is applied to every pass's statistics,
+    ``lsq_reduce`` to every round of the least-squares walk (:meth:`lsq`, ``repair="lsq"``)."""
 
     def __init__(self, loader: Any, *, max_batches: Optional[int] = None, max_samples: Optional[int] = None,
                  device: Optional[Union[str, torch.device]] = None, progress: bool = False,
-                 reduce: Optional[Callable[[Statistics], Statistics]] = None):
+                 reduce: Optional[Callable[[Statistics], Statistics]] = None,
+                 lsq_reduce: Optional[Callable[[LsqRound], LsqRound]] = None):
         self.loader = loader
         self.kwargs = dict(max_batches=max_batches, max_samples=max_samples, device=device, progress=progress)
         self.reduce = reduce
+        self.lsq_reduce = lsq_reduce
 
     def __call__(self, models: List[nn.Module], plan: CalibrationPlan, request: StatisticsRequest) -> Statistics:
         st = collect_statistics(models, self.loader, plan, request, **self.kwargs)
         return self.reduce(st) if self.reduce is not None else st
 
+    def lsq_problem(self) -> Optional[str]:
+        """Why this collector cannot serve ``repair="lsq"``, or None."""
+        if self.reduce is not None and self.lsq_reduce is None:
+            return ("this LocalCollector pools its statistics with reduce= but has no lsq_reduce= for the "
+                    "least-squares walk (each worker would refit on its own shard): pass lsq_reduce= as well "
+                    "(mergekit_vision.distributed.all_reduce_lsq; merge_many_distributed does)")
+        return None
 
+    def lsq(self, merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequence[float], gm: fx.GraphModule,
+            sites: List[LsqSite], *, ridge: float, positions: Optional[int], seed: int,
+            memory: Union[int, str, None] = None) -> LsqResult:
+        """``repair="lsq"``: the least-squares walk (:func:`~mergekit_vision.repair.lsq.lsq_pass`) over this
+        loader's batches, all held, on ``merged``'s device, its values beyond ``memory`` bytes spilled to
+        disk (``lsq_memory``); each round pooled with ``lsq_reduce`` (which turns the dual solve off)."""
+        problem = self.lsq_problem()
+        if problem:
+            raise ConfigError(problem)
+        kw = self.kwargs
+        p0 = next(iter(merged.parameters()))
+        batches = list(calibration_batches(self.loader, max_batches=kw["max_batches"], max_samples=kw["max_samples"],
+                                           device=p0.device, dtype=p0.dtype, desc="least-squares repair",
+                                           progress=kw["progress"]))
+        return lsq_pass(merged, endpoints, weights, gm, batches, ridge=ridge, positions=positions, seed=seed,
+                        sites=sites, memory=memory, reduce=self.lsq_reduce)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .calibration import (CalibrationPlan, Collect, LocalCollector, Statistics, StatisticsRequest, calibration_batches,
-                          input_scale_hint, plan_calibration, timed)
+from .calibration import (CalibrationPlan, Collect, LocalCollector, Statistics, StatisticsRequest, input_scale_hint,
+                          plan_calibration, timed)
 from .data import check_reiterable, iter_inputs
 from .errors import ArchitectureMismatchError, ConfigError, DataError, NumericalError
 from .interpolate import weighted_average
@@ -32,7 +32,7 @@ from .match.many import (DEFAULT_SWEEPS, IDENTITY_TOL, activation_sweeps, in_ref
 from .options import METHODS, REPAIR_MODES, MergeOptions
 from .permute import clear_tensor_caches, effective_perms, permute_state_dict
 from .repair import fuse_corrections, repair_targets, with_affines
-from .repair.lsq import find_lsq_sites, lsq_pass, warn_underdetermined
+from .repair.lsq import find_lsq_sites, warn_underdetermined
 from .report import GroupReport, MergeReport, SiteReport
 from .spec import PermutationSpec
 
@@ -151,6 +151,7 @@ def merge_many(
     fold_stream: bool = True,
     lsq_ridge: float = 1e-3,
     lsq_positions: Optional[int] = 64,
+    lsq_memory: Union[int, str, None] = "auto",
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``models`` into one coordinate system, average them with ``weights`` and REPAIR the result.
 
@@ -184,7 +185,7 @@ def merge_many(
         max_batches=max_batches, max_samples=max_samples, progress=progress, leaf_modules=leaf_modules,
         weight_iters=weight_iters, weight_tol=weight_tol, seed=seed, diagnostic_batches=diagnostic_batches,
         fold_stream=fold_stream, lineage_threshold=lineage_threshold, taps=taps, lsq_ridge=lsq_ridge,
-        lsq_positions=lsq_positions)
+        lsq_positions=lsq_positions, lsq_memory=lsq_memory)
     w = _normalized_weights(weights, len(models))
     ref = 0 if reference is None else reference
     if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(models):
@@ -219,6 +220,7 @@ def merge(
     collect: Optional[Collect] = None,
     lsq_ridge: float = 1e-3,
     lsq_positions: Optional[int] = 64,
+    lsq_memory: Union[int, str, None] = "auto",
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result: the two-model
     call of :func:`merge_many` (weights ``[1 - alpha, alpha]``, reference ``model_a``).
@@ -239,8 +241,11 @@ def merge(
     conv/linear layer (with the BatchNorm after it) refit in graph order, by ridge regression on the
     merged net's own inputs, to the interpolated endpoints' values (docs/merge.md); ``lsq_ridge`` is the
     ridge strength relative to each layer's mean input energy, ``lsq_positions`` the output positions per
-    image each fit samples (None: all). It keeps ``model_a``'s architecture and needs ``calib_loader``
-    (not ``collect=``). Models wrapped in ``nn.DataParallel``,
+    image each fit samples (None: all), ``lsq_memory`` the bytes of activations it holds before spilling
+    them to ``TMPDIR`` ("auto": half the available memory; None: no limit; the result is the same). It
+    keeps ``model_a``'s architecture; with ``collect=`` the collector must run the walk (``LocalCollector``,
+    also all-reduced as by ``merge_many_distributed``, or Flower's ``FlowerCollector``: one statistics
+    round per round of fits). Models wrapped in ``nn.DataParallel``,
     ``DistributedDataParallel`` or ``torch.compile`` are merged as the models inside (``.module``,
     ``._orig_mod``; the wrappers are left as they are): the result is the inner architecture,
     neither wrapped nor compiled.
@@ -262,7 +267,7 @@ def merge(
         method=method, repair=repair, iterations=0, max_batches=max_batches, max_samples=max_samples,
         progress=progress, leaf_modules=leaf_modules, weight_iters=weight_iters, weight_tol=weight_tol, seed=seed,
         diagnostic_batches=diagnostic_batches, fold_stream=fold_stream, lineage_threshold=lineage_threshold,
-        taps=taps, lsq_ridge=lsq_ridge, lsq_positions=lsq_positions)
+        taps=taps, lsq_ridge=lsq_ridge, lsq_positions=lsq_positions, lsq_memory=lsq_memory)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
     alpha = float(alpha)
@@ -347,10 +352,8 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
     ms = [copy.deepcopy(m).to(work).eval() for m in models]  # never touch the inputs
     gather = collect or LocalCollector(calib_loader, max_batches=opts.max_batches, max_samples=opts.max_samples,
                                        device=work, progress=opts.progress)
-    if mode == "lsq" and not isinstance(gather, LocalCollector):
-        raise ConfigError("repair='lsq' walks the calibration batches themselves and needs a local calib_loader "
-                          "(or a LocalCollector as collect=); with other collect functions (all-reduce, Flower) "
-                          "use repair='repair'")
+    if mode == "lsq":
+        _check_lsq_collect(gather)
 
     # ---- plan: trace once ------------------------------------------------------------------
     with timed(timings, "trace"):
@@ -530,16 +533,15 @@ def _lsq_repair(p: PreparedMerge, merged: nn.Module, aligned: List[Dict[str, tor
             m.load_state_dict(sd)
             ends.append(m.eval())
         ws.append(wk)
-    kw = gather.kwargs
-    dt = dtype_of(merged)
-    dev = next(iter(merged.parameters())).device
-    batches = list(calibration_batches(gather.loader, max_batches=kw["max_batches"], max_samples=kw["max_samples"],
-                                       device=dev, dtype=dt, desc="least-squares repair", progress=kw["progress"]))
     sites, skipped = find_lsq_sites(p.plan.gm)
-    res = lsq_pass(merged, ends, ws, p.plan.gm, batches, ridge=opts.lsq_ridge, positions=opts.lsq_positions,
-                   seed=opts.seed, sites=sites)
-    del batches, ends
+    res = gather.lsq(merged, ends, ws, p.plan.gm, sites, ridge=opts.lsq_ridge, positions=opts.lsq_positions,
+                     seed=opts.seed, memory=opts.lsq_memory)
+    if res.spilled_bytes:
+        logger.info("least-squares repair: %.0f MB of activations spilled to disk (lsq_memory=%r)",
+                    res.spilled_bytes / 1e6, opts.lsq_memory)
+    del ends
     report.calibration_samples = max(report.calibration_samples, res.samples)
+    report.lsq_round_bytes = list(res.round_bytes)
     thin = warn_underdetermined(res.fits, sites, res.samples)
     for s in sites:
         f = res.fits[s.value]
@@ -554,6 +556,21 @@ def _lsq_repair(p: PreparedMerge, merged: nn.Module, aligned: List[Dict[str, tor
     for module, why in skipped.items():
         logger.info("least-squares repair: %s %s", module, why)
     del thin
+
+
+def _check_lsq_collect(gather: Collect) -> None:
+    """``repair="lsq"`` walks the data itself: the collector must offer ``lsq(...)`` (LocalCollector,
+    FlowerCollector), and one that pools its passes must pool the walk's rounds too."""
+    lsq = getattr(gather, "lsq", None)
+    if not callable(lsq):
+        raise ConfigError(f"repair='lsq' walks the calibration data itself and needs a collect= with an lsq(...) "
+                          f"method ({type(gather).__name__} has none): a LocalCollector (local data, or sharded: "
+                          "merge_many_distributed) or the Flower recipes' FlowerCollector; with this collect "
+                          "function use repair='repair'")
+    problem = getattr(gather, "lsq_problem", None)
+    why = problem() if callable(problem) else None
+    if why:
+        raise ConfigError(f"repair='lsq': {why}")
 
 
 def _normalized_weights(weights: Optional[Sequence[float]], k: int) -> List[float]:

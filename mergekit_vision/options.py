@@ -61,6 +61,25 @@ def repair_mode(repair: Union[bool, str, None]) -> str:
     return lookup(REPAIRS, repair, "repair mode", " (or True/False)").name
 
 
+def check_lsq_memory(memory: Any) -> None:
+    """``lsq_memory``: None, "auto", an int of bytes >= 0 or a size string ("4GB"); ConfigError otherwise."""
+    if memory is None or (isinstance(memory, str) and memory.strip().lower() == "auto"):
+        return
+    if isinstance(memory, int) and not isinstance(memory, bool) and memory >= 0:
+        return
+    if isinstance(memory, str):
+        from .export.files import parse_size
+
+        try:
+            parse_size(memory)
+            return
+        except ConfigError:
+            pass
+    raise ConfigError(f"lsq_memory must be 'auto' (half the memory available), None (no limit), an int of bytes "
+                      f">= 0 or a size like '4GB': the memory least-squares repair holds activations in before "
+                      f"spilling them to TMPDIR; got {memory!r}")
+
+
 @dataclass(frozen=True)
 class MergeOptions:
     """Every option of a merge, checked once (:meth:`create`); the stages read them from here."""
@@ -81,6 +100,7 @@ class MergeOptions:
     taps: str = "all"
     lsq_ridge: float = 1e-3
     lsq_positions: Optional[int] = 64
+    lsq_memory: Union[int, str, None] = "auto"
 
     @classmethod
     def create(cls, *, repair: Union[bool, str, None] = True, **kwargs) -> MergeOptions:
@@ -100,6 +120,7 @@ class MergeOptions:
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or lp < 1):
             raise ConfigError(f"lsq_positions must be an int >= 1 (output positions per image used by each "
                               f"least-squares fit) or None (every position), got {lp!r}")
+        check_lsq_memory(opts.lsq_memory)
         it = opts.iterations
         if isinstance(it, bool) or not isinstance(it, int) or it < 0:
             raise ConfigError(f"iterations must be an int >= 0 (0: star alignment), got {it!r}")

@@ -77,6 +77,7 @@ class MergeReport:
     lineage_cosines: List[float] = field(default_factory=list)  # each model vs the reference, unpermuted weights
     lineage_keys: List[str] = field(default_factory=list)  # the tensors the lineage test compared (free groups')
     matching_skipped: Optional[str] = None  # why no matching ran although method asked for it
+    lsq_round_bytes: List[int] = field(default_factory=list)  # repair="lsq": float64 statistics per shard, per round
 
     @property
     def num_models(self) -> int:
@@ -157,4 +158,8 @@ class MergeReport:
         if left:
             lines.append(f"  {len(left)} groups left unpermuted (no usable tap): {', '.join(left[:5])}"
                          + (" ..." if len(left) > 5 else ""))
+        if self.lsq_round_bytes:
+            b = self.lsq_round_bytes
+            lines.append(f"  least-squares walk: {len(b)} statistics rounds; on sharded data each shard sends "
+                         f"{sum(b) / 1e6:.2f} MB of float64 sums in all (largest round {max(b) / 1e6:.2f} MB)")
         return "\n".join(lines + summary_tail(self.sites, self.timings))

@@ -50,6 +50,11 @@ def _worker(rank, port, out_dir):
         torch.save({"state": merged.state_dict(), "samples": rep.calibration_samples,
                     "changes": rep.changes_per_sweep, "two": two.state_dict(), "two_samples": rep2.calibration_samples},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # least-squares repair: every round of fits all-gathered before it is solved
+        lsq, rep3 = merge_many_distributed(models, shard, iterations=2, repair="lsq", return_report=True,
+                                           progress=False)
+        torch.save({"state": lsq.state_dict(), "samples": rep3.calibration_samples, "bytes": rep3.lsq_round_bytes},
+                   os.path.join(out_dir, f"lsq{rank}.pt"))
         # the statistics themselves: the all-reduced sums of the shards
         st = Statistics(samples=len(shard))
         pooled = all_reduce_statistics(st)
@@ -76,6 +81,18 @@ def test_two_gloo_workers_equal_one_process(tmp_path):
         for k, v in ref2.state_dict().items():
             assert torch.allclose(res["two"][k].double(), v.double(), rtol=1e-5, atol=1e-6), k
     assert all(torch.load(tmp_path / f"samples{r}.pt") == 6 for r in range(WORLD))
+    # repair="lsq": the same G, H sums added in another order, solved in float64, cast to the float32 model;
+    # the walk then feeds each fit's float32 output to the next, so a last-bit difference in one fitted
+    # weight can move later fits by a few float32 ulps times their conditioning: 1e-5 relative, as above
+    lsq, rep3 = merge_many(models, batches, iterations=2, repair="lsq", return_report=True, progress=False)
+    got = [torch.load(tmp_path / f"lsq{r}.pt") for r in range(WORLD)]
+    assert rep3.lsq_round_bytes and len(rep3.lsq_round_bytes) == 7  # 6 rounds of fits, 1 of BatchNorm moments
+    for res in got:
+        assert res["samples"] == 96 and res["bytes"] == rep3.lsq_round_bytes
+        for k, v in lsq.state_dict().items():
+            assert torch.allclose(res["state"][k].double(), v.double(), rtol=1e-5, atol=1e-6), k
+    for k, v in got[0]["state"].items():  # the ranks agree bit for bit: they solved the same pooled sums
+        assert torch.equal(v, got[1]["state"][k]), k
 
 
 def test_all_reduce_needs_a_process_group():

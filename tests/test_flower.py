@@ -96,6 +96,74 @@ def test_oneshot_merge_from_client_statistics_equals_merge_on_pooled_data():
         assert torch.allclose(merged[k].double(), v.double(), rtol=1e-5, atol=1e-6), k
 
 
+@pytest.mark.slow
+def test_oneshot_lsq_merge_from_client_sums_equals_the_local_lsq_merge_on_pooled_data():
+    """repair="lsq" through Flower: one QUERY round per round of fits plus one of BatchNorm moments, the
+    clients answering with G/H sums; the result is the local lsq merge on all clients' batches."""
+    got = {}
+
+    def keep(merged, report, models):
+        got.update(merged=merged, report=report, models=models)
+
+    app = oneshot_server_app(_model, example=torch.zeros(1, 1, 16, 16), min_nodes=CLIENTS, repair="lsq",
+                             train_config={"epochs": 1}, on_merged=keep)
+    run_inprocess(app, client_app(_model, _data, _train), CLIENTS)
+    models, rep = got["models"], got["report"]
+    pooled = [b for i in range(CLIENTS) for b in _partition(i)[0].split(100)]
+    ref, ref_rep = merge_many(models, pooled, weights=rep.weights, repair="lsq", progress=False, return_report=True)
+    assert rep.calibration_samples == ref_rep.calibration_samples == 1347
+    assert rep.lsq_round_bytes == ref_rep.lsq_round_bytes and len(rep.lsq_round_bytes) == 7  # 6 fit rounds + moments
+    fits = [s for s in rep.sites.values() if s.residual_after is not None]
+    assert len(fits) == 7 and all(s.residual_after < s.residual_before for s in fits)
+    merged = got["merged"].state_dict()
+    # the same float64 sums added client by client instead of batch by batch: equal up to float32 rounding
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(merged[k].double(), v.double(), rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_aligned_fedavg_offers_lsq():
+    strategy = AlignedFedAvg(_model, method="activation", repair="lsq", example=torch.zeros(1, 1, 16, 16),
+                             fraction_evaluate=0.0, min_train_nodes=CLIENTS, min_available_nodes=CLIENTS)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        torch.manual_seed(0)
+        strategy.start(grid, ArrayRecord.from_torch_state_dict(_model().state_dict()), num_rounds=1,
+                       train_config=ConfigRecord({"epochs": 1}))
+
+    run_inprocess(app, client_app(_model, _data, _train), CLIENTS)
+    rep = strategy.reports[1]
+    assert rep.repair == "lsq" and rep.calibration_samples == 1347 and len(rep.lsq_round_bytes) == 7
+    assert rep.weights[0] == 0.0  # the global model only sets the channel order: not an endpoint of the walk
+    assert all(s.residual_after <= s.residual_before for s in rep.sites.values() if s.residual_after is not None)
+
+
+def test_a_client_whose_graph_gives_other_rounds_names_the_mismatch():
+    from mergekit_vision.engine import shared_graph
+    from mergekit_vision.errors import DataError
+    from mergekit_vision.recipes.flower import FlowerCollector
+    from mergekit_vision.repair.lsq import find_lsq_sites
+
+    app, seen = ServerApp(), {}
+
+    @app.main()
+    def main(grid, context):
+        m = _model().eval()
+        gm = shared_graph(m)
+        sites, _ = find_lsq_sites(gm)
+        with pytest.raises(DataError) as err:  # the server leaves out the stem: its round 0 is another layer
+            FlowerCollector(grid).lsq(m, [m], [1.0], gm, sites[1:], ridge=1e-3, positions=8, seed=0)
+        seen["error"] = str(err.value)
+
+    run_inprocess(app, client_app(_model, _data, _train), 2)
+    assert "none of 2 clients answered" in seen["error"] and "answer_lsq_query" in seen["error"]
+    assert ("least-squares round 0 (fit): the server fits 'layer1_0_norm1', this client's graph gives 'norm1'"
+            in seen["error"]), seen["error"]
+    assert "same architecture" in seen["error"]
+
+
 def test_a_client_without_the_statistics_handler_gets_a_clear_error():
     from flwr.clientapp import ClientApp
 

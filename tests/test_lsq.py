@@ -9,12 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergekit_vision import merge, merge_many
+from mergekit_vision.calibration import LocalCollector
 from mergekit_vision.engine import shared_graph
-from mergekit_vision.errors import CalibrationWarning, ConfigError
+from mergekit_vision.errors import CalibrationWarning, ConfigError, DataError
 from mergekit_vision.models import create_model
 from mergekit_vision.permute import permute, random_perms
-from mergekit_vision.repair.lsq import (LsqStats, find_lsq_sites, layer_map, lsq_pass, patches, relative_residual,
-                                        ridge_solve)
+from mergekit_vision.repair.lsq import (LsqRound, LsqStats, dual_solve, find_lsq_sites, layer_map, lsq_pass,
+                                        lsq_rounds, memory_budget, patch_rows, patches, relative_residual, ridge_solve,
+                                        rows_residual)
 from mergekit_vision.testing import measure_norm_statistics, randomize_model
 from mergekit_vision.trace import trace_permutation_spec
 
@@ -229,11 +231,15 @@ def test_options_are_checked():
     calib = [torch.randn(4, 3, 16, 16)]
     a = create_model("tiny_resnet", width=4, in_chans=3)
     for kw, msg in ((dict(lsq_ridge=-1.0), "lsq_ridge"), (dict(lsq_ridge=float("nan")), "lsq_ridge"),
-                    (dict(lsq_positions=0), "lsq_positions"), (dict(lsq_positions=2.5), "lsq_positions")):
+                    (dict(lsq_positions=0), "lsq_positions"), (dict(lsq_positions=2.5), "lsq_positions"),
+                    (dict(lsq_memory=-1), "lsq_memory"), (dict(lsq_memory="lots"), "lsq_memory"),
+                    (dict(lsq_memory=True), "lsq_memory"), (dict(lsq_memory=1.5e9), "lsq_memory")):
         with pytest.raises(ConfigError, match=msg):
             merge(a, a, calib, repair="lsq", progress=False, **kw)
-    with pytest.raises(ConfigError, match="local calib_loader"):
+    with pytest.raises(ConfigError, match="lsq\\(...\\) method"):
         merge(a, a, calib, repair="lsq", progress=False, collect=lambda models, plan, request: None)
+    with pytest.raises(ConfigError, match="lsq_reduce"):  # pooled passes, local walk: refused before any pass
+        merge(a, a, calib, repair="lsq", progress=False, collect=LocalCollector(calib, reduce=lambda st: 1 / 0))
     with pytest.raises(ConfigError, match="lsq"):
         merge(a, a, calib, repair="lsqq", progress=False)
 
@@ -246,10 +252,13 @@ def test_config_and_curve_accept_lsq(tmp_path):
     data = tmp_path / "calib.npz"
     data.write_bytes(b"")
     base = {"models": [{"model": "resnet20", "pretrained": True}] * 2, "calibration": {"path": str(data)}}
-    cfg = MergeConfig.model_validate({**base, "repair": "lsq", "lsq_ridge": 1e-2, "lsq_positions": None})
+    cfg = MergeConfig.model_validate({**base, "repair": "lsq", "lsq_ridge": 1e-2, "lsq_positions": None,
+                                      "lsq_memory": "2GB"})
     assert (cfg.repair, cfg.lsq_ridge, cfg.lsq_positions) == ("lsq", 1e-2, None) and MODES["lsq"] == (True, "lsq")
+    assert cfg.lsq_memory == "2GB" and memory_budget(cfg.lsq_memory) == 2 * 10**9
     assert MergeConfig.model_validate(base).lsq_positions == 64
-    for bad in ({"lsq_ridge": -1}, {"lsq_positions": 0}):
+    assert MergeConfig.model_validate(base).lsq_memory == "auto"
+    for bad in ({"lsq_ridge": -1}, {"lsq_positions": 0}, {"lsq_memory": "lots"}):
         with pytest.raises(ValidationError, match="lsq_"):
             MergeConfig.model_validate({**base, **bad})
 
@@ -273,3 +282,311 @@ def test_patches_times_the_layer_map_is_the_layer(conv):
     assert _rel(xs @ w[:, :-1] + w[:, -1:], ys) < 1e-12
     sub, _ = patches(x, y, conv, kind, positions=2, gen=torch.Generator().manual_seed(0))
     assert sub.shape[1] == (3 * 2 if kind == "conv" else xs.shape[1])
+
+
+@pytest.mark.parametrize("case", ["dense-bias", "dense-nobias", "grouped-conv"])
+@pytest.mark.parametrize("lam", [1e-3, 0.3])
+def test_dual_solve_is_the_ridge_solution(case, lam):
+    """Fewer rows than unknowns: the dual solve from the rows equals ridge_solve from the statistics (the
+    unshrunk bias included), and so do the residuals computed from rows and from statistics. Inputs
+    with a large common offset (as after a ReLU) check that the centring is exact."""
+    g = torch.Generator().manual_seed(1)
+    bias = case != "dense-nobias"
+    if case == "grouped-conv":
+        conv = nn.Conv2d(6, 4, 3, padding=1, groups=2).to(f64)
+        x = torch.randn(2, 6, 3, 3, generator=g, dtype=f64).relu() + 2.0
+        y = torch.randn(2, 4, 3, 3, generator=g, dtype=f64)
+        xs, ys = patches(x, y, conv, "conv", positions=4, gen=g)  # 8 rows per group, 27 unknowns + bias
+        assert xs.shape == (2, 8, 27) and patch_rows(x.shape, conv, "conv", 4) == 8
+        w0 = layer_map(conv, "conv")
+    else:
+        xs = torch.randn(1, 7, 12, generator=g, dtype=f64) + 3.0
+        ys = torch.randn(1, 7, 3, generator=g, dtype=f64) * 2 - 1
+        w0 = torch.randn(1, 13, 3, generator=g, dtype=f64)
+        if not bias:
+            w0[:, -1] = 0
+    st = LsqStats().observe(xs, ys)
+    want, r_want, jit = ridge_solve(st.g, st.h, w0, lam, bias)
+    got, r_got, jit_dual = dual_solve(xs, ys, w0, lam, bias)
+    assert jit == jit_dual == 0.0
+    assert torch.allclose(r_got, r_want, rtol=1e-12)
+    assert _rel(got, want) < 1e-9
+    assert abs(rows_residual(xs, ys, got) - relative_residual(st, want)) < 1e-9
+    assert abs(rows_residual(xs, ys, w0) - relative_residual(st, w0)) < 1e-9 * max(1.0, relative_residual(st, w0))
+    if not bias:
+        assert torch.equal(got[:, -1], torch.zeros_like(got[:, -1]))
+    w, _, jitter = dual_solve(xs, ys, w0, 0.0, bias)  # no ridge: the fit interpolates the rows
+    assert torch.isfinite(w).all() and jitter == 0.0 and rows_residual(xs, ys, w) < 1e-12
+    dup = torch.cat([xs, xs[:, :2]], 1), torch.cat([ys, ys[:, :2] + 1.0], 1)  # repeated rows, other targets
+    w, _, jitter = dual_solve(*dup, w0, 0.0, bias)
+    assert torch.isfinite(w).all() and jitter > 0
+
+
+def test_underdetermined_fits_take_the_dual_path_with_the_primal_result():
+    """A walk whose deep fits have fewer patches than unknowns solves those from the rows and gives the
+    same merged network as the primal walk (float64)."""
+    calib = _batches(1, 4, (3, 8, 8))  # 4 images: the 4x4 and 2x2 maps give few rows for the 3x3 convs
+    a, b, m = (_tiny("bn", s, calib) for s in (1, 2, 3))
+    gm = shared_graph(m)
+    m_dual, m_primal = copy.deepcopy(m), copy.deepcopy(m)
+    rd = lsq_pass(m_dual, [a, b], [0.5, 0.5], gm, calib, positions=4, dual=True)
+    rp = lsq_pass(m_primal, [a, b], [0.5, 0.5], gm, calib, positions=4, dual=False)
+    duals = [v for v, f in rd.fits.items() if f.solver == "dual"]
+    assert duals and all(rd.fits[v].rows < rd.fits[v].dim for v in duals)
+    assert all(f.solver == "primal" for f in rp.fits.values())
+    for v in rd.fits:
+        assert abs(rd.fits[v].residual_after - rp.fits[v].residual_after) < 1e-8, v
+    sd = m_primal.state_dict()
+    for k, v in m_dual.state_dict().items():
+        if v.is_floating_point():
+            assert _rel(v, sd[k]) < 1e-7 or (v - sd[k]).abs().max() < 1e-10, k
+
+
+def test_a_small_memory_budget_spills_and_gives_the_same_merge_bit_for_bit(tmp_path, monkeypatch):
+    """Values beyond ``memory`` go to a temporary directory and come back bit for bit: the merged
+    network and every fit equal the unlimited walk's exactly; the directory is gone afterwards."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    calib = _batches(3, 16, (3, 16, 16))
+    a, b, m = (_tiny("bn", s, calib) for s in (1, 2, 3))
+    gm = shared_graph(m)
+    runs = {}
+    for budget in (None, 64 * 1024):
+        mm = copy.deepcopy(m)
+        runs[budget] = (mm, lsq_pass(mm, [a, b], [0.4, 0.6], gm, calib, positions=20, memory=budget))
+    (m_all, r_all), (m_small, r_small) = runs[None], runs[64 * 1024]
+    assert r_all.spilled_bytes == 0 and r_small.spilled_bytes > 0
+    assert r_small.peak_held_bytes < r_all.peak_held_bytes
+    sd = m_all.state_dict()
+    for k, v in m_small.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    for v, f in r_all.fits.items():
+        assert torch.equal(f.w, r_small.fits[v].w) and f.residual_after == r_small.fits[v].residual_after, v
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("mergekit_lsq_")]
+
+
+@pytest.mark.parametrize("conv,hw", [
+    (nn.Conv2d(4, 6, 3, padding=1), (2, 2)),
+    (nn.Conv2d(4, 6, 3, padding=1), (1, 1)),
+    (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4)),
+    (nn.Conv2d(4, 6, (3, 5), padding=(2, 1), dilation=(2, 1)), (5, 5)),
+    (nn.Conv1d(4, 6, 3, padding=2), (1, 3)),
+], ids=["2x2", "1x1", "strided-grouped", "dilated", "conv1d"])
+def test_border_classes_give_the_dense_statistics_and_dead_taps_decouple(conv, hw, monkeypatch):
+    """Patches split by the taps that read padding (each part without them) give the dense im2col's
+    statistics; the ridge solve without the entries that only ever read padding is the full solve; the
+    unknowns counted are the entries that read the input somewhere."""
+    from mergekit_vision.repair import lsq
+    from mergekit_vision.repair.lsq import conv_classes, conv_cols, conv_live_dim, conv_positions, conv_targets
+
+    monkeypatch.setattr(lsq, "SPLIT_PADDING", 0.0)  # split wherever any tap reads padding
+    conv = conv.to(f64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, *hw, generator=g, dtype=f64).relu() + 1.0
+    x = x.squeeze(2) if isinstance(conv, nn.Conv1d) else x
+    with torch.no_grad():
+        y = conv(x) + 0.1 * torch.randn(conv(x).shape, generator=g, dtype=f64)
+    for positions in (2, None):  # the solve below uses every position
+        idx, out_hw = conv_positions(x.shape, conv, positions, torch.Generator().manual_seed(1))
+        y_at = y.reshape(5, 6, -1)[:, :, idx] if idx is not None else y.reshape(5, 6, -1)
+        dense = LsqStats().observe(conv_cols(x, conv, idx, out_hw), conv_targets(y_at, conv))
+        split = [(e, LsqStats().observe(xs, ys)) for e, xs, ys in conv_classes(x, y_at, conv, idx, out_hw)]
+        assert all(e is None or p.g.shape[-1] - 1 == e.numel() < dense.g.shape[-1] - 1 for e, p in split)
+        assert any(e is not None for e, _ in split)  # every case here has patches that read padding
+        parts = LsqStats.embedded(split, dense.g.shape[-1] - 1)
+        assert parts.rows == dense.rows
+        for f in ("g", "h", "yy", "ys"):
+            assert torch.allclose(getattr(parts, f), getattr(dense, f), rtol=1e-12, atol=1e-10), f
+    w0 = layer_map(conv, "conv")
+    full_g = dense.g.clone()
+    w, _, _ = ridge_solve(dense.g, dense.h, w0, 1e-2)
+    d = full_g.shape[-1] - 1
+    dead = full_g[:, :d, :d].diagonal(dim1=1, dim2=2).eq(0).all(0)
+    reg = 1e-2 * full_g[:, :d, :d].diagonal(dim1=1, dim2=2).mean(-1)
+    a = full_g + torch.diag_embed(torch.cat([reg[:, None].expand(-1, d), torch.zeros_like(reg[:, None])], 1))
+    rhs = dense.h + torch.cat([reg[:, None, None] * w0[:, :d], torch.zeros_like(w0[:, d:])], 1)
+    want = torch.linalg.solve(a, rhs)  # the full system (positive definite for lam > 0)
+    assert _rel(w, want) < 1e-9
+    assert torch.equal(w[:, :d][:, dead], w0[:, :d][:, dead])  # entries that never read the input keep W0
+    # only the 1x1 map has taps that never read the input (all but the centre); elsewhere every tap
+    # reads it at some output position
+    assert conv_live_dim(x.shape, conv) == (4 if hw == (1, 1) else d)
+    assert int((~dead).sum()) == (4 if hw == (1, 1) else d)
+
+
+class _TwoShards:
+    """Two walks in two threads, each on its own shard, whose ``reduce`` swaps their rounds: what two
+    data-parallel workers do, without a process group."""
+
+    def __init__(self):
+        import threading
+
+        self.barrier = threading.Barrier(2, timeout=60)
+        self.slots = [None, None]
+        self.pooled = []
+
+    def reduce(self, rank):
+        def pool(rnd):
+            self.slots[rank] = rnd
+            self.barrier.wait()
+            out = self.slots[0] + self.slots[1]  # rank order: both workers add the same way
+            self.barrier.wait()
+            if rank == 0:
+                self.pooled.append(out)
+            return out
+        return pool
+
+
+def test_walk_on_two_shards_with_reduce_equals_the_walk_on_the_whole():
+    """The per-round reduce hook: two shards' walks, pooling each round's statistics, give the merged net of
+    one walk on all the batches, and each round's pooled statistics equal the whole's (float64). The
+    residual block's shortcut conv shares a round with the block's first conv."""
+    import threading
+
+    calib = _batches(4, size=12, shape=(3, 16, 16))
+    a, b = _tiny("bn", 1, calib), _tiny("bn", 2, calib)
+    start = _tiny("bn", 3, calib)
+    gm = shared_graph(start)
+    sites, _ = find_lsq_sites(gm)
+    rounds = lsq_rounds(gm.graph, sites)
+    assert [[s.module for s in r] for r in rounds] == [
+        ["conv1"], ["layer1.0.conv1"], ["layer1.0.conv2"], ["layer2.0.conv1", "layer2.0.downsample.0"],
+        ["layer2.0.conv2"], ["fc"]]
+    whole_rounds = []
+    whole = copy.deepcopy(start)
+    res = lsq_pass(whole, [a, b], [0.4, 0.6], gm, calib, positions=20,
+                   reduce=lambda rnd: whole_rounds.append(rnd) or rnd)
+    assert len(whole_rounds) == len(rounds) + 1 and whole_rounds[-1].moments  # the last: BatchNorm moments
+    assert res.round_bytes == [r.nbytes for r in whole_rounds] and res.samples == 48
+
+    shards, outs = _TwoShards(), [copy.deepcopy(start), copy.deepcopy(start)]
+    got = [None, None]
+
+    def work(rank):
+        got[rank] = lsq_pass(outs[rank], [copy.deepcopy(a), copy.deepcopy(b)], [0.4, 0.6], gm, calib[rank::2],
+                             positions=20, reduce=shards.reduce(rank))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] is not None and got[1] is not None
+    assert got[0].samples == got[1].samples == 48
+    for mine, theirs in zip(shards.pooled, whole_rounds):
+        assert mine.index == theirs.index and mine.samples == theirs.samples
+        for name, st in theirs.fits.items():
+            assert mine.fits[name].rows == st.rows
+            for f in ("g", "h", "yy", "ys"):
+                assert torch.allclose(getattr(mine.fits[name], f), getattr(st, f), rtol=1e-11, atol=1e-11), (name, f)
+        for name, m in theirs.moments.items():
+            assert torch.allclose(mine.moments[name].m2, m.m2, rtol=1e-11)
+    ref = whole.state_dict()
+    for out in outs:
+        for k, v in out.state_dict().items():
+            assert torch.allclose(v, ref[k], rtol=1e-9, atol=1e-10), k
+    for k, v in outs[0].state_dict().items():  # the workers agree exactly
+        assert torch.equal(v, outs[1].state_dict()[k]), k
+
+
+def test_round_statistics_travel_as_flat_float64_tensors():
+    calib = _batches(2, size=6, shape=(3, 12, 12))
+    a, m = _tiny("bn", 1, calib), _tiny("bn", 2, calib)
+    gm = shared_graph(m)
+    seen = []
+    lsq_pass(copy.deepcopy(m), [a], [1.0], gm, calib, reduce=lambda rnd: seen.append(rnd) or rnd)
+    for rnd in (seen[0], seen[-1]):
+        flat = rnd.as_tensors()
+        assert all(t.dtype == f64 for t in flat.values())
+        back = LsqRound.from_tensors(flat)
+        assert back.index == rnd.index and back.samples == rnd.samples == 12
+        assert set(back.fits) == set(rnd.fits) and set(back.moments) == set(rnd.moments)
+        assert rnd.nbytes == 8 * sum(t.numel() for t in flat.values())
+        for k, st in rnd.fits.items():
+            assert torch.equal(back.fits[k].g, st.g) and back.fits[k].rows == st.rows
+    with pytest.raises(DataError, match="round 0 and round 1"):
+        seen[0] + seen[1]
+
+
+def test_a_sharded_walk_solves_the_thin_fits_from_pooled_statistics_and_still_spills(tmp_path, monkeypatch):
+    """``reduce`` turns the dual solve off: the fits with fewer patches than unknowns, solved from their
+    rows without it, come from the pooled statistics instead, to the same merged net (float64); a
+    small memory budget spills and changes nothing, bit for bit; the rounds' bytes count a fit kept as
+    rows as the statistics it would send."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    calib = _batches(3, 4, (3, 8, 8))
+    a, b, m = (_tiny("bn", s, calib) for s in (1, 2, 3))
+    gm = shared_graph(m)
+    m_dual = copy.deepcopy(m)
+    rd = lsq_pass(m_dual, [a, b], [0.5, 0.5], gm, calib, positions=4)  # no reduce: the dual where it pays
+    duals = [v for v, f in rd.fits.items() if f.solver == "dual"]
+    assert duals
+    runs = {}
+    for budget in (None, 4 * 1024):
+        mm, seen = copy.deepcopy(m), []
+        res = lsq_pass(mm, [a, b], [0.5, 0.5], gm, calib, positions=4, memory=budget,
+                       reduce=lambda rnd, seen=seen: seen.append(rnd) or rnd)
+        runs[budget] = (mm, res, seen)
+    (m_all, r_all, seen), (m_small, r_small, _) = runs[None], runs[4 * 1024]
+    assert all(f.solver == "primal" for f in r_all.fits.values())
+    assert all(isinstance(st, LsqStats) and st.g is not None for rnd in seen for st in rnd.fits.values())
+    assert r_all.round_bytes == rd.round_bytes == [rnd.nbytes for rnd in seen]
+    for v, f in rd.fits.items():
+        assert (r_all.fits[v].rows, r_all.fits[v].dim) == (f.rows, f.dim), v
+        assert abs(r_all.fits[v].residual_after - f.residual_after) < 1e-8, v
+    sd = m_dual.state_dict()
+    for k, v in m_all.state_dict().items():
+        if v.is_floating_point():
+            assert _rel(v, sd[k]) < 1e-7 or (v - sd[k]).abs().max() < 1e-10, k
+    assert r_all.spilled_bytes == 0 < r_small.spilled_bytes
+    sd = m_all.state_dict()
+    for k, v in m_small.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    for v, f in r_all.fits.items():
+        assert torch.equal(f.w, r_small.fits[v].w), v
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("mergekit_lsq_")]
+
+
+def test_a_walk_without_data_takes_every_fit_and_its_unknowns_from_the_pooled_rounds():
+    """What the Flower server does: a walk with no batches of its own, whose ``reduce`` returns the
+    rounds (sent as flat tensors) of a walk on the data, computes the same merged net bit for bit. The
+    fits' unknowns come with the rounds: on 1x1 maps a 3x3 conv reads the input with few of its taps."""
+    calib = _batches(2, 6, (3, 2, 2))
+    a, b, m = (_tiny("bn", s, calib) for s in (1, 2, 3))
+    gm = shared_graph(m)
+    sent = []
+    data = copy.deepcopy(m)
+    rd = lsq_pass(data, [a, b], [0.5, 0.5], gm, calib,
+                  reduce=lambda rnd: sent.append(LsqRound.from_tensors(rnd.as_tensors())) or rnd)
+    server = copy.deepcopy(m)
+    rs = lsq_pass(server, [a, b], [0.5, 0.5], gm, [], reduce=lambda rnd: sent[rnd.index])
+    assert rs.samples == rd.samples == 12 and rs.round_bytes == rd.round_bytes
+    sd = data.state_dict()
+    for k, v in server.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    for v, f in rd.fits.items():
+        assert (rs.fits[v].rows, rs.fits[v].dim) == (f.rows, f.dim) and torch.equal(rs.fits[v].w, f.w), v
+    by_module = {s.module: s.value for s in find_lsq_sites(gm)[0]}
+    # layer2's convs (8 channels out) on a 1x1 output map: its first (stride 2, 4 input channels) reads
+    # 4 of 9 taps, its second (8 input channels) only the centre
+    assert rd.fits[by_module["layer2.0.conv1"]].dim == 4 * 4 + 1
+    assert rd.fits[by_module["layer2.0.conv2"]].dim == 8 + 1
+
+
+def test_merge_threads_lsq_memory_through_and_gives_the_same_model(caplog):
+    """``merge(..., lsq_memory=0)`` spills every value (the log says how much) and returns the model
+    the unlimited merge returns, bit for bit."""
+    import logging
+
+    calib = _batches(2, 8, (3, 16, 16))
+    a, b = _tiny("bn", 1, calib), _tiny("bn", 2, calib)
+    kw = dict(repair="lsq", progress=False, lsq_positions=8)
+    want = merge(a, b, calib, lsq_memory=None, **kw).state_dict()
+    with caplog.at_level(logging.INFO, logger="mergekit_vision"):
+        got = merge(a, b, calib, lsq_memory=0, **kw).state_dict()
+    assert any("spilled to disk" in r.getMessage() for r in caplog.records)
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k

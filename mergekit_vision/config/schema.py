@@ -19,7 +19,7 @@ from ..data import guess_dataset_kind
 from ..errors import ConfigError, DataError, MergeVisionError
 from ..export import parse_size
 from ..match import LINEAGE_THRESHOLD, TAP_POLICIES, WEIGHT_TOL
-from ..options import METHODS, REPAIR_MODES
+from ..options import METHODS, REPAIR_MODES, check_lsq_memory
 from ..sources import split_name
 
 __all__ = ["ModelConfig", "CalibrationConfig", "EvaluationConfig", "MergeConfig", "load_config", "DTYPES",
@@ -246,6 +246,7 @@ class MergeConfig(_Strict):
     repair: str = "repair"
     lsq_ridge: float = Field(1e-3, ge=0.0, allow_inf_nan=False)
     lsq_positions: Optional[int] = Field(64, ge=1)
+    lsq_memory: Union[int, str, None] = "auto"
     taps: str = "all"
     weight_tol: float = Field(WEIGHT_TOL, ge=0.0)
     lineage_threshold: Optional[float] = Field(LINEAGE_THRESHOLD, ge=-1.0, le=1.0)
@@ -334,6 +335,15 @@ class MergeConfig(_Strict):
     def _dtype(cls, v: str) -> str:
         if v not in DTYPES:
             raise ValueError(f"must be one of {', '.join(DTYPES)}, got {v!r}")
+        return v
+
+    @field_validator("lsq_memory", mode="before")
+    @classmethod
+    def _lsq_memory(cls, v: Any) -> Union[int, str, None]:
+        try:
+            check_lsq_memory(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
     @field_validator("out_shard_size", mode="before")

@@ -4,8 +4,11 @@ Server: :class:`AlignedFedAvg` (a FedAvg whose ``aggregate_train`` merges the re
 :func:`~mergekit_vision.merge_many.merge_many`) and :func:`oneshot_server_app` (one round of training
 from independent inits, then one merge). The statistics a merge needs are asked from the clients in
 QUERY rounds (message type ``"query.merge_statistics"``): each answers with float64 sums over its data,
-never the data. Client: :func:`answer_statistics_query` (register it in your own ClientApp) or
-:func:`client_app` (a complete one). :func:`run_inprocess` runs a ServerApp with a ClientApp in this
+never the data. ``repair="lsq"`` asks one more QUERY round (``"query.lsq_statistics"``) per round of
+least-squares fits, and one for the BatchNorms' moments: each client runs its data through the
+aligned endpoints and the merged net as fitted so far and answers with the round's ``G``/``H`` sums.
+Client: :func:`answer_statistics_query` and :func:`answer_lsq_query` (register them in your own
+ClientApp) or :func:`client_app` (a complete one). :func:`run_inprocess` runs a ServerApp with a ClientApp in this
 process through Flower's own message serializer, for tests and machines without Ray.
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -32,17 +35,21 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..calibration import CalibrationPlan, Statistics, StatisticsRequest, collect_statistics, plan_calibration
 from ..data import check_reiterable, iter_inputs
+from ..engine import shared_graph
 from ..errors import ConfigError, DataError, MergeVisionError
 from ..merge import merge_many
 from ..repair import Target
+from ..repair.lsq import LsqResult, LsqRound, LsqSite, find_lsq_sites, lsq_moments, lsq_pass, lsq_rounds
 from ..report import MergeReport
 
-__all__ = ["STATISTICS_MESSAGE_TYPE", "FlowerCollector", "AlignedFedAvg", "oneshot_server_app",
-           "answer_statistics_query", "client_app", "run_inprocess", "InProcessGrid", "state_dict_of"]
+__all__ = ["STATISTICS_MESSAGE_TYPE", "LSQ_MESSAGE_TYPE", "FlowerCollector", "AlignedFedAvg", "oneshot_server_app",
+           "answer_statistics_query", "answer_lsq_query", "client_app", "run_inprocess", "InProcessGrid",
+           "state_dict_of"]
 
 logger = logging.getLogger(__name__)
 
 STATISTICS_MESSAGE_TYPE = f"{MessageType.QUERY}.merge_statistics"
+LSQ_MESSAGE_TYPE = f"{MessageType.QUERY}.lsq_statistics"
 ModelFn = Callable[[], nn.Module]
 
 
@@ -130,9 +137,63 @@ def answer_statistics_query(message: Message, context: Context, *, model_fn: Mod
     return Message(reply, reply_to=message)
 
 
+class _RoundDone(Exception):
+    """Raised by a client's reduce: the walk has this round's statistics and stops there."""
+
+
+def answer_lsq_query(message: Message, context: Context, *, model_fn: ModelFn, data: Any,
+                     max_batches: Optional[int] = None, device: Any = None) -> Message:
+    """A client's reply to a ``"query.lsq_statistics"`` message: one round of the least-squares walk
+    on ``data``. The message holds the aligned endpoints (``model.i``), the merged net as fitted so far
+    (``merged``) and the round; the client runs its batches through them up to the round's fits and
+    answers with their float64 sums (:class:`~mergekit_vision.repair.lsq.LsqRound`, ArrayRecord
+    ``"statistics"``), or, in the last round, the BatchNorms' output moments; never the data. Stateless:
+    each round is walked from the inputs again."""
+    check_reiterable(data, "data")
+    cfg = message.content["config"]
+    endpoints = [_load(model_fn, message.content[f"model.{i}"]) for i in range(int(cfg["num-models"]))]
+    merged = _load(model_fn, message.content["merged"])
+    if device is not None:
+        endpoints, merged = [m.to(device) for m in endpoints], merged.to(device)
+    gm = shared_graph(merged)  # deterministic: the server's graph, sites and rounds
+    sites, _ = find_lsq_sites(gm)
+    rounds = lsq_rounds(gm.graph, sites)
+    r, kind = int(cfg["round"]), str(cfg["kind"])
+    p0 = next(iter(merged.parameters()))
+    batches = list(iter_inputs(data, max_batches=max_batches, device=p0.device, dtype=p0.dtype))
+    if kind == "moments" and r == len(rounds):
+        rnd = lsq_moments(merged, gm, sites, batches, r)
+    else:
+        mine = ";".join(sorted(s.value for s in rounds[r])) if kind == "fit" and 0 <= r < len(rounds) else None
+        if mine != str(cfg["fits"]):
+            raise DataError(f"least-squares round {r} ({kind}): the server fits {cfg['fits']!r}, this client's graph "
+                            f"gives {mine!r} ({len(rounds)} rounds): server and clients must build the same "
+                            "architecture (model_fn)")
+        got: Dict[str, LsqRound] = {}
+
+        def stop(rnd: LsqRound) -> LsqRound:
+            got["round"] = rnd
+            raise _RoundDone
+
+        try:
+            lsq_pass(merged, endpoints, [float(w) for w in cfg["weights"]], gm, batches,
+                     positions=int(cfg["positions"]) or None, seed=int(cfg["seed"]),
+                     sites=[s for rs in rounds[r:] for s in rs], reduce=stop)
+        except _RoundDone:
+            pass
+        rnd = got["round"]
+        rnd.index = r  # the walk counted from this round
+    reply = RecordDict({
+        "statistics": ArrayRecord.from_torch_state_dict({k: v.cpu() for k, v in rnd.as_tensors().items()}),
+        "metrics": MetricRecord({"num-examples": int(rnd.samples)}),
+    })
+    return Message(reply, reply_to=message)
+
+
 class FlowerCollector:
     """A ``collect`` for :func:`merge_many` that asks Flower clients for the statistics (one QUERY
-    round per pass) and sums their replies. ``node_ids``: the clients to ask (default: all)."""
+    round per pass; ``repair="lsq"``: one per round of fits too, :meth:`lsq`) and sums their replies.
+    ``node_ids``: the clients to ask (default: all); ``rounds``: QUERY rounds asked so far."""
 
     def __init__(self, grid: Grid, node_ids: Optional[Iterable[int]] = None, *, timeout: Optional[float] = None,
                  group_id: str = "merge-statistics"):
@@ -143,10 +204,42 @@ class FlowerCollector:
         self.rounds = 0
 
     def __call__(self, models: List[nn.Module], plan: CalibrationPlan, request: StatisticsRequest) -> Statistics:
+        replies = self._ask(_request_content(models, plan, request), STATISTICS_MESSAGE_TYPE, "answer_statistics_query")
+        return sum(Statistics.from_tensors(r.content["statistics"].to_torch_state_dict()) for r in replies)
+
+    def lsq(self, merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequence[float], gm: Any,
+            sites: List[LsqSite], *, ridge: float, positions: Optional[int], seed: int,
+            memory: Union[int, str, None] = None) -> LsqResult:
+        """``repair="lsq"``: the least-squares walk on the server, without data: each round's statistics
+        are the clients' sums, asked in one ``"query.lsq_statistics"`` round that carries the aligned
+        endpoints and the merged net as fitted so far (clients keep nothing between rounds). ``memory``
+        (``lsq_memory``) is accepted for the collector interface: the server holds no activations."""
+        ends = [_record(m) for m in endpoints]
+        n_rounds = len(lsq_rounds(gm.graph, sites))
+        dev = next(iter(merged.parameters())).device  # the sums are solved and folded where the merged net is
+
+        def reduce(rnd: LsqRound) -> LsqRound:
+            content = RecordDict({f"model.{i}": r for i, r in enumerate(ends)})
+            content["merged"] = _record(merged)
+            content["config"] = ConfigRecord({
+                "num-models": len(ends), "weights": [float(w) for w in weights], "round": rnd.index,
+                "kind": "moments" if rnd.index == n_rounds else "fit", "fits": ";".join(sorted(rnd.fits)),
+                "positions": int(positions or 0), "seed": int(seed)})
+            pooled = None
+            for r in self._ask(content, LSQ_MESSAGE_TYPE, "answer_lsq_query"):
+                sums = r.content["statistics"].to_torch_state_dict()
+                part = LsqRound.from_tensors({k: v.to(dev) for k, v in sums.items()})
+                pooled = part if pooled is None else pooled + part
+            return pooled
+
+        return lsq_pass(merged, endpoints, weights, gm, [], ridge=ridge, positions=positions, seed=seed, sites=sites,
+                        reduce=reduce)
+
+    def _ask(self, content: RecordDict, message_type: str, handler: str) -> List[Message]:
+        """One QUERY round: ``content`` to every client, the replies without errors (at least one)."""
         ids = self.node_ids if self.node_ids is not None else list(self.grid.get_node_ids())
-        content = _request_content(models, plan, request)
         self.rounds += 1
-        msgs = [Message(content, dst_node_id=nid, message_type=STATISTICS_MESSAGE_TYPE,
+        msgs = [Message(content, dst_node_id=nid, message_type=message_type,
                         group_id=f"{self.group_id}-{self.rounds}") for nid in ids]
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
         ok = [r for r in replies if not r.has_error()]
@@ -155,12 +248,14 @@ class FlowerCollector:
                 logger.warning("statistics query: node %d answered with an error: %s", r.metadata.src_node_id,
                                r.error.reason)
         if not ok:
+            reasons = sorted({r.error.reason for r in replies if r.has_error()})
             raise DataError(f"statistics query: none of {len(ids)} clients answered ({len(replies)} replies, all "
-                            "errors). The ClientApp must register answer_statistics_query for "
-                            f"{STATISTICS_MESSAGE_TYPE!r} (mergekit_vision.recipes.flower.client_app does).")
+                            f"errors). The ClientApp must register {handler} for {message_type!r} "
+                            "(mergekit_vision.recipes.flower.client_app does)"
+                            + (f"; the clients said: {'; '.join(reasons[:3])}" if reasons else ""))
         if len(ok) < len(ids):
             logger.warning("statistics query: %d of %d clients answered; pooling those", len(ok), len(ids))
-        return sum(Statistics.from_tensors(r.content["statistics"].to_torch_state_dict()) for r in ok)
+        return ok
 
 
 # ---- the strategy: FedAvg with aligned (and REPAIRed) averaging -------------------------------
@@ -176,6 +271,8 @@ class AlignedFedAvg(FedAvg):
     ``self.reports[server_round]``; the aggregated train metrics gain ``"align-moved"`` (largest fraction
     of channels any client's assignment moved) and ``"align-near-identity"`` (1 when nothing moved).
 
+    ``repair="lsq"`` refits every layer by least squares from the clients' ``G``/``H`` sums (one
+    ``"query.lsq_statistics"`` round per round of fits, see :meth:`FlowerCollector.lsq`).
     ``repair`` defaults to ``"reset"`` (BatchNorm statistics re-estimated on the clients' data): for
     clients of one global model it is what helped in docs/recipes/fedavg_align.md. Clients of one
     global model share its channel order, so ``merge_many``'s lineage test (``lineage_threshold``, via
@@ -249,8 +346,9 @@ def oneshot_server_app(model_fn: ModelFn, *, example: torch.Tensor, min_nodes: i
     """A ServerApp for one-shot federated learning: every client trains from its own initialization
     (train messages carry no ArrayRecord, only a config with ``"init-seed"``), then the server merges the
     replies with :func:`merge_many`, weighted by ``weighted_by_key``, asking the clients for the
-    statistics. The merged model is stored in the server context's ``state["merged"]`` (ArrayRecord)
-    and passed to ``on_merged(merged, report, client_models)``."""
+    statistics (``repair="lsq"``: also one QUERY round per round of least-squares fits). The merged model
+    is stored in the server context's ``state["merged"]`` (ArrayRecord) and passed to
+    ``on_merged(merged, report, client_models)``."""
     app = ServerApp()
 
     @app.main()
@@ -313,6 +411,11 @@ def client_app(model_fn: ModelFn, data_fn: Callable[[Context], Tuple[Any, Any]],
     def statistics(msg: Message, context: Context) -> Message:
         _, calib = data_fn(context)
         return answer_statistics_query(msg, context, model_fn=model_fn, data=calib)
+
+    @app.query("lsq_statistics")
+    def lsq_statistics(msg: Message, context: Context) -> Message:
+        _, calib = data_fn(context)
+        return answer_lsq_query(msg, context, model_fn=model_fn, data=calib)
 
     if evaluate_fn is not None:
         @app.evaluate()
