@@ -32,12 +32,7 @@ def all_reduce_statistics(stats: Statistics, group: Any = None,
     statistics are: CPU tensors for gloo, CUDA tensors for NCCL) and are pooled in rank order with
     ``Statistics.__add__``: every rank computes the same result.
     """
-    parts = gather_tensors(stats.as_tensors(), group, device, "all_reduce_statistics")
-    pooled = None
-    for part in parts:
-        st = Statistics.from_tensors(part)
-        pooled = st if pooled is None else pooled + st
-    return pooled
+    return _pool(gather_tensors(stats.as_tensors(), group, device, "all_reduce_statistics"), Statistics)
 
 
 def all_reduce_lsq(rnd: LsqRound, group: Any = None, device: Optional[Union[str, torch.device]] = None) -> LsqRound:
@@ -45,11 +40,15 @@ def all_reduce_lsq(rnd: LsqRound, group: Any = None, device: Optional[Union[str,
     statistics (or the last round's BatchNorm moments) pooled with every rank's, in rank order, so
     every rank solves the same sums (one flat float64 all-gather per round, as for
     :func:`all_reduce_statistics`)."""
-    parts = gather_tensors(rnd.as_tensors(), group, device, "all_reduce_lsq")
+    return _pool(gather_tensors(rnd.as_tensors(), group, device, "all_reduce_lsq"), LsqRound)
+
+
+def _pool(parts: List[Dict[str, torch.Tensor]], kind):
+    """Every rank's flat tensors back into ``kind`` (``from_tensors``) and summed in rank order."""
     pooled = None
     for part in parts:
-        r = LsqRound.from_tensors(part)
-        pooled = r if pooled is None else pooled + r
+        st = kind.from_tensors(part)
+        pooled = st if pooled is None else pooled + st
     return pooled
 
 

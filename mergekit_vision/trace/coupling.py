@@ -164,12 +164,7 @@ def _group_name(members: Sequence[Member], order: Dict[Tuple[str, int], int], nd
     if pool:
         first = min(pool, key=lambda m: order.get((m.key, m.axis), 1 << 30))
         base = first.key[: -len(".weight")] if first.key.endswith(".weight") else first.key
-    name, k = base, 1
-    while name in used:
-        k += 1
-        name = f"{base}#{k}"
-    used.add(name)
-    return name
+    return _unique(base, used)
 
 
 def _join_runs(items, same, step):
