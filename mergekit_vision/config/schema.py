@@ -54,6 +54,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _one_of(v: str, names) -> str:
+    """``v`` if it is one of ``names``; otherwise the error that lists them (pydantic adds the field)."""
+    if v not in names:
+        raise ValueError(f"must be one of {', '.join(names)}, got {v!r}")
+    return v
+
+
 def _base_dir(info: ValidationInfo) -> Path:
     ctx = info.context or {}
     return Path(ctx.get("base_dir") or Path.cwd())
@@ -289,17 +296,12 @@ class MergeConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"must be one of {', '.join(METHODS)}, got {v!r}")
-        return v
+        return _one_of(v, METHODS)
 
     @field_validator("taps")
     @classmethod
     def _taps(cls, v: str) -> str:
-
-        if v not in TAP_POLICIES:
-            raise ValueError(f"must be one of {', '.join(TAP_POLICIES)}, got {v!r}")
-        return v
+        return _one_of(v, TAP_POLICIES)
 
     @field_validator("alpha", mode="before")
     @classmethod
@@ -333,9 +335,7 @@ class MergeConfig(_Strict):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"must be one of {', '.join(DTYPES)}, got {v!r}")
-        return v
+        return _one_of(v, DTYPES)
 
     @field_validator("lsq_memory", mode="before")
     @classmethod
