@@ -6,8 +6,9 @@ RESULT: see docs/merge.md ("Least-squares repair", sharded data).
 
 Counted from the traced graph, no data: the rounds of ``repair.lsq.lsq_rounds`` plus the last round
 of composed BatchNorms' output moments. A fit of ``groups`` blocks with patch dimension ``d`` and
-``out`` outputs per block sends ``G`` ((d+1)^2), ``H`` ((d+1) * out), the target's sums of y and y^2
-(2 * out) per block, its row count and its unknowns (the patch entries that read the input); a
+``out`` outputs per block sends its centred statistics (``repair.lsq.stats_numel``: ``Cxx`` d^2, ``Cxy``
+d * out, the means d + out, the targets' centred sum of squares out, per block), its row count and its
+unknowns (the patch entries that read the input); a
 moments round sends (count, mean, m2) per composed BatchNorm; every round adds its index and sample
 count. Float64: 8 bytes a number. ``--check`` runs the walk on two random images of the first model
 and compares these counts with the bytes it records.
@@ -36,7 +37,7 @@ def build(name: str):
 
 def count(model) -> dict:
     from mergekit_vision.engine import shared_graph
-    from mergekit_vision.repair.lsq import find_lsq_sites, lsq_rounds, patch_layout
+    from mergekit_vision.repair.lsq import find_lsq_sites, lsq_rounds, patch_layout, stats_numel
 
     gm = shared_graph(model)
     mods = dict(model.named_modules())
@@ -47,7 +48,7 @@ def count(model) -> dict:
         n = 2  # round index, samples
         for s in r:
             lay = patch_layout(mods[s.module], s.kind)
-            n += lay.groups * ((lay.dim + 1) ** 2 + (lay.dim + 1) * lay.out + 2 * lay.out) + 2
+            n += stats_numel(lay.groups, lay.dim, lay.out)
         per_round.append(8 * n)
     composed = [s for s in sites if s.bn is not None]
     if composed:

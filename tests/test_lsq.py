@@ -190,7 +190,7 @@ def test_statistics_of_two_shards_pool_to_the_whole():
     parts = LsqStats().observe(*patches(x[:3], y[:3], m.c2, "conv")) + LsqStats().observe(
         *patches(x[3:], y[3:], m.c2, "conv"))
     assert parts.rows == whole.rows == 10 * 36
-    for f in ("g", "h", "yy", "ys"):
+    for f in ("mx", "my", "cxx", "cxy", "cyy"):
         assert torch.allclose(getattr(parts, f), getattr(whole, f), rtol=1e-13, atol=1e-12), f
     # the grouped conv's patches are its own computation
     xs, _ = patches(x, y, m.c2, "conv")
@@ -201,6 +201,32 @@ def test_statistics_of_two_shards_pool_to_the_whole():
     assert _rel(xs @ w[:, :-1] + w[:, -1:], ys) < 1e-12
 
 
+def test_the_fit_is_centred_an_input_offset_changes_only_the_bias():
+    """A huge common offset on the inputs (an un-normalized input, a ReLU map far from zero) must not
+    cost precision or change the fit: the statistics are centred per batch and pooled without raw
+    moments, and the ridge is measured in the inputs' spread. An augmented Gram sum x~x~^T here has a
+    condition number of 1e32 and loses the fit entirely in float64."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 400, 5, generator=g, dtype=f64)
+    w_true = torch.randn(1, 5, 2, generator=g, dtype=f64)
+    y = x @ w_true + 0.3 + 0.01 * torch.randn(1, 400, 2, generator=g, dtype=f64)
+    w0 = torch.zeros(1, 6, 2, dtype=f64)
+    fits = []
+    for offset in (0.0, 1e8):
+        st = LsqStats()
+        for part in range(4):  # pooled over batches
+            rows = slice(100 * part, 100 * part + 100)
+            st.observe(x[:, rows] + offset, y[:, rows])
+        assert torch.allclose(st.cxx, LsqStats().observe(x, y).cxx, rtol=1e-6), "centred sums lost to the offset"
+        w, _, jitter = ridge_solve(st, w0, 1e-6)
+        assert jitter == 0.0
+        fits.append((w, relative_residual(st, w)))
+    (w_plain, res_plain), (w_off, res_off) = fits
+    assert _rel(w_off[:, :5], w_plain[:, :5]) < 1e-6 and _rel(w_plain[:, :5], w_true) < 1e-2
+    assert torch.allclose(w_off[:, 5], w_plain[:, 5] - 1e8 * w_plain[:, :5].sum(1), rtol=1e-6)
+    assert res_plain < 1e-2 and abs(res_off - res_plain) < 1e-6
+
+
 def test_singular_and_underdetermined_systems_are_regularized_never_nan():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 50, 3, generator=g, dtype=f64)
@@ -208,13 +234,13 @@ def test_singular_and_underdetermined_systems_are_regularized_never_nan():
     y = torch.randn(1, 50, 2, generator=g, dtype=f64)
     st = LsqStats().observe(x, y)
     w0 = torch.zeros(1, 6, 2, dtype=f64)
-    w, r, jitter = ridge_solve(st.g, st.h, w0, 0.0)
+    w, r, jitter = ridge_solve(st, w0, 0.0)
     assert torch.isfinite(w).all() and jitter > 0
-    w, r, jitter = ridge_solve(st.g, st.h, w0, 1e-3)
+    w, r, jitter = ridge_solve(st, w0, 1e-3)
     assert torch.isfinite(w).all() and jitter == 0 and float(r) > 0
     assert relative_residual(st, w) < relative_residual(st, w0)
     few = LsqStats().observe(x[:, :3], y[:, :3])  # 3 rows, 6 unknowns
-    w, _, _ = ridge_solve(few.g, few.h, w0, 1e-3)
+    w, _, _ = ridge_solve(few, w0, 1e-3)
     assert torch.isfinite(w).all()
 
 
@@ -306,7 +332,7 @@ def test_dual_solve_is_the_ridge_solution(case, lam):
         if not bias:
             w0[:, -1] = 0
     st = LsqStats().observe(xs, ys)
-    want, r_want, jit = ridge_solve(st.g, st.h, w0, lam, bias)
+    want, r_want, jit = ridge_solve(st, w0, lam, bias)
     got, r_got, jit_dual = dual_solve(xs, ys, w0, lam, bias)
     assert jit == jit_dual == 0.0
     assert torch.allclose(r_got, r_want, rtol=1e-12)
@@ -392,21 +418,22 @@ def test_border_classes_give_the_dense_statistics_and_dead_taps_decouple(conv, h
         y_at = y.reshape(5, 6, -1)[:, :, idx] if idx is not None else y.reshape(5, 6, -1)
         dense = LsqStats().observe(conv_cols(x, conv, idx, out_hw), conv_targets(y_at, conv))
         split = [(e, LsqStats().observe(xs, ys)) for e, xs, ys in conv_classes(x, y_at, conv, idx, out_hw)]
-        assert all(e is None or p.g.shape[-1] - 1 == e.numel() < dense.g.shape[-1] - 1 for e, p in split)
+        dim = dense.mx.shape[-1]
+        assert all(e is None or p.mx.shape[-1] == e.numel() < dim for e, p in split)
         assert any(e is not None for e, _ in split)  # every case here has patches that read padding
-        parts = LsqStats.embedded(split, dense.g.shape[-1] - 1)
+        parts = LsqStats.embedded(split, dim)
         assert parts.rows == dense.rows
-        for f in ("g", "h", "yy", "ys"):
+        for f in ("mx", "my", "cxx", "cxy", "cyy"):
             assert torch.allclose(getattr(parts, f), getattr(dense, f), rtol=1e-12, atol=1e-10), f
     w0 = layer_map(conv, "conv")
-    full_g = dense.g.clone()
-    w, _, _ = ridge_solve(dense.g, dense.h, w0, 1e-2)
+    full_g, full_h = dense.augmented()
+    w, _, _ = ridge_solve(dense, w0, 1e-2)
     d = full_g.shape[-1] - 1
     dead = full_g[:, :d, :d].diagonal(dim1=1, dim2=2).eq(0).all(0)
-    reg = 1e-2 * full_g[:, :d, :d].diagonal(dim1=1, dim2=2).mean(-1)
+    reg = 1e-2 * dense.cxx.diagonal(dim1=1, dim2=2).mean(-1)  # the ridge is relative to the centred spread
     a = full_g + torch.diag_embed(torch.cat([reg[:, None].expand(-1, d), torch.zeros_like(reg[:, None])], 1))
-    rhs = dense.h + torch.cat([reg[:, None, None] * w0[:, :d], torch.zeros_like(w0[:, d:])], 1)
-    want = torch.linalg.solve(a, rhs)  # the full system (positive definite for lam > 0)
+    rhs = full_h + torch.cat([reg[:, None, None] * w0[:, :d], torch.zeros_like(w0[:, d:])], 1)
+    want = torch.linalg.solve(a, rhs)  # the full augmented system (positive definite for lam > 0)
     assert _rel(w, want) < 1e-9
     assert torch.equal(w[:, :d][:, dead], w0[:, :d][:, dead])  # entries that never read the input keep W0
     # only the 1x1 map has taps that never read the input (all but the centre); elsewhere every tap
@@ -478,7 +505,7 @@ def test_walk_on_two_shards_with_reduce_equals_the_walk_on_the_whole():
         assert mine.index == theirs.index and mine.samples == theirs.samples
         for name, st in theirs.fits.items():
             assert mine.fits[name].rows == st.rows
-            for f in ("g", "h", "yy", "ys"):
+            for f in ("mx", "my", "cxx", "cxy", "cyy"):
                 assert torch.allclose(getattr(mine.fits[name], f), getattr(st, f), rtol=1e-11, atol=1e-11), (name, f)
         for name, m in theirs.moments.items():
             assert torch.allclose(mine.moments[name].m2, m.m2, rtol=1e-11)
@@ -504,7 +531,7 @@ def test_round_statistics_travel_as_flat_float64_tensors():
         assert set(back.fits) == set(rnd.fits) and set(back.moments) == set(rnd.moments)
         assert rnd.nbytes == 8 * sum(t.numel() for t in flat.values())
         for k, st in rnd.fits.items():
-            assert torch.equal(back.fits[k].g, st.g) and back.fits[k].rows == st.rows
+            assert torch.equal(back.fits[k].cxx, st.cxx) and back.fits[k].rows == st.rows
     with pytest.raises(DataError, match="round 0 and round 1"):
         seen[0] + seen[1]
 
@@ -532,7 +559,7 @@ def test_a_sharded_walk_solves_the_thin_fits_from_pooled_statistics_and_still_sp
         runs[budget] = (mm, res, seen)
     (m_all, r_all, seen), (m_small, r_small, _) = runs[None], runs[4 * 1024]
     assert all(f.solver == "primal" for f in r_all.fits.values())
-    assert all(isinstance(st, LsqStats) and st.g is not None for rnd in seen for st in rnd.fits.values())
+    assert all(isinstance(st, LsqStats) and not st.empty for rnd in seen for st in rnd.fits.values())
     assert r_all.round_bytes == rd.round_bytes == [rnd.nbytes for rnd in seen]
     for v, f in rd.fits.items():
         assert (r_all.fits[v].rows, r_all.fits[v].dim) == (f.rows, f.dim), v

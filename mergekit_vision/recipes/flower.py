@@ -6,7 +6,8 @@ from independent inits, then one merge). The statistics a merge needs are asked 
 QUERY rounds (message type ``"query.merge_statistics"``): each answers with float64 sums over its data,
 never the data. ``repair="lsq"`` asks one more QUERY round (``"query.lsq_statistics"``) per round of
 least-squares fits, and one for the BatchNorms' moments: each client runs its data through the
-aligned endpoints and the merged net as fitted so far and answers with the round's ``G``/``H`` sums.
+aligned endpoints and the merged net as fitted so far and answers with the round's least-squares
+statistics (centred moments).
 Client: :func:`answer_statistics_query` and :func:`answer_lsq_query` (register them in your own
 ClientApp) or :func:`client_app` (a complete one). :func:`run_inprocess` runs a ServerApp with a ClientApp in this
 process through Flower's own message serializer, for tests and machines without Ray.
@@ -271,7 +272,7 @@ class AlignedFedAvg(FedAvg):
     ``self.reports[server_round]``; the aggregated train metrics gain ``"align-moved"`` (largest fraction
     of channels any client's assignment moved) and ``"align-near-identity"`` (1 when nothing moved).
 
-    ``repair="lsq"`` refits every layer by least squares from the clients' ``G``/``H`` sums (one
+    ``repair="lsq"`` refits every layer by least squares from the clients' pooled statistics (one
     ``"query.lsq_statistics"`` round per round of fits, see :meth:`FlowerCollector.lsq`).
     ``repair`` defaults to ``"reset"`` (BatchNorm statistics re-estimated on the clients' data): for
     clients of one global model it is what helped in docs/recipes/fedavg_align.md. Clients of one

@@ -4,15 +4,17 @@ on the calibration data it reproduces the interpolation of the aligned endpoints
 For each *fit* (a conv/linear layer, composed with the BatchNorm right after it when there is one; a
 BatchNorm on some other input, per channel) the target is ``sum_k w_k y_k``, each aligned endpoint k
 run on its own inputs, and the regressor is the merged network's own input to the layer, with every
-earlier layer already refit. The layer's affine map is the ridge solution
+earlier layer already refit. The layer's affine map ``x -> x W + b`` is the ridge solution
 
-    W = (G + lam * mean(diag G) * I)^-1 (H + lam * mean(diag G) * W0)
+    W = (Cxx + lam * mean(diag Cxx) * I)^-1 (Cxy + lam * mean(diag Cxx) * W0),   b = my - mx W
 
-from streamed float64 sufficient statistics over im2col patches with a bias column, ``G = sum x x^T``
-and ``H = sum x y^T`` (positions optionally subsampled), shrunk towards ``W0``, the averaged network's
-own map (so a merge of a model with itself is that model for every ``lam``); grouped and depthwise
-convolutions solve one block per group. The map is folded back into the layer (and its BatchNorm,
-train-consistently: running statistics = the statistics of the layer's new output on the calibration
+from streamed float64 sufficient statistics over im2col patches, *centred* (means ``mx``, ``my`` and
+the centred sums ``Cxx = sum (x - mx)(x - mx)^T``, ``Cxy = sum (x - mx)(y - my)^T``, positions
+optionally subsampled; the bias is not shrunk, so this is exactly the ridge problem with a bias
+column), shrunk towards ``W0``, the averaged network's own map (so a merge of a model with itself is
+that model for every ``lam``); grouped and depthwise convolutions solve one block per group. The map is
+folded back into the layer (and its BatchNorm, train-consistently: running statistics = the statistics
+of the layer's new output on the calibration
 data), so the result keeps the architecture and state-dict keys.
 
 The walk runs node by node over *all* calibration batches at once (:func:`lsq_pass`): each model's
@@ -51,7 +53,7 @@ from .sites import bn_eval, module_calls
 __all__ = ["LsqSite", "LsqStats", "LsqRows", "LsqFit", "find_lsq_sites", "layer_map", "patch_layout", "patches",
            "patch_rows", "conv_positions", "conv_cols", "conv_classes", "conv_live_dim", "conv_targets",
            "at_positions", "live_entries",
-           "ridge_solve", "dual_solve", "relative_residual", "rows_residual", "fold_map", "fold_bn_fit",
+           "ridge_solve", "dual_solve", "stats_numel", "relative_residual", "rows_residual", "fold_map", "fold_bn_fit",
            "lsq_pass", "lsq_rounds", "LsqRound", "lsq_moments"]
 
 _TINY = 1e-12
@@ -335,89 +337,116 @@ def _gram(xc: torch.Tensor) -> torch.Tensor:
     return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
 
+_MOMENTS = ("mx", "my", "cxx", "cxy", "cyy")  # LsqStats' tensors, in their constructor's order
+
+
 @dataclass
 class LsqStats:
-    """Float64 sufficient statistics of one fit: ``g = sum x~ x~^T`` (``x~``: the patch and a 1),
-    ``h = sum x~ y^T``, per group; ``yy``/``ys``: sums of y^2 and y per output; ``rows``: patches seen.
+    """Float64 sufficient statistics of one fit, per group, *centred*: ``rows`` patches seen, the means
+    ``mx`` (groups, d) of the patch entries and ``my`` (groups, out) of the targets, and the centred sums
+    ``cxx = sum (x - mx)(x - mx)^T``, ``cxy = sum (x - mx)(y - my)^T``, ``cyy = sum (y - my)^2``.
+    Each batch's products are formed in the activations' precision (at least float32) about the batch's
+    own means and pooled with the pairwise update of match/stats.py, so no raw moment is ever differenced:
+    an input with a large mean (after a ReLU, an un-normalized image) keeps its precision, and the solve
+    works on the centred system instead of an augmented Gram whose condition grows with (mean/std)^2.
     ``a + b`` pools two data shards exactly (up to rounding)."""
 
-    g: Optional[torch.Tensor] = None
-    h: Optional[torch.Tensor] = None
-    yy: Optional[torch.Tensor] = None
-    ys: Optional[torch.Tensor] = None
     rows: int = 0
+    mx: Optional[torch.Tensor] = None
+    my: Optional[torch.Tensor] = None
+    cxx: Optional[torch.Tensor] = None
+    cxy: Optional[torch.Tensor] = None
+    cyy: Optional[torch.Tensor] = None
+
+    @property
+    def empty(self) -> bool:
+        return self.cxx is None or not self.rows
+
+    @property
+    def device(self) -> torch.device:
+        return self.cxx.device
 
     def observe(self, xs: torch.Tensor, ys: torch.Tensor, consume: bool = False) -> LsqStats:
-        """Add one batch: its products are formed in the activations' precision (at least float32)
-        *about the batch's own means* and pooled in float64, as the channel moments are
-        (match/stats.py), so a large mean costs no precision. ``consume``: ``xs`` is the caller's own
-        scratch (fresh patches), centred in place (no second patch-sized allocation)."""
+        """Add one batch of rows ``xs`` (groups, rows, d), targets ``ys`` (groups, rows, out).
+        ``consume``: ``xs`` is the caller's own scratch (fresh patches), centred in place (no second
+        patch-sized allocation)."""
         xs, ys = xs.detach(), ys.detach()
         if xs.dtype not in (torch.float32, torch.float64):
             xs, ys = xs.float(), ys.float()
         r = xs.shape[1]
+        if not r:
+            return self
         mx, my = xs.mean(1, keepdim=True), ys.mean(1, keepdim=True)
         xc, yc = (xs.sub_(mx) if consume else xs - mx), ys - my
-        f64 = torch.float64
         cxx = _gram(xc)
         cxy = (yc.transpose(1, 2) @ xc).transpose(1, 2)  # (Y^T X)^T: the faster layout for BLAS
-        mx, my = mx.to(f64), my.to(f64)
-        groups, d = xs.shape[0], xs.shape[2]
-        if self.g is None:
-            self.g = torch.zeros(groups, d + 1, d + 1, dtype=f64, device=xs.device)
-            self.h = torch.zeros(groups, d + 1, ys.shape[2], dtype=f64, device=xs.device)
-            self.yy = torch.zeros(groups, ys.shape[2], dtype=f64, device=xs.device)
-            self.ys = torch.zeros(groups, ys.shape[2], dtype=f64, device=xs.device)
-        # pooled in place in float64 (no Gram-sized temporaries): the centred products, then the
-        # means' share r * m m^T
-        gxx, hx = self.g[:, :d, :d], self.h[:, :d]
-        gxx.add_(cxx)
-        gxx.baddbmm_(mx.transpose(1, 2), mx, alpha=r)
-        self.g[:, :d, d] += r * mx[:, 0]
-        self.g[:, d, :d] += r * mx[:, 0]
-        self.g[:, d, d] += r
-        hx.add_(cxy)
-        hx.baddbmm_(mx.transpose(1, 2), my, alpha=r)
-        self.h[:, d] += r * my[:, 0]
-        self.yy += yc.pow(2).sum(1).to(f64) + r * my[:, 0].pow(2)
-        self.ys += r * my[:, 0]
-        self.rows += r
+        self._add(r, mx[:, 0], my[:, 0], cxx, cxy, yc.pow(2).sum(1))
         return self
+
+    def _add(self, r: int, mx, my, cxx, cxy, cyy) -> None:
+        """Pool a part with ``r`` rows and its own centred moments into this one (in place)."""
+        f64 = torch.float64
+        if self.empty:
+            self.rows = int(r)
+            self.mx, self.my, self.cxx, self.cxy, self.cyy = (
+                t.to(f64, copy=True) for t in (mx, my, cxx, cxy, cyy))
+            return
+        n = self.rows + r
+        dx, dy, w = mx.to(f64) - self.mx, my.to(f64) - self.my, self.rows * r / n
+        self.cxx.add_(cxx).baddbmm_(dx.unsqueeze(2), dx.unsqueeze(1), alpha=w)
+        self.cxy.add_(cxy).baddbmm_(dx.unsqueeze(2), dy.unsqueeze(1), alpha=w)
+        self.cyy.add_(cyy).add_(dy * dy, alpha=w)
+        self.mx.add_(dx, alpha=r / n)
+        self.my.add_(dy, alpha=r / n)
+        self.rows = n
 
     @staticmethod
     def embedded(parts: Sequence[Tuple[Optional[torch.Tensor], LsqStats]], dim: int) -> LsqStats:
         """The statistics of the whole ``dim``-wide patch from parts whose patches held only the patch
         entries ``entries`` (every other entry zero in their rows: the taps that read padding; None:
-        every entry), pooled exactly."""
-        parts = [(e, p) for e, p in parts if p.g is not None]
-        if not parts:
-            return LsqStats()
-        ref = parts[0][1]
-        groups, out = ref.g.shape[0], ref.h.shape[-1]
-        dev = ref.g.device
-        st = LsqStats(torch.zeros(groups, dim + 1, dim + 1, dtype=ref.g.dtype, device=dev),
-                      torch.zeros(groups, dim + 1, out, dtype=ref.h.dtype, device=dev),
-                      torch.zeros_like(ref.yy), torch.zeros_like(ref.ys), 0)
+        every entry), pooled exactly: an entry absent from a part is zero there, so its mean and centred
+        sums in that part are zero."""
+        st = LsqStats()
         for entries, p in parts:
+            if p.empty:
+                continue
             if entries is None:
-                st.g += p.g
-                st.h += p.h
-            else:
-                ix = torch.cat([entries.to(dev), torch.tensor([dim], device=dev)])
-                st.g[:, ix[:, None], ix] += p.g
-                st.h[:, ix] += p.h
-            st.yy += p.yy
-            st.ys += p.ys
-            st.rows += p.rows
+                st._add(p.rows, p.mx, p.my, p.cxx, p.cxy, p.cyy)
+                continue
+            ix = entries.to(p.device)
+            groups, out = p.cxy.shape[0], p.cxy.shape[-1]
+            mx = p.mx.new_zeros(groups, dim)
+            mx[:, ix] = p.mx
+            cxx = p.cxx.new_zeros(groups, dim, dim)
+            cxx[:, ix[:, None], ix] = p.cxx
+            cxy = p.cxy.new_zeros(groups, dim, out)
+            cxy[:, ix] = p.cxy
+            st._add(p.rows, mx, p.my, cxx, cxy, p.cyy)
         return st
 
     def __add__(self, other: LsqStats) -> LsqStats:
-        if self.g is None:
+        if self.empty:
             return other
-        if other.g is None:
+        if other.empty:
             return self
-        return LsqStats(self.g + other.g, self.h + other.h, self.yy + other.yy, self.ys + other.ys,
-                        self.rows + other.rows)
+        out = LsqStats(self.rows, *(getattr(self, f).clone() for f in _MOMENTS))
+        out._add(other.rows, other.mx, other.my, other.cxx, other.cxy, other.cyy)
+        return out
+
+    def augmented(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The raw normal-equation sums ``G = sum x~ x~^T`` (groups, d + 1, d + 1) and ``H = sum x~ y^T``
+        (``x~``: the patch and a 1, last) — sums of the centred parts and the means' share, no
+        difference — for reference and tests; the solve itself stays centred."""
+        n, d = float(self.rows), self.mx.shape[-1]
+        groups, out = self.cxy.shape[0], self.cxy.shape[-1]
+        g = self.cxx.new_zeros(groups, d + 1, d + 1)
+        g[:, :d, :d] = self.cxx + n * self.mx.unsqueeze(2) * self.mx.unsqueeze(1)
+        g[:, :d, d] = g[:, d, :d] = n * self.mx
+        g[:, d, d] = n
+        h = self.cxy.new_zeros(groups, d + 1, out)
+        h[:, :d] = self.cxy + n * self.mx.unsqueeze(2) * self.my.unsqueeze(1)
+        h[:, d] = n * self.my
+        return g, h
 
 
 @dataclass
@@ -437,51 +466,59 @@ class LsqFit:
     solver: str = "primal"                # "dual": fewer rows than unknowns, solved from the rows (dual_solve)
 
 
-def live_entries(g: torch.Tensor) -> Optional[torch.Tensor]:
-    """The patch entries of a Gram ``(groups, d + 1, d + 1)`` that any row ever made nonzero in any group
-    (None: all). An entry with ``G_ii = 0`` is zero in every row (a tap that only ever reads padding, a
-    dead input), so its row and column of ``G`` and its row of ``H`` are exactly zero."""
-    d = g.shape[-1] - 1
-    live = (g[:, :d, :d].diagonal(dim1=1, dim2=2) != 0).any(0)
+def live_entries(st: LsqStats) -> Optional[torch.Tensor]:
+    """The patch entries that any row ever made nonzero in any group (None: all). An entry whose mean and
+    centred sum of squares are zero in every group is zero in every row (a tap that only ever reads
+    padding, a dead input), so its rows and columns of the statistics are exactly zero."""
+    live = ((st.cxx.diagonal(dim1=1, dim2=2) != 0) | (st.mx != 0)).any(0)
     return None if bool(live.all()) else live.nonzero().flatten()
 
 
-def ridge_solve(g: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, lam: float, bias: bool = True
+def ridge_solve(st: LsqStats, w0: torch.Tensor, lam: float, bias: bool = True
                 ) -> Tuple[torch.Tensor, torch.Tensor, float]:
-    """``W = (G + r I)^-1 (H + r W0)`` per group, ``r = lam * mean(diag G)`` over the patch entries
-    (the bias column is not shrunk); ``bias=False`` solves without the bias column (its row of W is 0).
-    Entries zero in every row (:func:`live_entries`) decouple exactly: their rows of ``W`` are ``W0``'s
-    and the rest is solved without them (a 3x3 conv on a 1x1 map: 1/9 of the system). A system still
-    singular (``lam`` 0, dead or duplicated inputs) gets a growing diagonal until Cholesky succeeds:
-    returned as ``jitter`` (relative to mean(diag G)). Never NaN for finite statistics."""
-    g, h, w0 = g.double(), h.double(), w0.double()
-    d = g.shape[-1] - 1
-    scale = g[:, :d, :d].diagonal(dim1=1, dim2=2).mean(-1)
+    """The ridge fit ``min ||X W + 1 b - Y||^2 + r ||W - W0||^2`` per group from the statistics, the
+    bias unshrunk. With a bias the problem separates exactly: ``W = (Cxx + r I)^-1 (Cxy + r W0)`` on the
+    centred sums and ``b = my - mx W``, with ``r = lam * mean(diag Cxx)`` — so the fit does not change
+    when an input is shifted by a constant (the bias absorbs it), however large the shift.
+    ``bias=False`` solves the uncentred system (``Cxx + n mx mx^T``: a sum, never a difference), ``r``
+    relative to its diagonal, and leaves the bias row 0. Entries zero in every row
+    (:func:`live_entries`) decouple exactly: their rows of ``W`` are ``W0``'s and the rest is solved
+    without them (a 3x3 conv on a 1x1 map: 1/9 of the system). A system still singular (``lam`` 0, dead
+    or duplicated inputs) gets a growing diagonal until Cholesky succeeds: returned as ``jitter``
+    (relative to mean(diag G)). Never NaN for finite statistics."""
+    w0 = w0.double().to(st.device)
+    n, d = float(st.rows), st.mx.shape[-1]
+    diag = st.cxx.diagonal(dim1=1, dim2=2)
+    scale = (diag if bias else diag + n * st.mx.pow(2)).mean(-1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # dead inputs: any positive scale
     r = lam * scale
-    live = live_entries(g) if lam > 0 else None  # lam 0: a dead entry is singular, as it always was
-    w = w0.clone()
-    if live is None:  # every entry: slices, no copy of G
-        keep = d + 1 if bias else d
-        w[:, :keep], jitter = _ridge(g[:, :keep, :keep], h[:, :keep], w0[:, :keep], r, scale, d)
+    live = live_entries(st) if lam > 0 else None  # lam 0: a dead entry is singular, as it always was
+    if live is None:  # every entry: no copy of the statistics
+        cxx, cxy, mx, wx0 = st.cxx, st.cxy, st.mx, w0[:, :d]
     else:
-        ix = torch.cat([live, torch.tensor([d], device=g.device)]) if bias else live
-        w[:, ix], jitter = _ridge(g[:, ix][:, :, ix], h[:, ix], w0[:, ix], r, scale, len(live))
-    if not bias:
-        w[:, d] = 0
+        cxx, cxy, mx, wx0 = st.cxx[:, live][:, :, live], st.cxy[:, live], st.mx[:, live], w0[:, live]
+    if bias:
+        a, rhs = cxx, cxy
+    else:
+        a = cxx + n * mx.unsqueeze(2) * mx.unsqueeze(1)
+        rhs = cxy + n * mx.unsqueeze(2) * st.my.unsqueeze(1)
+    wx, jitter = _ridge(a, rhs, wx0, r, scale)
+    w = w0.clone()
+    if live is None:
+        w[:, :d] = wx
+    else:
+        w[:, live] = wx
+    w[:, d] = st.my - (mx.unsqueeze(1) @ wx).squeeze(1) if bias else 0
     return w, r, jitter
 
 
-def _ridge(a: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, d: int
+def _ridge(a: torch.Tensor, rhs: torch.Tensor, w0: torch.Tensor, r: torch.Tensor, scale: torch.Tensor
            ) -> Tuple[torch.Tensor, float]:
-    """The Cholesky solve of ``(A + r I_d) W = H + r W0`` (``I_d``: the first ``d`` entries; the rest,
-    the bias, unshrunk), with the growing diagonal of :func:`ridge_solve`."""
-    keep = a.shape[-1]
-    reg = torch.zeros(a.shape[0], keep, dtype=a.dtype, device=a.device)
-    reg[:, :d] = r[:, None]
+    """The Cholesky solve of ``(A + r I) W = RHS + r W0``, with the growing diagonal of
+    :func:`ridge_solve`."""
     a = a.clone()
-    a.diagonal(dim1=1, dim2=2).add_(reg)
-    rhs = h + reg[:, :, None] * w0
+    a.diagonal(dim1=1, dim2=2).add_(r[:, None])
+    rhs = rhs + r[:, None, None] * w0
     jitter = 0.0
     for _ in range(20):
         aj = a
@@ -530,12 +567,12 @@ def dual_solve(xs: torch.Tensor, ys: torch.Tensor, w0: torch.Tensor, lam: float,
     (``jitter``), which here shrinks towards ``W0``: the fit closest to the average."""
     xs, ys, w0 = xs.double(), ys.double(), w0.double()
     d = xs.shape[-1]
-    scale = xs.pow(2).sum(1).mean(-1)  # mean(diag G) over the patch entries, as in ridge_solve
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    r = lam * scale
     if bias:
         mx, my = xs.mean(1, keepdim=True), ys.mean(1, keepdim=True)
         xs, ys = xs - mx, ys - my
+    scale = xs.pow(2).sum(1).mean(-1)  # the mean diagonal of the (centred with a bias) Gram, as in ridge_solve
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    r = lam * scale
     wx0 = w0[:, :d]
     resid = ys - xs @ wx0
     k = xs @ xs.transpose(1, 2)
@@ -568,16 +605,20 @@ def rows_residual(xs: torch.Tensor, ys: torch.Tensor, w: torch.Tensor) -> float:
 
 
 def relative_residual(st: LsqStats, w: torch.Tensor) -> float:
-    """``||X~ W - Y||^2 / ||Y - mean(Y)||^2`` over all groups and outputs, from the statistics alone."""
-    w = w.double()
-    g, h = st.g, st.h
-    live = live_entries(g)
-    if live is not None:  # entries zero in every row add nothing: skip them (the product is d^2 * out)
-        ix = torch.cat([live, torch.tensor([g.shape[-1] - 1], device=g.device)])
-        g, h, w = g[:, ix][:, :, ix], h[:, ix], w[:, ix]
-    fit = (w * (g @ w)).sum() - 2 * (w * h).sum() + st.yy.sum()
-    var = (st.yy - st.ys.pow(2) / max(st.rows, 1)).sum()
-    return float(fit.clamp_min(0) / var.clamp_min(_TINY))
+    """``||X~ W - Y||^2 / ||Y - mean(Y)||^2`` over all groups and outputs, from the centred statistics:
+    the centred residual's quadratic form plus the rows times the squared error of the means (the cross
+    term vanishes: centred sums are zero)."""
+    w = w.double().to(st.device)
+    n, d = float(st.rows), st.mx.shape[-1]
+    live = live_entries(st)
+    if live is None:
+        cxx, cxy, mx, wx = st.cxx, st.cxy, st.mx, w[:, :d]
+    else:  # entries zero in every row add nothing: skip them (the product is d^2 * out)
+        cxx, cxy, mx, wx = st.cxx[:, live][:, :, live], st.cxy[:, live], st.mx[:, live], w[:, live]
+    quad = (wx * (cxx @ wx)).sum() - 2 * (wx * cxy).sum() + st.cyy.sum()
+    off = (mx.unsqueeze(1) @ wx).squeeze(1) + w[:, d] - st.my
+    fit = quad.clamp_min(0) + n * off.pow(2).sum()
+    return float(fit / st.cyy.sum().clamp_min(_TINY))
 
 
 # ---- a layer's map and back ----------------------------------------------------------------
@@ -652,17 +693,24 @@ def _fold_bn_canonical(bn: nn.Module, a: torch.Tensor, c: torch.Tensor) -> None:
 
 # ---- rounds: what sharded data pools, and when ---------------------------------------------------
 def _fit_numel(st) -> int:
-    """Float64 numbers one fit's statistics take in a round (G, H, the target's sums, rows, unknowns);
-    a fit kept as rows (:class:`LsqRows`, unsharded walks only) counts the statistics it would send."""
+    """Float64 numbers one fit's statistics take in a round (the centred sums, the means, rows,
+    unknowns); a fit kept as rows (:class:`LsqRows`, unsharded walks only) counts the statistics it
+    would send."""
     if isinstance(st, LsqRows):
         if not st.xs:
             return 0
         groups, d, out = st.xs[0].shape[0], st.xs[0].shape[-1], st.ys[0].shape[-1]
-    elif st.g is None:
+    elif st.empty:
         return 0
     else:
-        groups, d, out = st.h.shape[0], st.h.shape[1] - 1, st.h.shape[2]
-    return groups * ((d + 1) ** 2 + (d + 1) * out + 2 * out) + 2
+        groups, d, out = st.cxy.shape
+    return stats_numel(groups, d, out)
+
+
+def stats_numel(groups: int, d: int, out: int) -> int:
+    """Float64 numbers of a fit's :class:`LsqStats` as sent in a round: per block ``Cxx`` (d^2), ``Cxy``
+    (d * out), the means (d + out) and ``Cyy`` (out); then its row count and its unknowns."""
+    return groups * (d * d + d * out + d + 2 * out) + 2
 
 
 @dataclass
@@ -705,11 +753,10 @@ class LsqRound:
             if isinstance(st, LsqRows):
                 raise DataError(f"least-squares fit {name} keeps its patch rows (the dual solve), which cannot be "
                                 "pooled: walk sharded data with reduce= (it turns the dual solve off)")
-            if st.g is not None:
-                dev = st.g.device
-                out.update({f"fit/{name}/g": st.g, f"fit/{name}/h": st.h, f"fit/{name}/yy": st.yy,
-                            f"fit/{name}/ys": st.ys,
-                            f"fit/{name}/rows": torch.tensor([float(st.rows)], dtype=f64, device=dev),
+            if not st.empty:
+                dev = st.device
+                out.update({f"fit/{name}/{f}": getattr(st, f) for f in _MOMENTS})
+                out.update({f"fit/{name}/rows": torch.tensor([float(st.rows)], dtype=f64, device=dev),
                             f"fit/{name}/dim": torch.tensor([float(self.dims.get(name, 0))], dtype=f64,
                                                             device=dev)})
         for name, m in sorted(self.moments.items()):
@@ -735,7 +782,7 @@ class LsqRound:
                             "produced")
         rnd = cls(int(t["round"].reshape(-1)[0]), samples=int(t["samples"].reshape(-1)[0]) if "samples" in t else 0)
         for node, fs in parts["fit"].items():
-            rnd.fits[node] = LsqStats(fs["g"], fs["h"], fs["yy"], fs["ys"], int(fs["rows"].reshape(-1)[0]))
+            rnd.fits[node] = LsqStats(int(fs["rows"].reshape(-1)[0]), *(fs[f] for f in _MOMENTS))
             if "dim" in fs:
                 rnd.dims[node] = int(fs["dim"].reshape(-1)[0])
         for node, fs in parts["moments"].items():
@@ -1175,16 +1222,15 @@ def _solve(site: LsqSite, mods, st, dim: int, ridge: float) -> LsqFit:
                      dim + (1 if site.bias else 0), solver="dual")
         del xs, ys
     else:
-        if st.g is None:
+        if st.empty:
             raise DataError(f"least-squares repair: no statistics for {site.module} (no calibration data reached it)")
-        w0 = w0.to(st.g.device)
-        w, r, jitter = ridge_solve(st.g, st.h, w0, ridge, site.bias)
+        w0 = w0.to(st.device)
+        w, r, jitter = ridge_solve(st, w0, ridge, site.bias)
         fit = LsqFit(w, r, jitter, relative_residual(st, w0), relative_residual(st, w), st.rows,
                      dim + (1 if site.bias else 0))
     if site.kind == "bn":
-        x_mean = st.g[:, 0, 1] / max(st.rows, 1)  # the per-channel patch is the channel itself
-        x_var = (st.g[:, 0, 0] / max(st.rows, 1) - x_mean.pow(2)).clamp_min(0)
-        fold_bn_fit(module, x_mean, x_var, st.rows, w[:, 0, 0], w[:, 1, 0])
+        # the per-channel patch is the channel itself: its mean and centred variance are the fit's own
+        fold_bn_fit(module, st.mx[:, 0], st.cxx[:, 0, 0] / max(st.rows, 1), st.rows, w[:, 0, 0], w[:, 1, 0])
     elif bn is None:
         fold_map(module, w)
     else:  # the conv keeps its scale (the old BatchNorm's s per channel); the BatchNorm takes the rest
