@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--calib-per-client", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true",
+                    help="train the clients with bf16 autocast + channels_last (about 2x faster on CPUs with AMX)")
     ap.add_argument("--out", default="runs/oneshot")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,6 +75,9 @@ def main() -> None:
     build = lambda: resnet20(width=args.width)  # noqa: E731
     fit = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment="crop_flip")
     tag = f"w{args.width}_n{args.train_samples}_e{args.epochs}"
+    if args.bf16:
+        fit.update(precision="bf16", channels_last=True)
+        tag += "_bf16"
     results = {"args": vars(args), "runs": {}}
 
     torch.manual_seed(10_000 + args.seed)

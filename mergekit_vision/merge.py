@@ -531,7 +531,7 @@ def _lsq_repair(p: PreparedMerge, merged: nn.Module, aligned: List[Dict[str, tor
         else:
             m = copy.deepcopy(p.models[ref])
             m.load_state_dict(sd)
-            ends.append(m.eval())
+            ends.append(clear_tensor_caches(m).eval())  # caches of the reference's tensors are stale now
         ws.append(wk)
     sites, skipped = find_lsq_sites(p.plan.gm)
     res = gather.lsq(merged, ends, ws, p.plan.gm, sites, ridge=opts.lsq_ridge, positions=opts.lsq_positions,

@@ -13,6 +13,7 @@ from torch import nn
 
 from .errors import SpecError
 from .spec import PermutationSpec
+from .trace.tracer import TENSOR_CACHES
 
 
 def check_perm(name: str, perm: torch.Tensor, size: int, blocks: int = 1) -> torch.Tensor:
@@ -132,12 +133,6 @@ def _storage_id(t):
     if not isinstance(t, torch.Tensor) or t.numel() == 0:
         return None
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
-
-
-# module attributes that cache values computed from the module's tensors in eval mode (timm's LeViT,
-# EfficientFormer(V2), EfficientViT-MSRA, TinyViT: attention biases gathered per head); stale once the
-# tensors change
-TENSOR_CACHES = ("attention_bias_cache",)
 
 
 def clear_tensor_caches(model: nn.Module) -> nn.Module:

@@ -95,6 +95,55 @@ def test_refit_to_another_model_gives_its_function():
         assert fit.residual_before > 1e-3, value  # C started elsewhere
 
 
+class CachedBias(nn.Module):
+    """A per-channel bias computed from a parameter and kept in ``attention_bias_cache`` after the first
+    eval forward, as timm's LeViT/EfficientFormer attention do: a traced graph then reads the cached
+    tensor as a constant of the model it traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 6, 1, bias=False)
+        self.table = nn.Parameter(torch.randn(6, 2))
+        self.fc = nn.Linear(6, 4)
+        self.attention_bias_cache = {}
+
+    def bias(self):
+        if self.training:
+            return self.table.sum(1)
+        if "b" not in self.attention_bias_cache:
+            self.attention_bias_cache["b"] = self.table.sum(1)
+        return self.attention_bias_cache["b"]
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))
+        x = F.relu(self.c2(x) + self.bias()[None, :, None, None])
+        return self.fc(x.mean((2, 3)))
+
+
+def test_models_evaluated_before_the_merge_merge_with_their_own_cached_tensors():
+    """Models whose caches an eval forward filled (a user evaluates them first) trace to the graph of
+    their tensors, not of their caches: the merge runs (it used to refuse: "traces to a different
+    graph"), and at alpha = 1 least squares gives back B's function (the walk's endpoint is a copy of A's
+    module loaded with B's tensors: with A's cache it would fit a hybrid)."""
+    calib = _batches(2, size=16, shape=(3, 6, 6))
+    a, b = (measure_norm_statistics(randomize_model(CachedBias().to(f64), s), calib) for s in (1, 2))
+    with torch.no_grad():  # an eval forward fills each model's cache, as evaluating it before a merge does
+        want = b(calib[0])
+        a(calib[0])
+    cached = a.attention_bias_cache["b"]
+    merged = merge(a, b, calib, alpha=1.0, repair="lsq", lsq_ridge=1e-12, lsq_positions=None, progress=False)
+    with torch.no_grad():
+        assert _rel(merged(calib[0]), want) < 1e-6
+    assert a.attention_bias_cache["b"] is cached  # the inputs keep their caches
+    # the trace computes the bias from its parameter, so the parameter is permuted with its channels
+    spec = trace_permutation_spec(a, calib[0][:1])
+    assert any(m.key == "table" for g in spec.free_groups for m in g.members)
+    with torch.no_grad():
+        assert _rel(permute(a, spec, random_perms(spec, torch.Generator().manual_seed(0)))(calib[0]),
+                    a(calib[0])) < 1e-12
+
+
 def test_fused_model_computes_the_fitted_maps():
     """After a merge-like fit to two different nets, every fitted layer of the fused model outputs exactly
     its fitted affine map of its own input (BatchNorm output for conv->BN), in eval mode."""

@@ -57,6 +57,14 @@ class ModelTracer(fx.Tracer):
 _CONTAINERS = (dict, list, set)
 _MISSING = object()
 
+# module attributes that cache values computed from the module's tensors in eval mode (timm's LeViT,
+# EfficientFormer(V2), EfficientViT-MSRA, TinyViT: attention biases gathered per head). A trace runs
+# with them empty, so the graph computes those values from the tensors (a filled cache would be traced
+# as a constant: its parameter would join no permutation group and its values would be the traced
+# model's for every model run through the graph); code that rewrites tensors empties them
+# (``permute.clear_tensor_caches``).
+TENSOR_CACHES = ("attention_bias_cache",)
+
 
 @contextlib.contextmanager
 def restored_state(model: nn.Module):
@@ -68,7 +76,7 @@ def restored_state(model: nn.Module):
     there, the model is mutated, and a second trace of it reuses the first trace's Proxy, whose node
     belongs to another graph ("Node add referenced nonexistent value getitem_6" when the graph runs).
     Every attribute a module held before is restored (containers in place, so references to them stay
-    valid) and every attribute added is removed.
+    valid) and every attribute added is removed. ``TENSOR_CACHES`` are empty inside the block.
     """
     saved: List[Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]] = []
     for m in model.modules():
@@ -76,6 +84,9 @@ def restored_state(model: nn.Module):
         contents = {k: (dict(v) if isinstance(v, dict) else list(v))
                     for k, v in attrs.items() if isinstance(v, _CONTAINERS)}
         saved.append((m, attrs, contents))
+        for k in TENSOR_CACHES:
+            if isinstance(attrs.get(k), dict):
+                attrs[k].clear()  # refilled from ``contents`` on exit
     try:
         yield model
     finally:
