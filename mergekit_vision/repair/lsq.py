@@ -404,25 +404,45 @@ class LsqStats:
     def embedded(parts: Sequence[Tuple[Optional[torch.Tensor], LsqStats]], dim: int) -> LsqStats:
         """The statistics of the whole ``dim``-wide patch from parts whose patches held only the patch
         entries ``entries`` (every other entry zero in their rows: the taps that read padding; None:
-        every entry), pooled exactly: an entry absent from a part is zero there, so its mean and centred
-        sums in that part are zero."""
-        st = LsqStats()
+        every entry), pooled exactly: an entry absent from a part is zero there (mean and centred sums
+        zero). One pass: the pooled means, each part's centred sums added into its block, and the parts'
+        mean offsets as one rank-``len(parts)`` update, ``C = sum_p C_p + n_p (m_p - m)(m_p - m)^T``."""
+        parts = [(e, p) for e, p in parts if not p.empty]
+        if not parts:
+            return LsqStats()
+        if len(parts) == 1 and parts[0][0] is None:
+            return parts[0][1]
+        ref = parts[0][1]
+        groups, out, dev, f64 = ref.cxy.shape[0], ref.cxy.shape[-1], ref.device, ref.cxx.dtype
+        n = sum(p.rows for _, p in parts)
+        means = []  # each part's means over the whole patch
         for entries, p in parts:
-            if p.empty:
-                continue
             if entries is None:
-                st._add(p.rows, p.mx, p.my, p.cxx, p.cxy, p.cyy)
-                continue
-            ix = entries.to(p.device)
-            groups, out = p.cxy.shape[0], p.cxy.shape[-1]
-            mx = p.mx.new_zeros(groups, dim)
-            mx[:, ix] = p.mx
-            cxx = p.cxx.new_zeros(groups, dim, dim)
-            cxx[:, ix[:, None], ix] = p.cxx
-            cxy = p.cxy.new_zeros(groups, dim, out)
-            cxy[:, ix] = p.cxy
-            st._add(p.rows, mx, p.my, cxx, cxy, p.cyy)
-        return st
+                means.append(p.mx)
+            else:
+                m = torch.zeros(groups, dim, dtype=f64, device=dev)
+                m[:, entries.to(dev)] = p.mx
+                means.append(m)
+        mx = sum(p.rows * m for m, (_, p) in zip(means, parts)) / n
+        my = sum(p.rows * p.my for _, p in parts) / n
+        cxx = torch.zeros(groups, dim, dim, dtype=f64, device=dev)
+        cxy = torch.zeros(groups, dim, out, dtype=f64, device=dev)
+        cyy = torch.zeros(groups, out, dtype=f64, device=dev)
+        for entries, p in parts:
+            if entries is None:
+                cxx += p.cxx
+                cxy += p.cxy
+            else:
+                ix = entries.to(dev)
+                cxx[:, ix[:, None], ix] += p.cxx
+                cxy[:, ix] += p.cxy
+            cyy += p.cyy + p.rows * (p.my - my).pow(2)
+        root = torch.tensor([float(p.rows) for _, p in parts], dtype=f64, device=dev).sqrt()
+        dx = (torch.stack(means, -1) - mx.unsqueeze(-1)) * root  # (groups, dim, parts)
+        dy = (torch.stack([p.my for _, p in parts], -1) - my.unsqueeze(-1)) * root
+        cxx.baddbmm_(dx, dx.transpose(1, 2))
+        cxy.baddbmm_(dx, dy.transpose(1, 2))
+        return LsqStats(n, mx, my, cxx, cxy, cyy)
 
     def __add__(self, other: LsqStats) -> LsqStats:
         if self.empty:
