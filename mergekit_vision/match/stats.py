@@ -91,14 +91,15 @@ def _sqsum(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=2).square().sum(1, dtype=torch.float64)
 
 
-def _gram(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+def _gram(ra: torch.Tensor, rb: torch.Tensor, batched: Optional[bool] = None) -> torch.Tensor:
     """``sum over samples and positions of ra[i] * rb[j]``: float32 GEMMs over chunks, pooled in float64.
-    On a GPU the whole chunks go in one batched GEMM (a launch per chunk would cost more than the work)."""
+    On a GPU (``batched``) the whole chunks go in one batched GEMM: a launch per chunk would cost more
+    than the work."""
     c_a, n, p = ra.shape
     step = max(1, CHUNK // max(p, 1))
     out = torch.zeros((c_a, rb.shape[0]), dtype=torch.float64, device=ra.device)
     done = 0
-    if ra.device.type != "cpu" and n >= 2 * step:
+    if (ra.device.type != "cpu" if batched is None else batched) and n >= 2 * step:
         done = n - n % step
         pa = ra[:, :done].reshape(c_a, done // step, step * p).transpose(0, 1)
         pb = rb[:, :done].reshape(rb.shape[0], done // step, step * p).transpose(0, 1)
