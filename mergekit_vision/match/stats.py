@@ -97,14 +97,19 @@ def _gram(ra: torch.Tensor, rb: torch.Tensor, batched: Optional[bool] = None) ->
     than the work."""
     c_a, n, p = ra.shape
     step = max(1, CHUNK // max(p, 1))
-    out = torch.zeros((c_a, rb.shape[0]), dtype=torch.float64, device=ra.device)
+    out = None
     done = 0
     if (ra.device.type != "cpu" if batched is None else batched) and n >= 2 * step:
         done = n - n % step
         pa = ra[:, :done].reshape(c_a, done // step, step * p).transpose(0, 1)
         pb = rb[:, :done].reshape(rb.shape[0], done // step, step * p).transpose(0, 1)
-        out += torch.bmm(pa, pb.transpose(1, 2)).sum(0, dtype=torch.float64)
-    for pa, pb in zip(_chunks(ra[:, done:]), _chunks(rb[:, done:])):
+        out = torch.bmm(pa, pb.transpose(1, 2)).sum(0, dtype=torch.float64)
+    rest = list(zip(_chunks(ra[:, done:]), _chunks(rb[:, done:])))
+    if out is None and len(rest) == 1:  # one chunk: its float32 product, promoted when it is pooled
+        return rest[0][0] @ rest[0][1].T
+    if out is None:
+        out = torch.zeros((c_a, rb.shape[0]), dtype=torch.float64, device=ra.device)
+    for pa, pb in rest:
         out.add_(pa @ pb.T)
     return out
 
@@ -132,7 +137,7 @@ def cross_sum(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     """``sum over positions of a[:, i] * b[:, j]`` for channel axis ``dim``: the (C_a, C_b) matrix
     (float64), by GEMMs over chunks of samples."""
     zero = torch.zeros((), dtype=torch.float64)
-    return _gram(_rows(a, dim, zero.expand(a.shape[dim])), _rows(b, dim, zero.expand(b.shape[dim])))
+    return _gram(_rows(a, dim, zero.expand(a.shape[dim])), _rows(b, dim, zero.expand(b.shape[dim]))).to(torch.float64)
 
 
 def _centred_as(x: torch.Tensor, dim: int, known: Union[Centred, BatchMoments, None]) -> Centred:
@@ -270,7 +275,7 @@ class CrossMoments:
         self.mbb = self.mbb + mbb.to(torch.float64) + db * db * w
         # a new matrix (another accumulator may share this one), then the rank-1 term in place: two passes
         # over the C x C float64 matrix instead of four
-        self.mab = (self.mab + mab.to(torch.float64)).addr_(da, db, alpha=w)
+        self.mab = (self.mab + mab).addr_(da, db, alpha=w)  # a float32 batch is promoted in the add
         self.ma = self.ma + da * (n2 / n)
         self.mb = self.mb + db * (n2 / n)
         self.n = n
