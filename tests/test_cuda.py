@@ -4,7 +4,7 @@ runs these on a GPU machine)."""
 import pytest
 import torch
 
-from mergekit_vision import merge
+from mergekit_vision import merge, permute, random_perms, trace_permutation_spec
 from mergekit_vision.calibration import collect_statistics, plan_calibration
 from mergekit_vision.testing import randomize_model
 
@@ -36,18 +36,31 @@ def test_statistics_stay_on_the_device():
 
 def test_device_cuda_merges_cpu_models_as_the_cpu_does():
     """device="cuda" on CPU models: the result is on the CPU, in float32, with the CPU merge's assignments
-    and (to float32 rounding of different kernels) its function."""
+    (up to near ties) and, to float32 rounding of different kernels, its function."""
     a, b, calib = _pair()
     on_cpu, rep_cpu = merge(a, b, calib, progress=False, return_report=True)
     on_gpu, rep_gpu = merge(a, b, calib, device="cuda", progress=False, return_report=True)
     p = next(on_gpu.parameters())
     assert p.device.type == "cpu" and p.dtype == torch.float32
-    assert {g: r.moved for g, r in rep_gpu.groups.items()} == {g: r.moved for g, r in rep_cpu.groups.items()}
+    # other kernels sum in another order (~1e-7): an assignment may flip only between near-tied pairs, so
+    # the optimum's value is what must agree (and almost every channel's partner)
     for g, r in rep_cpu.groups.items():
         assert rep_gpu.groups[g].mean_corr == pytest.approx(r.mean_corr, abs=1e-5), g
+        assert rep_gpu.groups[g].moved == pytest.approx(r.moved, abs=0.05), g
+
+
+def test_device_cuda_undoes_a_permutation_exactly_as_the_cpu_does():
+    """B a channel-permuted copy of A: one right answer; on the GPU as on the CPU the merge finds every
+    channel (the permutations are the same) and gives A's function back, as a CPU model."""
+    a, _, calib = _pair()
+    spec = trace_permutation_spec(a, calib[0][:1])
+    b = permute(a, spec, random_perms(spec, torch.Generator().manual_seed(5)))
+    _, rep_cpu = merge(a, b, calib, progress=False, return_report=True)
+    on_gpu, rep_gpu = merge(a, b, calib, device="cuda", progress=False, return_report=True)
+    assert {g: r.moved for g, r in rep_gpu.groups.items()} == {g: r.moved for g, r in rep_cpu.groups.items()}
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
-        assert _rel(on_gpu(x), on_cpu(x)) < 1e-3
+        assert _rel(on_gpu(x), a(x)) < 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
