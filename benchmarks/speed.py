@@ -14,6 +14,7 @@ own subprocess: its peak resident memory (ru_maxrss) is its own.
     python benchmarks/speed.py --only resnet50:32:5000:lean # the same with merge(taps="lean")
     python benchmarks/speed.py --json speed.json            # also keep the raw numbers
     python benchmarks/speed.py --curve resnet18:32:1000     # interpolation_curve vs one merge() per point
+    python benchmarks/speed.py --device cuda --dtype bfloat16 --only resnet50:224:5000  # on a GPU (wall s)
 
 Inputs are random tensors (speed does not depend on the pixels); models are timm's, randomly
 initialized with random BatchNorm statistics. One thread unless --threads says otherwise.
@@ -54,7 +55,8 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps: str = "all") -> dict:
+def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps: str = "all",
+            device: str = "cpu", dtype: str = "float32") -> dict:
     import timm
     import torch
 
@@ -62,15 +64,23 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps
     from mergekit_vision.testing import randomize_model
 
     torch.set_num_threads(threads)
-    clock = time.process_time  # CPU seconds of this process: what the other jobs on the machine leave alone
+    gpu = device != "cpu"
+    if gpu:  # wall seconds, the device drained at each reading (kernels run asynchronously)
+        def clock():
+            torch.cuda.synchronize()
+            return time.perf_counter()
+    else:
+        clock = time.process_time  # CPU seconds of this process: what the other jobs on the machine leave alone
     # the merge report's stage timings read the same clock (the package's `merge` is the function:
     # the module is looked up in sys.modules)
     shim = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
     sys.modules["mergekit_vision.calibration"].time = types.SimpleNamespace(**{**shim, "perf_counter": clock})
-    a = randomize_model(timm.create_model(model_name, pretrained=False), seed=0).eval()
-    b = randomize_model(timm.create_model(model_name, pretrained=False), seed=1).eval()
+    dt = getattr(torch, dtype)
+    a = randomize_model(timm.create_model(model_name, pretrained=False), seed=0).eval().to(device, dt)
+    b = randomize_model(timm.create_model(model_name, pretrained=False), seed=1).eval().to(device, dt)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(min(batch, n - i), 3, pixels, pixels, generator=g) for i in range(0, n, batch)]
+    batches = [torch.randn(min(batch, n - i), 3, pixels, pixels, generator=g).to(device, dt)
+               for i in range(0, n, batch)]
     rss_setup = _rss_mb()
 
     def forward_all(m):
@@ -80,14 +90,21 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps
                 m(x)
         return clock() - t0
 
+    def device_peak_mb():
+        return torch.cuda.max_memory_allocated() / 2**20 if gpu else float("nan")
+
     forward_all(a)  # warm-up (allocator, oneDNN primitive caches)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     floor = {"a": forward_all(a), "b": forward_all(b)}
-    peak_floor = _maxrss_mb()
+    peak_floor, dev_floor = _maxrss_mb(), device_peak_mb()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     t0, w0 = clock(), time.perf_counter()
     merged, report = merge(a, b, batches, method="activation", repair=True, progress=False, return_report=True,
                            taps=taps)
     t_merge, wall_merge = clock() - t0, time.perf_counter() - w0
-    peak_merge = _maxrss_mb()
+    peak_merge, dev_merge = _maxrss_mb(), device_peak_mb()
     floor["merged"] = forward_all(merged)
     with tempfile.TemporaryDirectory() as d:
         t0 = clock()
@@ -98,6 +115,7 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps
     floor_total = sum(floor.values())
     total = t_merge + t_export
     return dict(model=model_name, pixels=pixels, images=n, batch=batch, threads=threads, taps=taps,
+                device=device, dtype=dtype, device_peak_floor_mb=dev_floor, device_peak_merge_mb=dev_merge,
                 params_m=sum(p.numel() for p in a.parameters()) / 1e6,
                 floor=floor, floor_s=floor_total, merge_s=t_merge, merge_wall_s=wall_merge, total_s=total,
                 ratio=total / floor_total,
@@ -160,14 +178,18 @@ def run_curve(model_name: str, pixels: int, n: int, batch: int, threads: int) ->
 
 
 def table(rows) -> str:
-    head = ("| model | px | images | taps | floor CPU s (A+B+merged) | merge+export CPU s | ratio | "
-            + " | ".join(PARTS) + " | RSS after setup / peak floor / peak merge (MB) |")
+    gpu = any(r.get("device", "cpu") != "cpu" for r in rows)
+    unit = "wall s" if gpu else "CPU s"  # a GPU's kernels run asynchronously: wall time, drained at each reading
+    head = (f"| model | px | images | taps | dtype | floor {unit} (A+B+merged) | merge+export {unit} | ratio | "
+            + " | ".join(PARTS) + " | RSS after setup / peak floor / peak merge (MB) |"
+            + (" device peak floor / merge (MB) |" if gpu else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['pixels']} | {r['images']} | {r.get('taps', 'all')} | {r['floor_s']:.1f} | "
-                     f"{r['total_s']:.1f} | "
+        lines.append(f"| {r['model']} | {r['pixels']} | {r['images']} | {r.get('taps', 'all')} | "
+                     f"{r.get('dtype', 'float32')} | {r['floor_s']:.1f} | {r['total_s']:.1f} | "
                      f"**{r['ratio']:.2f}** | " + " | ".join(f"{r['parts'].get(p, 0.0):.2f}" for p in PARTS)
-                     + f" | {r['rss_setup_mb']:.0f} / {r['peak_floor_mb']:.0f} / {r['peak_merge_mb']:.0f} |")
+                     + f" | {r['rss_setup_mb']:.0f} / {r['peak_floor_mb']:.0f} / {r['peak_merge_mb']:.0f} |"
+                     + (f" {r['device_peak_floor_mb']:.0f} / {r['device_peak_merge_mb']:.0f} |" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -180,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="append raw results (one JSON object per line)")
     p.add_argument("--curve", default=None, metavar="MODEL:PX:IMAGES",
                    help="time interpolation_curve against one merge() per mode and alpha instead")
+    p.add_argument("--device", default="cpu", help="where the models, the data and the merge run (e.g. cuda)")
+    p.add_argument("--dtype", default="float32", help="the models' dtype (float32, bfloat16)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.curve:
@@ -197,14 +221,16 @@ def main(argv=None) -> int:
     if args.child:  # one configuration, in this process
         m, px, n, *taps = args.child.split(":")
         bs = args.batch32 if int(px) <= 64 else args.batch224
-        print("RESULT " + json.dumps(run_one(m, int(px), int(n), bs, args.threads, *taps)), flush=True)
+        print("RESULT " + json.dumps(run_one(m, int(px), int(n), bs, args.threads, *taps, device=args.device,
+                                             dtype=args.dtype)), flush=True)
         return 0
     print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s); "
           f"python {platform.python_version()}", flush=True)
     rows = []
     for cfg in args.only or DEFAULT:
         cmd = [sys.executable, __file__, "--child", cfg, "--threads", str(args.threads),
-               "--batch32", str(args.batch32), "--batch224", str(args.batch224)]
+               "--batch32", str(args.batch32), "--batch224", str(args.batch224), "--device", args.device,
+               "--dtype", args.dtype]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -99,7 +99,7 @@ def chain(first, second):
 def site_recorders(sites, site_stats, mods, known_moments=None):
     """Hooks (conv and add sites) and overrides (BN sites: ``z`` is computed from the BN input, before
     any fused activation, and the node's value made from it) that record each model's site value.
-    ``known_moments[(node, k)] = (dim, moments)`` shares each value's channel moments with a matching tap."""
+    ``known_moments`` (a :class:`SharedMoments`) shares each value's centred rows with a matching tap."""
     hooks, overrides = {}, {}
     for site in sites:
         stats = site_stats[site.node]
@@ -107,18 +107,18 @@ def site_recorders(sites, site_stats, mods, known_moments=None):
             def override(node, k, args, kwargs, site=site, stats=stats):
                 m = mods[k][site.module]
                 z = bn_eval(m, args[0])
-                mom = stats[k].observe(z, site.dim)
+                centred = stats[k].observe_centred(z, site.dim)
                 out = bn_forward(m, z)
                 if known_moments is not None and out is z:
-                    known_moments[(node.name, k)] = (site.dim, mom)
+                    known_moments.offer(node.name, k, site.dim, centred)
                 return out
             overrides[site.node] = override
         else:
             def hook(node, values, site=site, stats=stats):
                 for k, v in enumerate(values):
-                    mom = stats[k].observe(v, site.dim)
+                    centred = stats[k].observe_centred(v, site.dim)
                     if known_moments is not None:
-                        known_moments[(node.name, k)] = (site.dim, mom)
+                        known_moments.offer(node.name, k, site.dim, centred)
             hooks[site.node] = hook
     return hooks, overrides
 
@@ -269,8 +269,17 @@ class StatisticsRequest:
 
 
 class SharedMoments(dict):
-    """``(node, model index) -> (channel dim, batch moments)``: a REPAIR site's channel moments of this
-    batch, which a matching tap on the same value reuses instead of recomputing them."""
+    """``(node, model index) -> (channel dim, Centred)``: a REPAIR site's centred values of this batch,
+    which a matching tap on the same value reuses (its moments, and its rows for the GEMM) instead of
+    computing them again. Only values some tap in ``nodes`` reads are kept (until that tap takes them)."""
+
+    def __init__(self, nodes=()):
+        super().__init__()
+        self.nodes = set(nodes)
+
+    def offer(self, node: str, k: int, dim: int, centred) -> None:
+        if node in self.nodes:
+            self[(node, k)] = (dim, centred)
 
 
 # collect(models, plan, request) -> Statistics: where the data is (local, sharded, federated)
@@ -307,10 +316,11 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
         return st
 
     hooks: Dict[str, Any] = {}
-    known = SharedMoments()
     pairs = [tuple(p) for p in req.pairs]
+    known = SharedMoments()
     if pairs and req.aligned is None:
         taps = tap_plan(plan.spec, req.taps)
+        known = SharedMoments(taps)
 
         def record_pairs(node, values):
             kn = [known.pop((node.name, k), None) for k in range(len(values))]

@@ -143,7 +143,7 @@ def merge_many(
     weight_iters: int = 100,
     weight_tol: float = WEIGHT_TOL,
     seed: int = 0,
-    diagnostic_batches: int = 4,
+    diagnostic_batches: int = 1,
     collect: Optional[Collect] = None,
     example: Optional[torch.Tensor] = None,
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
@@ -213,7 +213,7 @@ def merge(
     weight_iters: int = 100,
     weight_tol: float = WEIGHT_TOL,
     seed: int = 0,
-    diagnostic_batches: int = 4,
+    diagnostic_batches: int = 1,
     fold_stream: bool = True,
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
     taps: str = "all",
@@ -254,6 +254,8 @@ def merge(
     channels already correspond: matching is skipped, the report says so (``matching_skipped``,
     ``lineage_cosine``) and REPAIR still runs. None always matches.
     The test compares only the tensors that the spec's free groups permute (``report.lineage_keys``).
+    ``diagnostic_batches``: the calibration batches (default 1; 0: none) on which the report's per-site
+    variance ratios before and after REPAIR are measured; they cost two forwards of those batches.
     ``taps``: where activation matching looks, "all" (post-activation, residual-add and norm outputs)
     or "lean" (no post-activation taps where a norm output is tapped: about half the statistics work
     and memory on BatchNorm nets; see :mod:`mergekit_vision.match.activation`), or "blocks" (as lean,

@@ -94,7 +94,7 @@ class MergeOptions:
     weight_iters: int = 100
     weight_tol: float = WEIGHT_TOL
     seed: int = 0
-    diagnostic_batches: int = 4
+    diagnostic_batches: int = 1
     fold_stream: bool = True
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD
     taps: str = "all"

@@ -84,8 +84,8 @@ def test_taps_reuse_repair_channel_moments_without_changing_the_result(name, mon
     from mergekit_vision.match import stats
 
     calls = []
-    real_centred = stats._centred  # every batch's channel moments are computed here (sites and taps)
-    monkeypatch.setattr(stats, "_centred", lambda *a, **k: calls.append(1) or real_centred(*a, **k))
+    real_centre = stats.centre  # every batch's channel moments are computed here (sites and taps)
+    monkeypatch.setattr(stats, "centre", lambda *a, **k: calls.append(1) or real_centre(*a, **k))
     build = dict((z[0], z[1]) for z in ZOO)[name]
     a = randomize_model(build().double().eval(), seed=0)
     b = randomize_model(build().double().eval(), seed=1)
@@ -95,9 +95,9 @@ def test_taps_reuse_repair_channel_moments_without_changing_the_result(name, mon
 
     made = []
 
-    class Unshared(dict):  # a store of shared moments that keeps nothing: every statistic on its own
-        def __init__(self):
-            super().__init__()
+    class Unshared(calibration.SharedMoments):  # a store that keeps nothing: every statistic on its own
+        def __init__(self, nodes=()):
+            super().__init__(nodes)
             made.append(self)
 
         def __setitem__(self, key, value):

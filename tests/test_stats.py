@@ -33,6 +33,40 @@ def test_correlations_survive_large_channel_means():
     assert float(corr.abs().max()) <= 1.0
 
 
+def test_long_batches_keep_float32_products_within_1e6_of_float64():
+    """A batch of 250 feature maps of 32 x 32 (256,000 positions, as resnet20's first stage sees at 32 px).
+    Reduced over all positions at once in float32, the sums of squares drift by ~5e-6 (correlations by
+    ~2e-5) and one GEMM's cross sums by ~1e-6; per-sample norms and GEMMs over chunks of samples, pooled
+    in float64, stay near float32's own rounding of the reference."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(250, 16, 32, 32, generator=g)
+    a = (base + 0.5 * torch.randn(base.shape, generator=g) + 3).relu()
+    b = (base.roll(1, 1) + torch.randn(base.shape, generator=g) + 1).relu()
+    got, ref = CrossMoments(), CrossMoments()
+    got.observe(a, b, 1)
+    ref.observe(a.double(), b.double(), 1)
+    assert float((got.correlation() - ref.correlation()).abs().max()) < 1e-6
+    assert float(((got.maa - ref.maa) / ref.maa).abs().max()) < 1e-6
+    assert float((got.mab - ref.mab).abs().max() / ref.mab.abs().max()) < 3e-7
+
+
+def test_batched_chunks_as_on_a_gpu_equal_the_chunk_loop():
+    """The GPU's one batched GEMM over whole chunks (plus the loop for the rest) sums the same chunk
+    products as the CPU's loop: checked here on the CPU, in float64."""
+    from mergekit_vision.match.stats import CHUNK, _gram, centre
+
+    g = torch.Generator().manual_seed(4)
+    for shape in [(120, 6, 9, 9), (5, 3, 64, 64), (5000, 7, 1, 1)]:  # each with whole chunks and a rest
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        y = torch.randn(shape, generator=g, dtype=torch.float64) + x
+        ra, rb = centre(x, 1).rows, centre(y, 1).rows
+        step = max(1, CHUNK // (shape[2] * shape[3]))
+        assert shape[0] >= 2 * step  # the batched path runs (and, but for (5, 3, 64, 64), the loop after it)
+        looped, batched = _gram(ra, rb, batched=False), _gram(ra, rb, batched=True)
+        assert torch.allclose(looped, batched, rtol=1e-12, atol=1e-9)
+        assert torch.allclose(batched, ra.reshape(shape[1], -1) @ rb.reshape(shape[1], -1).T, rtol=1e-12, atol=1e-9)
+
+
 def test_channels_nchw_layout_matches_positions_view():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 5, 4, 3, generator=g) * 3 + 50

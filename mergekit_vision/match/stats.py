@@ -13,7 +13,7 @@ Correlations are formed at the end, with channels that carry no variance on the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -35,12 +35,6 @@ def _work(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _shape(x: torch.Tensor, dim: int) -> List[int]:
-    shape = [1] * x.dim()
-    shape[dim] = -1
-    return shape
-
-
 def channels_last_2d(x: torch.Tensor, dim: int, start: int = 0, length: Optional[int] = None) -> torch.Tensor:
     """(positions, channels) view of ``x`` with channel axis ``dim``, positions ``start:start+length``."""
     x = x.detach()
@@ -58,50 +52,100 @@ def _channel_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.sum(others, dtype=torch.float64) if others else x.double()  # a bare channel vector: one position
 
 
-def _channel_sqsum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per-channel sum of squares over every other axis, as a squared vector norm: one pass, no
-    squared copy (as fast as a plain sum on CPU)."""
-    if x.dim() >= 3 and dim % x.dim() == 1 and x[0, 0].numel() > 1:
-        return torch.linalg.vector_norm(x.flatten(2), dim=2).square().sum(0)
-    others = tuple(d for d in range(x.dim()) if d != dim % x.dim())
-    return torch.linalg.vector_norm(x, dim=others).square() if others else x * x
+# Positions per float32 partial product: a cross-moment over a batch is the sum of GEMMs over chunks
+# of about this many positions, each accumulated in float64, so its rounding is that of a dot product
+# of this length (as the per-sample products before), not of the whole batch's positions.
+CHUNK = 2048
 
 
-def _centred(x: torch.Tensor, dim: int) -> Tuple[BatchMoments, torch.Tensor]:
-    """The batch's moments by the two-pass algorithm (mean, then the sum of squares about it), and the
-    centred values themselves (a cross-moment reuses them)."""
+class Centred(NamedTuple):
+    """One batch's moments and its values about their mean as ``(channels, samples, positions)`` rows:
+    what a cross-moment multiplies (GEMMs over chunks of samples, ``rows_a @ rows_b.T``)."""
+
+    moments: BatchMoments
+    rows: torch.Tensor
+
+
+def _rows(x: torch.Tensor, dim: int, mean: torch.Tensor) -> torch.Tensor:
+    """``x - mean`` with the channel axis first, as a contiguous (C, samples, positions) tensor: the
+    centring and the transpose are one pass (the copy the centring needs anyway, laid out for the GEMM)."""
+    x = _work(x.detach())
+    c = x.shape[dim]
+    moved = x.movedim(dim, 0)
+    out = torch.empty(moved.shape, dtype=x.dtype, device=x.device)
+    torch.sub(moved, mean.to(x.dtype).view((c,) + (1,) * (moved.dim() - 1)), out=out)
+    lead = moved.shape[1] if moved.dim() > 1 else 1
+    return out.view(c, lead, out.numel() // (c * lead) if c * lead else 0)
+
+
+def _chunks(rows: torch.Tensor):
+    """(C, k) views of whole samples of ``rows``, about ``CHUNK`` positions each (no copies)."""
+    c, n, p = rows.shape
+    step = max(1, CHUNK // max(p, 1))
+    for i in range(0, n, step):
+        yield rows[:, i:i + step].reshape(c, -1)
+
+
+def _sqsum(rows: torch.Tensor) -> torch.Tensor:
+    """Per-channel sum of squares of (C, samples, positions) rows: per-sample norms, pooled in float64."""
+    return torch.linalg.vector_norm(rows, dim=2).square().sum(1, dtype=torch.float64)
+
+
+def _gram(ra: torch.Tensor, rb: torch.Tensor, batched: Optional[bool] = None) -> torch.Tensor:
+    """``sum over samples and positions of ra[i] * rb[j]``: float32 GEMMs over chunks, pooled in float64.
+    On a GPU (``batched``) the whole chunks go in one batched GEMM: a launch per chunk would cost more
+    than the work."""
+    c_a, n, p = ra.shape
+    step = max(1, CHUNK // max(p, 1))
+    out = None
+    done = 0
+    if (ra.device.type != "cpu" if batched is None else batched) and n >= 2 * step:
+        done = n - n % step
+        pa = ra[:, :done].reshape(c_a, done // step, step * p).transpose(0, 1)
+        pb = rb[:, :done].reshape(rb.shape[0], done // step, step * p).transpose(0, 1)
+        out = torch.bmm(pa, pb.transpose(1, 2)).sum(0, dtype=torch.float64)
+    rest = list(zip(_chunks(ra[:, done:]), _chunks(rb[:, done:])))
+    if out is None and len(rest) == 1:  # one chunk: its float32 product, promoted when it is pooled
+        return rest[0][0] @ rest[0][1].T
+    if out is None:
+        out = torch.zeros((c_a, rb.shape[0]), dtype=torch.float64, device=ra.device)
+    for pa, pb in rest:
+        out.add_(pa @ pb.T)
+    return out
+
+
+def centre(x: torch.Tensor, dim: int, mean: Optional[torch.Tensor] = None) -> Centred:
+    """The batch's moments by the two-pass algorithm (the mean, accumulated in float64, then the sum of
+    squares about it) and the centred rows themselves (a cross-moment reuses them). ``mean``: this
+    batch's mean if already known."""
     x = _work(x.detach())
     c = x.shape[dim]
     n = x.numel() // c if c else 0
-    mean = _channel_sum(x, dim) / max(n, 1)  # accumulated in float64: the centring is then exact to x's rounding
-    centred = x - mean.to(x.dtype).view(_shape(x, dim))
-    return BatchMoments(n, mean, _channel_sqsum(centred, dim)), centred
+    if mean is None:
+        mean = _channel_sum(x, dim) / max(n, 1)  # in float64: the centring is then exact to x's rounding
+    rows = _rows(x, dim, mean)
+    return Centred(BatchMoments(n, mean, _sqsum(rows)), rows)
 
 
 def channel_moments(x: torch.Tensor, dim: int) -> BatchMoments:
-    """Per-channel ``(count, mean, centred sum of squares)`` of ``x`` along channel axis ``dim``,
-    reduced in place over the other axes (no channels-last copy), in the activations' precision."""
-    return _centred(x, dim)[0]
+    """Per-channel ``(count, mean, centred sum of squares)`` of ``x`` along channel axis ``dim``, in the
+    activations' precision (at least float32), pooled over samples in float64."""
+    return centre(x, dim).moments
 
 
 def cross_sum(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    """``sum over positions of a[:, i] * b[:, j]`` for channel axis ``dim``: the (C_a, C_b) matrix.
+    """``sum over positions of a[:, i] * b[:, j]`` for channel axis ``dim``: the (C_a, C_b) matrix
+    (float64), by GEMMs over chunks of samples."""
+    zero = torch.zeros((), dtype=torch.float64)
+    return _gram(_rows(a, dim, zero.expand(a.shape[dim])), _rows(b, dim, zero.expand(b.shape[dim]))).to(torch.float64)
 
-    NCHW maps with large spatial extent take a batched matmul over samples (no transposed copies,
-    about 2-3x faster than one tall matmul on CPU), in chunks that keep the per-sample products small.
-    """
-    a, b = _work(a.detach()), _work(b.detach())
-    if a.dim() >= 3 and dim == 1 and a[0, 0].numel() >= 64:
-        af, bf = a.flatten(2), b.flatten(2).transpose(1, 2)
-        chunk = max(1, min(a.shape[0], (1 << 23) // max(1, a.shape[1] * b.shape[1])))
-        out = None
-        for i in range(0, a.shape[0], chunk):
-            part = torch.bmm(af[i:i + chunk], bf[i:i + chunk]).sum(0)
-            out = part if out is None else out.add_(part)
-        return out
-    a2 = a.movedim(dim, 0).reshape(a.shape[dim], -1)
-    b2 = b.movedim(dim, 0).reshape(b.shape[dim], -1)
-    return a2 @ b2.T
+
+def _centred_as(x: torch.Tensor, dim: int, known: Union[Centred, BatchMoments, None]) -> Centred:
+    if isinstance(known, Centred):
+        return known
+    if known is None:
+        return centre(x, dim)
+    return Centred(known, _rows(x, dim, known.mean))
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -132,9 +176,13 @@ class ChannelMoments:
 
     def observe(self, x: torch.Tensor, dim: int) -> BatchMoments:
         """Add a batch with channel axis ``dim`` (any layout); returns the batch's own moments."""
-        mom = channel_moments(x, dim)
-        self.add_batch(mom)
-        return mom
+        return self.observe_centred(x, dim).moments
+
+    def observe_centred(self, x: torch.Tensor, dim: int) -> Centred:
+        """As :meth:`observe`, returning the batch's :func:`centre` (its rows serve a cross-moment)."""
+        c = centre(x, dim)
+        self.add_batch(c.moments)
+        return c
 
     def update(self, x2d: torch.Tensor) -> None:
         """Add a (positions, channels) batch."""
@@ -202,21 +250,19 @@ class CrossMoments:
         self.observe(a2d, b2d, 1)
 
     def observe(self, a: torch.Tensor, b: torch.Tensor, dim: int, start: int = 0, length: Optional[int] = None,
-                moments: Optional[Tuple[BatchMoments, BatchMoments]] = None) -> None:
+                moments: Optional[Tuple[Union[Centred, BatchMoments], Union[Centred, BatchMoments]]] = None) -> None:
         """Add a batch of two activations with channel axis ``dim``, channels ``start:start+length``.
-        ``moments``: the two values' ``channel_moments`` over all their channels, if already computed."""
+        ``moments``: the two values' :func:`centre` (or only their ``channel_moments``) over all their
+        channels, if already computed."""
         if length is not None and (start != 0 or length != a.shape[dim]):
             a, b = a.narrow(dim, start, length), b.narrow(dim, start, length)
             moments = None
-        a, b = _work(a.detach()), _work(b.detach())
-        if moments is not None:  # centred before the product: no cancellation
-            (mom_a, mom_b), ac, bc = moments, a - moments[0].mean.to(a.dtype).view(_shape(a, dim)), \
-                b - moments[1].mean.to(b.dtype).view(_shape(b, dim))
-        else:
-            (mom_a, ac), (mom_b, bc) = _centred(a, dim), _centred(b, dim)
-        if not mom_a.n:
+        ca, cb = (_centred_as(x, dim, m) for x, m in zip((a, b), moments or (None, None)))
+        if not ca.moments.n:
             return
-        self._add(mom_a.n, mom_a.mean, mom_b.mean, mom_a.m2, mom_b.m2, cross_sum(ac, bc, dim))
+        (mom_a, mom_b) = ca.moments, cb.moments
+        # centred before the product (no cancellation); GEMMs in the activations' precision
+        self._add(mom_a.n, mom_a.mean, mom_b.mean, mom_a.m2, mom_b.m2, _gram(ca.rows, cb.rows))
 
     def _add(self, n2, ma, mb, maa, mbb, mab) -> None:
         if self.ma is None or not self.n:
@@ -227,7 +273,9 @@ class CrossMoments:
         db = mb.to(torch.float64) - self.mb
         self.maa = self.maa + maa.to(torch.float64) + da * da * w
         self.mbb = self.mbb + mbb.to(torch.float64) + db * db * w
-        self.mab = self.mab + mab.to(torch.float64) + torch.outer(da, db) * w
+        # a new matrix (another accumulator may share this one), then the rank-1 term in place: two passes
+        # over the C x C float64 matrix instead of four
+        self.mab = (self.mab + mab).addr_(da, db, alpha=w)  # a float32 batch is promoted in the add
         self.ma = self.ma + da * (n2 / n)
         self.mb = self.mb + db * (n2 / n)
         self.n = n
