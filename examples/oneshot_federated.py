@@ -1,14 +1,14 @@
 """One-shot federated merge: K clients train from *different* inits on Dirichlet non-IID splits, the
 server merges them once (clients send only calibration statistics).
 
-Result (CIFAR-10, first 10k train / 2k test images, resnet20 width 1, Dirichlet alpha=0.5, 8 epochs):
-K=4 clients merged with activation alignment + REPAIR reach 32.0% vs mean client 39.3%, logit ensemble
-53.4%, naive average 9.8% (20.9% with BN re-estimation), centralized 68.4%; K=8: 24.9% vs 31.4% /
-51.9% / 9.9% (19.9%). At this scale the one-shot merge stays below the mean client (ensemble gap
-closed: -51% / -32%). Machine: 2-core AMD EPYC VM shared with other jobs, 1 thread, torch 2.14.1 CPU,
-37 min. Details: docs/recipes/oneshot_federated.md.
+Result (CIFAR-10, first 10k train / 2k test images, resnet20 width 1, Dirichlet alpha=0.5, 8 epochs,
+--bf16): K=4 clients merged with activation alignment + least-squares repair (MergeMany) reach 42.8%
+vs mean client 39.2%, logit ensemble 55.2%, alignment + REPAIR 32.1%, naive average 9.9% (21.6% with BN
+re-estimation), centralized 67.4%; K=8: 39.1% vs 31.1% / 51.4% / 25.3% / 10.0% (21.2%). Ensemble gap
+closed by least squares: 22% / 39% (REPAIR: -44% / -28%). Machine: 2-core Intel Xeon VM shared with
+other jobs, 1 thread, torch 2.14.1 CPU, 89 min. Details: docs/recipes/oneshot_federated.md.
 
-    python examples/oneshot_federated.py --data ../shared/data/cifar10 --clients 4 8 --out runs/oneshot
+    python examples/oneshot_federated.py --data ../shared/data/cifar10 --clients 4 8 --bf16 --out runs/oneshot
 
 Compares the merged model against the naive weighted average, the mean client, the logit ensemble
 (upper bound) and centralized training on the union of the clients' data, and reports the fraction of
