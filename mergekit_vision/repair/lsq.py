@@ -14,8 +14,8 @@ optionally subsampled; the bias is not shrunk, so this is exactly the ridge prob
 column), shrunk towards ``W0``, the averaged network's own map (so a merge of a model with itself is
 that model for every ``lam``); grouped and depthwise convolutions solve one block per group. The map is
 folded back into the layer (and its BatchNorm, train-consistently: running statistics = the statistics
-of the layer's new output on the calibration
-data), so the result keeps the architecture and state-dict keys.
+of the layer's new output on the calibration data), so the result keeps the architecture and
+state-dict keys.
 
 The walk runs node by node over *all* calibration batches at once (:func:`lsq_pass`): each model's
 values of every batch are kept until their last use, so the whole repair costs one forward pass of
@@ -450,7 +450,7 @@ class LsqStats:
         if other.empty:
             return self
         out = LsqStats(self.rows, *(getattr(self, f).clone() for f in _MOMENTS))
-        out._add(other.rows, other.mx, other.my, other.cxx, other.cxy, other.cyy)
+        out._add(other.rows, *(getattr(other, f) for f in _MOMENTS))
         return out
 
     def augmented(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -494,6 +494,14 @@ def live_entries(st: LsqStats) -> Optional[torch.Tensor]:
     return None if bool(live.all()) else live.nonzero().flatten()
 
 
+def _live_view(st: LsqStats, w: torch.Tensor, live: Optional[torch.Tensor]):
+    """``(Cxx, Cxy, mx, W without its bias row)`` restricted to the entries ``live`` (None: all, no copy)."""
+    d = st.mx.shape[-1]
+    if live is None:
+        return st.cxx, st.cxy, st.mx, w[:, :d]
+    return st.cxx[:, live][:, :, live], st.cxy[:, live], st.mx[:, live], w[:, live]
+
+
 def ridge_solve(st: LsqStats, w0: torch.Tensor, lam: float, bias: bool = True
                 ) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """The ridge fit ``min ||X W + 1 b - Y||^2 + r ||W - W0||^2`` per group from the statistics, the
@@ -505,7 +513,7 @@ def ridge_solve(st: LsqStats, w0: torch.Tensor, lam: float, bias: bool = True
     (:func:`live_entries`) decouple exactly: their rows of ``W`` are ``W0``'s and the rest is solved
     without them (a 3x3 conv on a 1x1 map: 1/9 of the system). A system still singular (``lam`` 0, dead
     or duplicated inputs) gets a growing diagonal until Cholesky succeeds: returned as ``jitter``
-    (relative to mean(diag G)). Never NaN for finite statistics."""
+    (relative to the system's mean diagonal). Never NaN for finite statistics."""
     w0 = w0.double().to(st.device)
     n, d = float(st.rows), st.mx.shape[-1]
     diag = st.cxx.diagonal(dim1=1, dim2=2)
@@ -513,10 +521,7 @@ def ridge_solve(st: LsqStats, w0: torch.Tensor, lam: float, bias: bool = True
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # dead inputs: any positive scale
     r = lam * scale
     live = live_entries(st) if lam > 0 else None  # lam 0: a dead entry is singular, as it always was
-    if live is None:  # every entry: no copy of the statistics
-        cxx, cxy, mx, wx0 = st.cxx, st.cxy, st.mx, w0[:, :d]
-    else:
-        cxx, cxy, mx, wx0 = st.cxx[:, live][:, :, live], st.cxy[:, live], st.mx[:, live], w0[:, live]
+    cxx, cxy, mx, wx0 = _live_view(st, w0, live)
     if bias:
         a, rhs = cxx, cxy
     else:
@@ -630,11 +635,7 @@ def relative_residual(st: LsqStats, w: torch.Tensor) -> float:
     term vanishes: centred sums are zero)."""
     w = w.double().to(st.device)
     n, d = float(st.rows), st.mx.shape[-1]
-    live = live_entries(st)
-    if live is None:
-        cxx, cxy, mx, wx = st.cxx, st.cxy, st.mx, w[:, :d]
-    else:  # entries zero in every row add nothing: skip them (the product is d^2 * out)
-        cxx, cxy, mx, wx = st.cxx[:, live][:, :, live], st.cxy[:, live], st.mx[:, live], w[:, live]
+    cxx, cxy, mx, wx = _live_view(st, w, live_entries(st))  # dead entries add nothing (the product is d^2 * out)
     quad = (wx * (cxx @ wx)).sum() - 2 * (wx * cxy).sum() + st.cyy.sum()
     off = (mx.unsqueeze(1) @ wx).squeeze(1) + w[:, d] - st.my
     fit = quad.clamp_min(0) + n * off.pow(2).sum()
