@@ -172,10 +172,19 @@ class PermutationSpec:
 
     @property
     def permutable_fraction(self) -> float:
-        """Permutable channels over all hidden channels: every group but the model's input channels and
-        outputs, which no merge may permute (1.0 when every hidden channel can be aligned)."""
-        hidden = sum(g.size for g in self.groups if not (g.frozen and g.reason in BOUNDARY_REASONS))
-        return self.num_permutable_channels / hidden if hidden else 1.0
+        """Permutable channels over all hidden channels (1.0 when every hidden channel can be aligned).
+
+        Hidden channels are those of the groups that hold a tensor axis, but the model's input channels
+        and outputs, which no merge may permute. A group with no member is an axis of an intermediate
+        value only (relative-position logits, an opaque op's output that no weight reads): nothing there
+        could be permuted. A heads group moves blocks of channels its head-block groups already count,
+        so it adds none; whether heads move is in its own ``frozen`` / ``reason``."""
+        def counted(g: PermutationGroup) -> bool:
+            return bool(g.members) and not g.heads_of and not (g.frozen and g.reason in BOUNDARY_REASONS)
+
+        hidden = sum(g.size for g in self.groups if counted(g))
+        free = sum(g.size for g in self.free_groups if counted(g))
+        return free / hidden if hidden else 1.0
 
     def members_by_key(self) -> Dict[str, List[Tuple[str, Member]]]:
         """key -> [(group name, member)]: derived index, never stored."""

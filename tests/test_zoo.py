@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 from mergekit_vision import trace_permutation_spec
-from mergekit_vision.testing import check_spec
+from mergekit_vision.testing import check_recovery, check_spec
 
 TIMM_NAMES = sorted(set(timm.list_models("*resnet*")) | set(timm.list_models("*resnext*")))
 # one or two cheap members of each family: basic/bottleneck, -D/-T stems, GroupNorm, SE/ECA/GC/SK
@@ -153,3 +153,53 @@ def test_attention_zoo(name, fused):
     assert heads and not any(g.frozen for g in heads), [(g.name, g.reason) for g in heads if g.frozen]
     assert all(spec[t].blocks == g.size for g in heads for t in g.heads_of)
     assert spec.permutable_fraction >= 0.95, (name, spec.permutable_fraction)
+
+
+# attention ResNets (timm byoanet): relative-position tables (BotNet, HaloNet), HaloNet's unfolded key/value
+# windows with the batch folded into the heads, LambdaNet's lambdas shared by every head. name -> the tensors
+# allowed to stay frozen: relative-position tables' position axes (positions, never channels) and ECA's
+# conv across channels
+ATTENTION_RESNETS = {
+    "botnet26t_256": (), "halonet26t": (), "lambda_resnet26t": (), "halonet_h1": (),
+    "eca_botnext26ts_256": ("conv2_kxk.conv", "conv2_kxk.bn", "attn.conv", "conv3_1x1.conv"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_RESNETS))
+def test_attention_resnets(name):
+    model = timm.create_model(name, pretrained=False)
+    spec = _check(model, name, 256)
+    allowed = ATTENTION_RESNETS[name]
+    for g in spec.groups:
+        if g.frozen and g.members and g.reason not in ("model input channels", "model output"):
+            # only what cannot move: a table's relative-position axis (axis 0 of *_rel), ECA's channel conv
+            assert all(m.key.endswith(("height_rel", "width_rel")) and m.axis == 0 for m in g.members) or any(
+                a in m.key for m in g.members for a in allowed), (g.name, g.reason, g.members[:3])
+    if not allowed:
+        # halonet_h1's tables are a larger share of its narrow stages
+        assert spec.permutable_fraction >= (0.9 if name == "halonet_h1" else 0.95), spec.permutable_fraction
+    # the head dim is shared by all heads (relative logits, a shared lambda): one permutation within
+    # every head, heads fixed, and the reason says why
+    shared = [g for g in spec.groups if g.frozen and "shared by all heads" in (g.reason or "")]
+    assert shared and all(not g.members for g in shared)
+
+
+def test_the_spec_does_not_depend_on_the_trace_batch():
+    # HaloNet folds the batch into the heads (reshape(B * heads, ...)): traced on one sample either way
+    model = timm.create_model("halonet26t", pretrained=False).eval()
+    one = trace_permutation_spec(model, torch.randn(1, 3, 256, 256))
+    four = trace_permutation_spec(model, torch.randn(4, 3, 256, 256))
+    assert one.to_dict() == four.to_dict()
+    assert one.permutable_fraction > 0.95
+
+
+@pytest.mark.parametrize("name,size", [
+    ("lambda_resnet26t", 128),
+    pytest.param("halonet26t", 256, marks=pytest.mark.heavy),
+    pytest.param("botnet26t_256", 256, marks=pytest.mark.heavy),
+])
+def test_attention_resnets_recover_a_permuted_copy(name, size):
+    # float32 matching through the shared-lambda / relative-logit / unfolded-window layouts
+    rec = check_recovery(timm.create_model(name, pretrained=False),
+                         torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    assert rec.wrong_groups == {} and rec.max_weight_error < 1e-6, (rec.wrong_groups, rec.max_weight_error)

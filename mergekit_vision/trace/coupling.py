@@ -216,8 +216,9 @@ def _head_blocks(E: Elements, A, display: List, placed: set) -> Dict[int, _Heads
                 break
             comps.append(A.find(pcs[0][0]))
         if not comps or len(set(comps)) != len(comps):
-            h.bad = h.bad or (f"{s.where}: the head dim is shared by all heads (a norm or rotary embedding over it), "
-                              "so heads are not matched as wholes" if comps else
+            h.bad = h.bad or (f"{s.where}: the head dim is shared by all heads (a norm, rotary embedding, "
+                              "relative-position table or shared lambda over it), so heads are not matched as "
+                              "wholes" if comps else
                               f"{s.where}: a head's channels are used apart")
             continue
         key = tuple(comps)
@@ -491,7 +492,10 @@ def trace_permutation_spec(
     """Infer the permutation groups of ``model`` by tracing it with torch.fx.
 
     ``example_input`` (or ``input_shape``) is run once, in eval mode and without gradients; the
-    model's parameters, buffers and train/eval flags are left as they were.
+    model's parameters, buffers and train/eval flags are left as they were. Only its first sample is
+    run, as ``merge`` traces: the spec does not depend on the batch size (a batch axis of size one
+    carries nothing, so a reshape that folds the batch into the heads, as HaloNet's does, reads as
+    the head split it is for every sample).
     """
     if example_input is None:
         if input_shape is None:
@@ -501,6 +505,8 @@ def trace_permutation_spec(
                                     device=p0.device if p0 is not None else "cpu")
     if not isinstance(example_input, torch.Tensor):
         raise MergeVisionError(f"example_input must be a Tensor, got {type(example_input).__name__}")
+    if example_input.dim() > 1 and example_input.shape[0] > 1:
+        example_input = example_input[:1]
     with eval_mode(model), torch.no_grad():
         gm = trace_model(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
         plain: set = set()

@@ -65,6 +65,27 @@ def merge_view(E: Elements, ins) -> Optional[DimLayout]:
     return None
 
 
+def merge_shared(E: Elements, where: str, ins) -> Optional[DimLayout]:
+    """``(heads, c)`` back into one channel dim where ``c`` is an ordinary channel axis every head
+    shares (LambdaNet: each head's output carries v's channels, the lambda being shared): the merged
+    channels are a split of their own on the heads' axis whose head dim is ``c``'s channels (one
+    permutation shared by all heads). None for anything else."""
+    if len(ins) != 2 or ins[0] is None or ins[1] is None or len(ins[0]) != 1:
+        return None
+    seg = ins[0][0]
+    hs = next((s for s in E.splits if s.head == seg.elem), None)
+    if hs is None or not hs.root.role or (seg.off, seg.length, seg.inner) != (0, hs.heads, 1) \
+            or any(c.inner != 1 or c.elem in E.split_of for c in ins[1]):
+        return None
+    dim = sum(c.length for c in ins[1])
+    n = hs.heads * dim
+    chan = (Seg(E.new(n, where), 0, n),)
+    s = E.head_split(chan, hs.heads, dim, 1, where, head=hs.head)
+    s.where, s.role = where, "vo"
+    join_dim(E, (Seg(s.within, 0, dim),), ins[1], where)
+    return chan
+
+
 def select(E: Elements, layout, dim: int, index: int):
     """The layout of ``x.select(dim, index)`` where ``dim`` is a split's q/k/v axis: one of its parts,
     a split of its own that shares the parent's head axis. None when ``dim`` is no such axis."""
@@ -89,6 +110,11 @@ def contract(E: Elements, where: str, ca: DimLayout, cb: DimLayout, batch_a, bat
         join_dim(E, sa.chan, sb.chan, where)
         sa.role = sb.role = "qk"
         return
+    for s, other in ((sa, cb), (sb, ca)):
+        # one head dim against an ordinary channel axis (LambdaNet's queries against a lambda every head
+        # shares): a real use of the split, its head dim one permutation for all heads (the join below)
+        if s is not None and other is not None and all(c.elem not in E.split_of for c in other):
+            s.role = s.role or "qk"
     join_dim(E, ca, cb, where)
 
 

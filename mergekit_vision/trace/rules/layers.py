@@ -8,13 +8,18 @@ from .core import RuleCall, channel_free, cut_dim, is_tensor, join_dim, layout_o
 
 
 def conv_core(call: RuleCall, x, lx, lw: Sequence[DimLayout], lb: DimLayout, groups: int,
-              weight_key: Optional[str], in_ch: int, out_ch: int, transposed: bool = False):
+              weight_key: Optional[str], in_ch: int, out_ch: int, transposed: bool = False,
+              pointwise: Sequence[bool] = ()):
+    """``pointwise[i]``: spatial dim ``i`` has kernel 1, stride 1, dilation 1 and no padding, so its
+    positions map one to one (LambdaNet's Conv3d runs a (r, r, 1) kernel over v's channels there)."""
     E = call.E
     out = call.out
     layout: List[DimLayout] = [lx[0]]
-    # spatial dims of the input must not carry channels (ECA's conv1d over channels does)
+    # spatial dims of the input must not carry channels (ECA's conv1d over channels does), unless the
+    # kernel leaves that dim's positions one to one
     for d in range(2, x.dim()):
-        E.freeze_dim(lx[d], f"{call.where} convolves across a channel axis (e.g. ECA)")
+        if not (d - 2 < len(pointwise) and pointwise[d - 2] and x.shape[d] == out.shape[d]):
+            E.freeze_dim(lx[d], f"{call.where} convolves across a channel axis (e.g. ECA)")
     if transposed:
         lw = [lw[1], lw[0]] + list(lw[2:])
     lout = lw[0]
@@ -51,8 +56,16 @@ def conv_core(call: RuleCall, x, lx, lw: Sequence[DimLayout], lb: DimLayout, gro
             E.freeze_dim(cin, f"{call.where}: grouped transposed conv")
             E.freeze_dim(lout, f"{call.where}: grouped transposed conv")
     layout.append(lout)
-    layout.extend(None for _ in range(2, out.dim()))
+    layout.extend(lx[d] if d - 2 < len(pointwise) and pointwise[d - 2] and x.shape[d] == out.shape[d] else None
+                  for d in range(2, out.dim()))
     return tuple(layout)
+
+
+def _pointwise_dims(m) -> List[bool]:
+    """Per spatial dim of a conv module: whether its positions map one to one (see ``conv_core``)."""
+    pad = m.padding if isinstance(m.padding, tuple) else (None,) * len(m.kernel_size)  # 'same'/'valid' strings
+    return [k == 1 and s == 1 and dl == 1 and p == 0 and not getattr(m, "transposed", False)
+            for k, s, dl, p in zip(m.kernel_size, m.stride, m.dilation, pad)]
 
 
 def conv_module(call: RuleCall):
@@ -77,7 +90,8 @@ def conv_module(call: RuleCall):
                 join_dim(call.E, lw[0] if not transposed else lw[1], param_dim(call, extra, 0), call.where)
     if transposed and m.groups == 1:
         lw = [lw[0], lw[1]] + lw[2:]  # weight is (in, out, ...); conv_core swaps
-    return conv_core(call, x, lx, lw, lb, m.groups, call.key("weight"), m.in_channels, m.out_channels, transposed)
+    return conv_core(call, x, lx, lw, lb, m.groups, call.key("weight"), m.in_channels, m.out_channels, transposed,
+                     pointwise=_pointwise_dims(m))
 
 
 def _functional_args(call: RuleCall):

@@ -25,7 +25,7 @@ from .norms import (batchnorm_functional, batchnorm_module, groupnorm_functional
                     layernorm_functional, layernorm_module)
 from .shape import (cat_rule, chunk_rule, expand_rule, getattr_rule, getitem_rule, movedim_rule, permute_rule,
                     repeat_rule, reshape_rule, roll_rule, split_rule, stack_rule, tokens_last, transpose_rule,
-                    unbind_rule)
+                    unbind_rule, unfold_rule)
 
 Rule = Callable[[RuleCall], Any]
 
@@ -104,6 +104,7 @@ METHOD_RULES: Dict[str, Rule] = _table(
     (("chunk",), chunk_rule),
     (("unbind",), unbind_rule),
     (("roll",), roll_rule),
+    (("unfold",), unfold_rule),
     (("mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp", "prod"), reduction()),
     (("argmax", "argmin"), reduction(arg_sensitive=True)),
     (("norm",), norm_method),

@@ -7,7 +7,7 @@ from typing import Any, List
 import torch
 
 from ..layout import DimLayout, Elements, Seg, slice_dim
-from .attention import merge_view, select, slice_within, split_view, unbind_selector
+from .attention import merge_shared, merge_view, select, slice_within, split_view, unbind_selector
 from .core import Multi, RuleCall, cut_slice, fresh_layout, is_tensor, join_dim, layout_or_none, unknown
 
 
@@ -46,6 +46,8 @@ def reshape_layout(E: Elements, where: str, in_shape, lx, out_shape):
         if all(lay is None for lay in ins):
             continue
         merged = merge_view(E, ins) if len(b) == 1 and len(a) in (2, 3) else None
+        if merged is None and len(b) == 1 and len(a) == 2:
+            merged = merge_shared(E, where, ins)
         if len(a) == 1 and len(b) == 1:
             out[b[0]] = ins[0]
         elif merged is not None:  # heads and head dim back into one channel axis
@@ -352,3 +354,19 @@ def tokens_last(call: RuleCall):
             lay is not None for lay in lx[:-1]):
         return unknown(call)
     return (None,) * (call.out.dim() - 1) + (lx[-1],)
+
+
+def unfold_rule(call: RuleCall):
+    """``x.unfold(dim, size, step)``: windows of ``size`` positions of ``dim`` (HaloNet's overlapping
+    key/value blocks). ``dim`` becomes the window index and a new last dim the position in the window;
+    both are positions, so a channel axis there freezes; every other dim keeps its channels."""
+    x = call.args[0]
+    if not (is_tensor(x) and is_tensor(call.out)) or call.out.dim() != x.dim() + 1:
+        return unknown(call)
+    lx = list(layout_or_none(call.largs[0], x))
+    dim = call.arg(1, "dimension") % x.dim()
+    if lx[dim] is not None:
+        call.E.freeze_dim(lx[dim], f"{call.where} unfolds windows along a channel axis")
+        lx[dim] = call.E.fresh_dim(call.out.shape[dim], call.where, "windows of a channel axis")
+        return tuple(lx) + (call.E.fresh_dim(call.out.shape[-1], call.where, "windows of a channel axis"),)
+    return tuple(lx) + (None,)
