@@ -62,6 +62,16 @@ def _timm_resnet50_default_stem() -> nn.Module:
     return timm.create_model("resnet50", pretrained=False, num_classes=10)
 
 
+def _timm_vit_cifar() -> nn.Module:
+    """A small ViT for 32x32 inputs (issue 14's transformer pair): timm's VisionTransformer with 4x4
+    patches (64 tokens + class token), width 192, 6 blocks of 3 heads of 64, MLP ratio 4 (5.4M
+    parameters). Trained with AdamW (the config's ``optimizer``)."""
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=192,
+                             depth=6, num_heads=3, num_classes=10)
+
+
 def _mkv(name: str, kaiming: bool = False, **kw) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         from mergekit_vision.models import create_model
@@ -90,7 +100,14 @@ CONFIGS: Dict[str, dict] = {
     "timm_resnet18": dict(build=_timm_resnet18_cifar, lr=0.1),
     "timm_resnet18_stem4": dict(build=_timm_resnet18_default_stem, lr=0.1),
     "timm_resnet50_stem4": dict(build=_timm_resnet50_default_stem, lr=0.1),
+    "timm_vit_p4_d192_l6": dict(build=_timm_vit_cifar, lr=1e-3, optimizer="adamw", weight_decay=0.05),
 }
+
+
+def _optim(config: str) -> dict:
+    """The config's optimizer settings beyond SGD's defaults (recorded in the checkpoint's settings only
+    when set, so checkpoints of the SGD configs stay cached)."""
+    return {k: CONFIGS[config][k] for k in ("optimizer", "weight_decay") if k in CONFIGS[config]}
 
 
 def build(config: str) -> nn.Module:
@@ -111,7 +128,7 @@ def train_one(config: str, seed: int, train, test, *, epochs: int, batch_size: i
     path = checkpoint_path(out, config, seed)
     meta_path = path.with_suffix(".json")
     settings = dict(config=config, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                    train_samples=len(train), augment="crop_flip", precision=precision)
+                    train_samples=len(train), augment="crop_flip", precision=precision, **_optim(config))
     if path.exists() and meta_path.exists() and not force:
         meta = json.loads(meta_path.read_text())
         if all(meta.get(k) == v for k, v in settings.items()):
@@ -122,7 +139,7 @@ def train_one(config: str, seed: int, train, test, *, epochs: int, batch_size: i
     model = build(config)
     t0 = time.perf_counter()
     train_classifier(model, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment="crop_flip",
-                     precision=precision, channels_last=precision == "bf16")
+                     precision=precision, channels_last=precision == "bf16", **_optim(config))
     seconds = time.perf_counter() - t0
     model.eval()
     t0 = time.perf_counter()
@@ -139,7 +156,7 @@ def train_one(config: str, seed: int, train, test, *, epochs: int, batch_size: i
     return meta
 
 
-def time_epoch(config: str, train, *, batch_size: int, lr: float, steps: int) -> float:
+def time_epoch(config: str, train, *, batch_size: int, lr: float, steps: int, precision: str = "fp32") -> float:
     """CPU seconds per 50,000-image epoch, from ``steps`` training steps (nothing is saved)."""
     from mergekit_vision.training import train_classifier
 
@@ -148,9 +165,10 @@ def time_epoch(config: str, train, *, batch_size: int, lr: float, steps: int) ->
     torch.manual_seed(0)
     model = build(config)
     warm = (sub[0][:3 * batch_size], sub[1][:3 * batch_size])
-    train_classifier(model, warm, epochs=1, batch_size=batch_size, lr=lr, seed=0, augment="crop_flip")  # warm-up
+    kw = dict(_optim(config), precision=precision, channels_last=precision == "bf16")
+    train_classifier(model, warm, epochs=1, batch_size=batch_size, lr=lr, seed=0, augment="crop_flip", **kw)  # warm-up
     t0, c0 = time.perf_counter(), time.process_time()
-    train_classifier(model, sub, epochs=1, batch_size=batch_size, lr=lr, seed=1, augment="crop_flip")
+    train_classifier(model, sub, epochs=1, batch_size=batch_size, lr=lr, seed=1, augment="crop_flip", **kw)
     per_epoch = (time.perf_counter() - t0) * 50000 / n
     cpu_per_epoch = (time.process_time() - c0) * 50000 / n  # what other jobs on the machine do not inflate
     logger.info("%s: %.0f CPU s (%.0f wall s) per 50k-image epoch (%d steps of %d, %d thread(s))", config,
@@ -195,7 +213,8 @@ def main(argv=None) -> int:
     if args.time_only:
         for config in args.config:
             time_epoch(config, train, batch_size=args.batch_size, steps=args.time_only,
-                       lr=args.lr if args.lr is not None else CONFIGS[config]["lr"])
+                       lr=args.lr if args.lr is not None else CONFIGS[config]["lr"],
+                       precision="bf16" if args.bf16 else "fp32")
         return 0
     if args.epochs is None:
         raise SystemExit("--epochs is required (or --time-only STEPS)")

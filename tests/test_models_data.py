@@ -342,3 +342,15 @@ def test_train_classifier_is_deterministic():
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     with pytest.raises(MergeVisionError, match="unknown augment"):
         train_classifier(tiny_resnet(width=2), train, epochs=1, augment="mixup")
+    with pytest.raises(MergeVisionError, match="optimizer must be 'sgd' or 'adamw'"):
+        train_classifier(tiny_resnet(width=2), train, epochs=1, optimizer="adam")
+
+
+def test_train_classifier_with_adamw_learns():
+    train, test = digits_dataset(16, "train"), digits_dataset(16, "test")
+    torch.manual_seed(0)
+    model = tiny_resnet(width=8)
+    before = evaluate(model, test)["acc"]
+    train_classifier(model, train, epochs=4, batch_size=64, lr=1e-2, weight_decay=0.05, seed=0, optimizer="adamw")
+    after = evaluate(model, test)["acc"]
+    assert after > 0.8 and after > before + 0.5, (before, after)
