@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="activation", choices=["activation", "weight"])
     p.add_argument("--modes", nargs="+", default=["naive", "aligned", "reset", "repair", "stream"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--streams-only", action="store_true",
+                   help="attention heads left unaligned (spec.without_heads()): the curves are stored as "
+                        "{config}_s{a}_s{b}_streams, outside the table, to set against the full spec's")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     logging.getLogger("mergekit_vision").setLevel(logging.WARNING)  # one summary per curve, not per merge
@@ -144,14 +147,20 @@ def main(argv=None) -> int:
             continue
         pairs = list(itertools.combinations(seeds, 2)) if args.all_pairs else [tuple(seeds[:2])]
         for (sa, meta_a), (sb, _) in pairs:
-            key = f"{config}_s{sa}_s{sb}"
+            key = f"{config}_s{sa}_s{sb}" + ("_streams" if args.streams_only else "")
             t0 = time.perf_counter()
             a, b = load_checkpoint(ckpt, config, sa), load_checkpoint(ckpt, config, sb)
+            spec = None
+            if args.streams_only:
+                from mergekit_vision import trace_permutation_spec
+
+                spec = trace_permutation_spec(a, calib[0][:1]).without_heads()
             curve = interpolation_curve(a, b, test, calib_loader=calib, alphas=args.alphas, method=args.method,
-                                        modes=args.modes,
+                                        modes=args.modes, spec=spec,
                                         max_samples=args.eval_samples, progress=False)
             curve.meta.update(config=config, seeds=[sa, sb], epochs=meta_a["epochs"],
-                              train_samples=meta_a["train_samples"], seconds=time.perf_counter() - t0)
+                              train_samples=meta_a["train_samples"], seconds=time.perf_counter() - t0,
+                              streams_only=args.streams_only)
             logger.info("%s (%.0fs)\n%s", key, curve.meta["seconds"], curve.table())
             plot_curve(curve, out / "img" / f"{key}.png",
                        title=f"{config}, seeds {sa}/{sb}, epochs: {meta_a['epochs']}")
@@ -161,7 +170,8 @@ def main(argv=None) -> int:
     by_config = {}
     for d in results.values():
         c = Curve.from_dict(d)
-        by_config.setdefault(c.meta["config"], []).append(c)
+        if not c.meta.get("streams_only"):  # ablations stay in barriers.json, beside the full spec's curve
+            by_config.setdefault(c.meta["config"], []).append(c)
     rows = [summarize(config, by_config[config]) for config in CONFIGS if config in by_config]
     header = (f"<!-- written by benchmarks/barriers.py on {platform.machine()}, {os.cpu_count()} CPUs, "
               f"{args.threads} thread(s); calibration {args.calib} training images; method {args.method} -->\n")

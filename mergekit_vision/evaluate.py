@@ -22,6 +22,7 @@ from .errors import ConfigError, DataError, MergeVisionError
 from .merge import align, finish_merge, prepare_merge, unwrap_model
 from .ops import is_batchnorm
 from .options import MergeOptions
+from .spec import PermutationSpec
 from .trace import trace_permutation_spec
 from .training import iter_labelled, labelled_tensors, evaluate
 
@@ -198,6 +199,7 @@ def interpolation_curve(
     max_samples: Optional[int] = None,
     calib_samples: Optional[int] = None,
     progress: bool = True,
+    spec: Optional[PermutationSpec] = None,
 ) -> Curve:
     """Accuracy and loss of ``merge(model_a, model_b, alpha=...)`` along the path, per mode.
 
@@ -211,6 +213,8 @@ def interpolation_curve(
     ``calib_samples``; None uses the evaluation inputs (transductive: pass training data for a
     clean protocol). At alpha = 0 and 1, "naive" and "aligned" are the endpoint models themselves;
     "reset" and "repair" are the endpoints with their statistics re-estimated on the calibration data.
+    ``spec``: the permutation spec every merge uses (default: traced from ``model_a``), e.g.
+    ``spec.without_heads()`` to measure what aligning attention heads adds.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -241,8 +245,9 @@ def interpolation_curve(
         return r
 
     # trace once: every merge below reuses the spec
-    example = next(iter_inputs(calib_loader, max_batches=1, device=device, dtype=p0.dtype))[:1]
-    spec = trace_permutation_spec(copy.deepcopy(model_a).eval(), example)
+    if spec is None:
+        example = next(iter_inputs(calib_loader, max_batches=1, device=device, dtype=p0.dtype))[:1]
+        spec = trace_permutation_spec(copy.deepcopy(model_a).eval(), example)
     common = dict(max_samples=calib_samples, progress=False, spec=spec)
 
     curve = Curve(alphas, {}, {}, {"a": score(model_a), "b": score(model_b)})

@@ -22,8 +22,8 @@ from .calibration import (CalibrationPlan, Collect, LocalCollector, Statistics, 
 from .data import check_reiterable, iter_inputs
 from .errors import ArchitectureMismatchError, ConfigError, DataError, NumericalError
 from .interpolate import weighted_average
-from .match import (WEIGHT_TOL, LINEAGE_THRESHOLD, lineage_cosine, lineage_keys, match_from_correlations,
-                    match_weights, shared_lineage)
+from .match import (WEIGHT_TOL, LINEAGE_THRESHOLD, lineage_cosine, lineage_groups, lineage_keys,
+                    match_from_correlations, match_weights, shared_lineage)
 from .match.activation import aligned_tap_plan
 from .match.activation import match_blind_by_weights
 from .match.evidence import check_matching_evidence, check_site_evidence
@@ -171,7 +171,7 @@ def merge_many(
     ``calib_loader`` is given. Returns a new model of ``models[0]``'s class, in eval mode, on its
     device; ``merged.merge_report`` holds the :class:`~mergekit_vision.report.MergeReport`.
     ``lineage_threshold``: when every model's conv/linear weights have a median cosine at least this
-    with the reference's, compared unpermuted (FedAvg clients of one global model, gossip nodes,
+    with the reference's in every free group, compared unpermuted (FedAvg clients of one global model, gossip nodes,
     fine-tunes of one checkpoint), the models already share one coordinate system: matching is skipped
     and the report says why (``matching_skipped``, ``lineage_cosines``; ``lineage_keys``: the tensors
     compared, those the spec's free groups permute). None always matches. Wrapped models
@@ -250,7 +250,7 @@ def merge(
     ``._orig_mod``; the wrappers are left as they are): the result is the inner architecture,
     neither wrapped nor compiled.
     ``lineage_threshold``: when the models' conv/linear weights, compared unpermuted, have a median
-    cosine similarity at least this (fine-tunes of one checkpoint, FedAvg clients, gossip nodes), their
+    cosine similarity at least this in every free group (fine-tunes of one checkpoint, FedAvg clients, gossip nodes), their
     channels already correspond: matching is skipped, the report says so (``matching_skipped``,
     ``lineage_cosine``) and REPAIR still runs. None always matches.
     The test compares only the tensors that the spec's free groups permute (``report.lineage_keys``).
@@ -374,7 +374,8 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
     if method != "none":
         report.lineage_keys = lineage_keys(spec)
         ref_sd = ms[ref].state_dict()
-        report.lineage_cosines = [1.0 if k == ref else lineage_cosine(ref_sd, m.state_dict(), report.lineage_keys)
+        by_group = lineage_groups(spec)
+        report.lineage_cosines = [1.0 if k == ref else lineage_cosine(ref_sd, m.state_dict(), groups=by_group)
                                   for k, m in enumerate(ms)]
         report.matching_skipped = shared_lineage([c for k, c in enumerate(report.lineage_cosines) if k != ref],
                                                  opts.lineage_threshold)

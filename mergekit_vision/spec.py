@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from .errors import SpecError
+
 
 @dataclass(frozen=True)
 class Member:
@@ -193,6 +195,29 @@ class PermutationSpec:
             for m in g.members:
                 out.setdefault(m.key, []).append((g.name, m))
         return out
+
+    # ---- variants --------------------------------------------------------------------------
+    def freeze(self, names: Iterable[str], reason: str) -> PermutationSpec:
+        """A copy with the groups ``names`` frozen (``reason`` says why), for ablations and for keeping
+        part of a model in place. A heads group freezes with its head-block groups and a head-block
+        group with its heads group (they move together); frozen groups keep their members and ties."""
+        names = set(names)
+        unknown = sorted(names - {g.name for g in self.groups})
+        if unknown:
+            raise SpecError(f"freeze: no group named {unknown[:5]}; the spec's groups are listed by print(spec)")
+        for g in self.groups:
+            if g.heads_of and (g.name in names or names & set(g.heads_of)):
+                names |= {g.name, *g.heads_of}
+        out = PermutationSpec.from_dict(self.to_dict())
+        for g in out.groups:
+            if g.name in names and not g.frozen:
+                g.frozen, g.reason = True, reason
+        return out
+
+    def without_heads(self) -> PermutationSpec:
+        """A copy with every heads group and its head-block groups frozen: residual streams, MLPs and
+        convs are aligned, attention is averaged as it stands (the spec before attention heads)."""
+        return self.freeze([g.name for g in self.groups if g.heads_of], "attention heads left unaligned (on request)")
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -10,6 +10,8 @@ import torch
 from mergekit_vision import trace_permutation_spec
 from mergekit_vision.match.assignment import solve_heads
 from mergekit_vision.permute import permute, random_perms
+from mergekit_vision.errors import SpecError
+from mergekit_vision.merge import align
 from mergekit_vision.spec import PermutationSpec
 from mergekit_vision.testing import check_recovery, check_spec, randomize_model
 
@@ -176,3 +178,30 @@ def test_multihead_attention_module(per_head):
     heads = res.spec["mha.in_proj_weight:heads"]
     assert not heads.frozen and heads.heads_of == ["mha.in_proj_weight:qk", "mha.in_proj_weight:vo"]
     assert any(m.key == "read.weight" for m in heads.members) == per_head
+
+
+def test_without_heads_freezes_heads_and_their_blocks_only():
+    spec = trace_permutation_spec(_vit(), X[:1])
+    streams = spec.without_heads()
+    tied = {n for g in spec.groups if g.heads_of for n in (g.name, *g.heads_of)}
+    assert tied and all(streams[n].frozen and "on request" in streams[n].reason for n in tied)
+    assert {g.name for g in streams.free_groups} == {g.name for g in spec.free_groups} - tied
+    assert streams["blocks.0.attn.qkv:heads"].heads_of == spec["blocks.0.attn.qkv:heads"].heads_of  # ties kept
+    assert not any(g.frozen and "on request" in (g.reason or "") for g in spec.groups)  # a copy
+    # freezing one head-block group freezes its heads group and the other blocks with it
+    one = spec.freeze(["blocks.1.attn.qkv:vo"], "test")
+    assert {g.name for g in one.groups if g.reason == "test"} == {
+        "blocks.1.attn.qkv:heads", "blocks.1.attn.qkv:qk", "blocks.1.attn.qkv:vo"}
+    with pytest.raises(SpecError, match="no group named"):
+        spec.freeze(["nope"], "x")
+    # a merge with the streams-only spec leaves B's attention in its own order: B's qkv rows are A's
+    # where A and B are the same model with heads permuted only
+    a = randomize_model(_vit(), 0)
+    perms = {n: p for n, p in random_perms(spec, torch.Generator().manual_seed(3)).items() if n in tied}
+    b = permute(a, spec, perms)
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    back = align(a, b, [x], spec=streams, progress=False).state_dict()
+    assert torch.equal(back["blocks.0.attn.qkv.weight"], b.state_dict()["blocks.0.attn.qkv.weight"])
+    full = align(a, b, [x], spec=spec, progress=False).state_dict()
+    torch.testing.assert_close(full["blocks.0.attn.qkv.weight"], a.state_dict()["blocks.0.attn.qkv.weight"])

@@ -381,6 +381,28 @@ def test_lineage_test_looks_only_at_permuted_tensors():
         assert torch.allclose(merged(x), a(x), atol=1e-5, rtol=1e-4)
 
 
+def test_lineage_test_asks_every_group():
+    """A copy with one stage's inner groups reordered and the rest as it was: the median over all permuted
+    tensors still says 'related' (most are equal), the lowest per-group median does not, so it is matched
+    and A comes back."""
+    from mergekit_vision.match import lineage_cosine, lineage_groups, lineage_keys
+
+    a = randomize_model(create_model("resnet20", width=1), 0).eval()
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    spec = trace_permutation_spec(a, x[:1])
+    one = [g.name for g in spec.free_groups if g.name.startswith("layer3.2.")]
+    assert one
+    b = permute(a, spec, {n: p for n, p in random_perms(spec, torch.Generator().manual_seed(1)).items() if n in one})
+    sa, sb = a.state_dict(), b.state_dict()
+    assert lineage_cosine(sa, sb, lineage_keys(spec)) > 0.99  # the median over every permuted tensor
+    assert lineage_cosine(sa, sb, groups=lineage_groups(spec)) < 0.2
+    merged, rep = merge(a, b, [x], repair=False, progress=False, return_report=True, spec=spec)
+    assert rep.matching_skipped is None
+    for k, v in sa.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(merged.state_dict()[k], v, rtol=1e-5, atol=1e-5)
+
+
 def test_degenerate_calibration_data_is_refused_or_warned_about():
     """One image leaves resnet18's 512-channel groups at one position (no variance); constant images
     carry no information; four images leave the deep groups rank-deficient. Each is said, with the

@@ -11,7 +11,9 @@ least ``LINEAGE_THRESHOLD``.
 
 The test looks only at the tensors that the free permutation groups reorder (:func:`lineage_keys`):
 tensors no group touches (frozen attention, the stem's input channels) are equal in a permuted copy
-and would make any model look related to its own permuted copy.
+and would make any model look related to its own permuted copy. And it asks it of every group
+(:func:`lineage_groups`: the lowest of the groups' medians), so that a copy with only some groups
+reordered -- the attention heads of a ViT, one stage -- is matched, not taken as already aligned.
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ LINEAGE_THRESHOLD = 0.2
 def lineage_keys(spec) -> List[str]:
     """The state-dict keys the lineage test compares: every tensor a free group permutes."""
     return sorted({m.key for g in spec.free_groups for m in g.members})
+
+
+def lineage_groups(spec) -> Dict[str, List[str]]:
+    """Per free group, the state-dict keys it permutes (what :func:`lineage_cosine` compares group by group)."""
+    return {g.name: sorted({m.key for m in g.members}) for g in spec.free_groups}
 
 
 def weight_cosines(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
@@ -45,15 +52,25 @@ def weight_cosines(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Te
     return out
 
 
+def _median(values) -> float:
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
+
+
 def lineage_cosine(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-                   keys: Optional[Iterable[str]] = None) -> float:
+                   keys: Optional[Iterable[str]] = None,
+                   groups: Optional[Mapping[str, Iterable[str]]] = None) -> float:
     """Median of :func:`weight_cosines` (over ``keys``, e.g. :func:`lineage_keys` of the spec): near 1
-    for models of one lineage, near 0 for independent ones (0.0 when no tensor qualifies: match)."""
-    cos = sorted(weight_cosines(sd_a, sd_b, keys).values())
-    if not cos:
-        return 0.0
-    mid = len(cos) // 2
-    return cos[mid] if len(cos) % 2 else 0.5 * (cos[mid - 1] + cos[mid])
+    for models of one lineage, near 0 for independent ones (0.0 when no tensor qualifies: match).
+    With ``groups`` (:func:`lineage_groups`), the lowest of the groups' medians (groups without a
+    conv/linear weight left out): one reordered group is enough to say the models are not aligned."""
+    if groups is None:
+        cos = weight_cosines(sd_a, sd_b, keys)
+        return _median(cos.values()) if cos else 0.0
+    cos = weight_cosines(sd_a, sd_b, sorted({k for ks in groups.values() for k in ks}))
+    per_group = [_median([cos[k] for k in ks if k in cos]) for ks in groups.values() if any(k in cos for k in ks)]
+    return min(per_group) if per_group else 0.0
 
 
 def shared_lineage(cosines, threshold) -> str | None:
