@@ -250,8 +250,8 @@ def merge(
     ``._orig_mod``; the wrappers are left as they are): the result is the inner architecture,
     neither wrapped nor compiled.
     ``lineage_threshold``: when the models' conv/linear weights, compared unpermuted, have a median
-    cosine similarity at least this in every free group (fine-tunes of one checkpoint, FedAvg clients, gossip nodes), their
-    channels already correspond: matching is skipped, the report says so (``matching_skipped``,
+    cosine similarity at least this in every free group (fine-tunes of one checkpoint, FedAvg clients,
+    gossip nodes), their channels already correspond: matching is skipped, the report says so (``matching_skipped``,
     ``lineage_cosine``) and REPAIR still runs. None always matches.
     The test compares only the tensors that the spec's free groups permute (``report.lineage_keys``).
     ``diagnostic_batches``: the calibration batches (default 1; 0: none) on which the report's per-site

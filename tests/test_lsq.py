@@ -188,6 +188,27 @@ def test_merge_with_itself_and_with_its_permutation_gives_it_back(norm):
             assert list(got.state_dict()) == list(a.state_dict()) and type(got) is type(a)
 
 
+def test_a_vit_with_its_heads_permuted_comes_back():
+    """Linear sites inside attention and MLP, heads and channels within heads permuted; the traced graph
+    has a further input fixed by the trace (timm's ``attn_mask=None``), which the walk must give its
+    default, not the batch."""
+    import timm
+
+    a = randomize_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                          depth=2, num_classes=10), 0).double().eval()
+    calib = [b.double() for b in _batches(2, 16, (3, 32, 32))]
+    spec = trace_permutation_spec(a, calib[0][:1])
+    assert any(g.heads_of and not g.frozen for g in spec.groups)
+    b = permute(a, spec, random_perms(spec, torch.Generator().manual_seed(3)))
+    x = _batches(1, 4, (3, 32, 32), seed=9)[0].double()
+    with torch.no_grad():
+        got, rep = merge(a, b, calib, repair="lsq", progress=False, return_report=True)
+        assert _rel(got(x), a(x)) < 1e-9
+    fitted = {n for n, site in rep.sites.items() if site.residual_after is not None}
+    # the patch embedding, q/k/v, the output projection and both MLP linears of each block, the head
+    assert len(fitted) == 10 and {"blocks_1_attn_qkv", "blocks_1_attn_proj", "blocks_1_mlp_fc2"} <= fitted, fitted
+
+
 def test_merge_many_three_permuted_copies_gives_the_model_back_and_reports_fits():
     calib = _batches(2, 16, (3, 16, 16))
     a = _tiny("bn", 1, calib)

@@ -1063,10 +1063,15 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
     ahead = set()  # nodes the endpoints ran early, for a round's later fits
     composed: Dict[str, ChannelMoments] = {s.value: ChannelMoments() for s in sites if s.bn is not None}
 
+    first_input = next(i for i, n in enumerate(nodes) if n.op == "placeholder")
+
     def value(k: int, b: int, a: int, pin=()):
         op = nodes[a].op
         if op == "placeholder":  # the caller holds the batches: not stored again
-            return batches[b]
+            if a == first_input:
+                return batches[b]
+            # a further argument the trace fixed (timm's attn_mask=None): its default, as Interpreter.run
+            return nodes[a].args[0] if nodes[a].args else None
         if op == "get_attr":  # a parameter or buffer of the model itself
             return interps[k].fetch_attr(node_lists[k][a].target)
         return store.get((k, b, a), pin)
