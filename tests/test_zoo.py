@@ -203,3 +203,16 @@ def test_attention_resnets_recover_a_permuted_copy(name, size):
     rec = check_recovery(timm.create_model(name, pretrained=False),
                          torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0)))
     assert rec.wrong_groups == {} and rec.max_weight_error < 1e-6, (rec.wrong_groups, rec.max_weight_error)
+
+
+def test_nest_a_weight_reading_a_head_dim_makes_it_a_channel():
+    # NesT: a weight reads features laid out along an attention head dim (a member on a virtual element):
+    # the head dim is then one permutation shared by the heads (resolve used to fail with a KeyError)
+    from timm.models.nest import Nest
+
+    model = Nest(img_size=64, patch_size=4, num_levels=3, embed_dims=(32, 64, 128), num_heads=(1, 2, 4),
+                 depths=(1, 1, 1), num_classes=10)
+    spec = _check(model, "nest", 64)
+    assert spec.permutable_fraction > 0.7
+    rec = check_recovery(model, torch.randn(32, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    assert rec.wrong_groups == {} and rec.max_weight_error < 1e-6

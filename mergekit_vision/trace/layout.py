@@ -184,6 +184,7 @@ class Elements:
         for a, _, b, _, _ in self.joins:
             touched.update((a, b))
         touched.update(e for e in list(self.split_of) + list(self.broadcast) if self.reasons[e] or self.cuts[e])
+        touched.update(xm.elem for xm in self.extra_members)  # a weight reads it (a grouped conv, flattened features)
         virtual = {e for e in self.broadcast if e not in touched}  # touched: ordinary (repeats are permutable)
         for s in self.splits:
             if not s.root.role:
