@@ -19,7 +19,7 @@ from .data import iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ConfigError, DataError, NumericalError
 from .match import ChannelMoments, CrossMoments
-from .match.activation import align_across, aligned_tap_plan, tap_plan
+from .match.activation import GatheredTap, align_across, aligned_tap_plan, observe_tap, tap_plan
 from .options import REPAIRS, repair_mode
 from .repair import CorrectionPass, Site, Target, find_sites
 from .repair.lsq import LsqResult, LsqRound, LsqSite, lsq_pass
@@ -325,14 +325,13 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
         def record_pairs(node, values):
             kn = [known.pop((node.name, k), None) for k in range(len(values))]
             for gname, t in taps[node.name]:
-                whole = t.start == 0 and t.length in (0, values[0].shape[t.dim])
+                whole = t.start == 0 and t.length in (0, values[0].shape[t.dim]) and not isinstance(t, GatheredTap)
                 for i, j in pairs:
                     a = values[i]
                     moments = None
                     if whole and all(m is not None and m[0] % a.dim() == t.dim % a.dim() for m in (kn[i], kn[j])):
                         moments = (kn[i][1], kn[j][1])
-                    st.cross.setdefault((gname, t.node, i, j), CrossMoments()).observe(
-                        a, values[j], t.dim, t.start, t.length, moments=moments)
+                    observe_tap(st.cross.setdefault((gname, t.node, i, j), CrossMoments()), a, values[j], t, moments)
 
         hooks = {node: record_pairs for node in taps}
     elif pairs:

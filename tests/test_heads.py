@@ -8,6 +8,7 @@ import timm
 import torch
 
 from mergekit_vision import trace_permutation_spec
+from mergekit_vision.match import select_taps
 from mergekit_vision.match.assignment import solve_heads
 from mergekit_vision.permute import permute, random_perms
 from mergekit_vision.errors import SpecError
@@ -205,3 +206,38 @@ def test_without_heads_freezes_heads_and_their_blocks_only():
     assert torch.equal(back["blocks.0.attn.qkv.weight"], b.state_dict()["blocks.0.attn.qkv.weight"])
     full = align(a, b, [x], spec=spec, progress=False).state_dict()
     torch.testing.assert_close(full["blocks.0.attn.qkv.weight"], a.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+class _InterleavedAttention(torch.nn.Module):
+    """Each head's q, k and v side by side in one projection (MaxViT's ``view(B, N, heads, 3 * dim)
+    .chunk(3)``): no single range of the projection's output holds the q/k group's channels."""
+
+    def __init__(self, dim=48, heads=3):
+        super().__init__()
+        self.heads, self.d = heads, dim // heads
+        self.embed = torch.nn.Conv2d(3, dim, 4, 4)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.heads, 3 * self.d).transpose(1, 2).chunk(3, dim=3)
+        attn = ((q @ k.transpose(-2, -1)) * self.d ** -0.5).softmax(-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        return self.head(x.mean(1))
+
+
+def test_heads_with_interleaved_qkv_are_matched_from_gathered_taps():
+    model = _InterleavedAttention()
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    spec = trace_permutation_spec(model, x[:1])
+    qk = spec["qkv:qk"]
+    assert not spec["qkv:heads"].frozen and qk.taps and not any(t.length == qk.size for t in qk.taps)
+    taps = select_taps(qk)  # q's rows of every head, and k's: two gathered taps
+    assert [t.pieces for t in taps] == [((0, 0, 16), (48, 16, 16), (96, 32, 16)), ((16, 0, 16), (64, 16, 16),
+                                                                                   (112, 32, 16))]
+    rec = check_recovery(model, x)
+    assert rec.wrong_groups == {} and rec.max_weight_error < 1e-6, rec.wrong_groups
+    assert rec.report.groups["qkv:qk"].note is None  # matched on its activations, not on weights

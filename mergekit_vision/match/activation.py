@@ -13,6 +13,7 @@ docs/results.md ("Tap policies").
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import torch
@@ -34,6 +35,57 @@ PRODUCER_OPS = ops.TAP_NAMES[ops.PRODUCER]
 TAP_POLICIES = ("all", "lean", "blocks")
 
 
+@dataclass(frozen=True)
+class GatheredTap(Tap):
+    """A group's channels at one node assembled from several ranges of the tap dim, where no single
+    range holds them all: per-head q and k rows interleaved with v in one projection (MaxViT, LeViT:
+    ``view(B, N, heads, 3 * dim).chunk(3)``). ``pieces``: ``(start, offset, length)`` per range,
+    covering the group's channels once, in group order. Made by :func:`select_taps`, never stored in
+    a spec."""
+
+    pieces: Tuple[Tuple[int, int, int], ...] = ()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The group's channels of ``x`` along the tap dim, in group order."""
+        idx = torch.cat([torch.arange(s, s + n) for s, _, n in self.pieces]).to(x.device)
+        return x.index_select(self.dim % x.dim(), idx)
+
+
+def _gathered(group: PermutationGroup, crossed: bool) -> List[GatheredTap]:
+    """:class:`GatheredTap` s of ``group``: per (node, dim) without a whole tap, the partial taps laid
+    in tracks, in position order, each track taking the ranges that continue it (q's rows of every
+    head, then k's: one channel shows twice in a fused projection); every track covering the group
+    exactly once is a tap."""
+    by: Dict[Tuple[str, int], List[Tap]] = {}
+    for t in group.taps:
+        if t.crossed == crossed and not crossed:
+            by.setdefault((t.node, t.dim), []).append(t)
+    out = []
+    for (node, dim), ts in by.items():
+        if any(t.offset == 0 and t.length == group.size for t in ts):
+            continue
+        tracks: List[List[Tap]] = []
+        for t in sorted(ts, key=lambda t: t.start):
+            track = next((tr for tr in tracks if sum(x.length for x in tr) == t.offset), None)
+            if track is None and t.offset == 0:
+                tracks.append([t])
+            elif track is not None:
+                track.append(t)
+        for tr in tracks:
+            if sum(t.length for t in tr) == group.size and len({t.op for t in tr}) == 1:
+                out.append(GatheredTap(node, dim, tr[0].op, tr[0].start, 0, group.size,
+                                       pieces=tuple((t.start, t.offset, t.length) for t in tr)))
+    return out
+
+
+def observe_tap(mom: CrossMoments, a: torch.Tensor, b: torch.Tensor, t: Tap, moments=None) -> None:
+    """``mom.observe`` of A's and B's values at tap ``t`` (a :class:`GatheredTap` gathers its pieces)."""
+    if isinstance(t, GatheredTap):
+        mom.observe(t.gather(a), t.gather(b), t.dim)
+    else:
+        mom.observe(a, b, t.dim, t.start, t.length, moments=moments)
+
+
 def select_taps(group: PermutationGroup, policy: str = "all", crossed: bool = False) -> List[Tap]:
     """Post-activation, residual-add and norm outputs; without a norm, the producer's own output too
     (the pre-activation view keeps ReLU-silenced channels matchable). ``policy="lean"``: without the
@@ -46,6 +98,7 @@ def select_taps(group: PermutationGroup, policy: str = "all", crossed: bool = Fa
     if policy not in TAP_POLICIES:
         raise ValueError(f"unknown tap policy {policy!r}; valid: {', '.join(TAP_POLICIES)}")
     full = [t for t in group.taps if t.offset == 0 and t.length == group.size and t.crossed == crossed]
+    full += _gathered(group, crossed)
     chosen = [t for t in full if t.op in ACT_OPS or t.op in ADD_OPS or t.op in NORM_OPS]
     has_norm = any(t.op in NORM_OPS for t in chosen)
     if policy == "blocks" and any(t.op in ADD_OPS for t in chosen):
@@ -130,9 +183,9 @@ class PairCollector:
                 continue
             moments = None
             if all(kn is not None and kn[0] % a.dim() == t.dim % a.dim() for kn in known) and t.start == 0 \
-                    and t.length in (0, a.shape[t.dim]):
+                    and t.length in (0, a.shape[t.dim]) and not isinstance(t, GatheredTap):
                 moments = (known[0][1], known[1][1])
-            mom.observe(a, b, t.dim, t.start, t.length, moments=moments)
+            observe_tap(mom, a, b, t, moments)
         return None
 
     def correlations(self) -> Dict[str, torch.Tensor]:
