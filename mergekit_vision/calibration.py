@@ -19,7 +19,7 @@ from .data import iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ConfigError, DataError, NumericalError
 from .match import ChannelMoments, CrossMoments
-from .match.activation import GatheredTap, align_across, aligned_tap_plan, observe_tap, tap_plan
+from .match.activation import align_across, aligned_tap_plan, observe_tap, tap_plan
 from .options import REPAIRS, repair_mode
 from .repair import CorrectionPass, Site, Target, find_sites
 from .repair.lsq import LsqResult, LsqRound, LsqSite, lsq_pass
@@ -325,7 +325,7 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
         def record_pairs(node, values):
             kn = [known.pop((node.name, k), None) for k in range(len(values))]
             for gname, t in taps[node.name]:
-                whole = t.start == 0 and t.length in (0, values[0].shape[t.dim]) and not isinstance(t, GatheredTap)
+                whole = t.start == 0 and t.length in (0, values[0].shape[t.dim])
                 for i, j in pairs:
                     a = values[i]
                     moments = None

@@ -41,7 +41,8 @@ class GatheredTap(Tap):
     range holds them all: per-head q and k rows interleaved with v in one projection (MaxViT, LeViT:
     ``view(B, N, heads, 3 * dim).chunk(3)``). ``pieces``: ``(start, offset, length)`` per range,
     covering the group's channels once, in group order. Made by :func:`select_taps`, never stored in
-    a spec."""
+    a spec. The statistics are keyed by group and node, so the tracks at one node (q's rows, k's
+    rows) pool into one cross-moment: both are samples of the same channels."""
 
     pieces: Tuple[Tuple[int, int, int], ...] = ()
 
@@ -51,14 +52,14 @@ class GatheredTap(Tap):
         return x.index_select(self.dim % x.dim(), idx)
 
 
-def _gathered(group: PermutationGroup, crossed: bool) -> List[GatheredTap]:
+def _gathered(group: PermutationGroup) -> List[GatheredTap]:
     """:class:`GatheredTap` s of ``group``: per (node, dim) without a whole tap, the partial taps laid
     in tracks, in position order, each track taking the ranges that continue it (q's rows of every
     head, then k's: one channel shows twice in a fused projection); every track covering the group
-    exactly once is a tap."""
+    exactly once is a tap. Only taps that cross no other group (a crossed one is aligned across first)."""
     by: Dict[Tuple[str, int], List[Tap]] = {}
     for t in group.taps:
-        if t.crossed == crossed and not crossed:
+        if not t.crossed:
             by.setdefault((t.node, t.dim), []).append(t)
     out = []
     for (node, dim), ts in by.items():
@@ -79,7 +80,8 @@ def _gathered(group: PermutationGroup, crossed: bool) -> List[GatheredTap]:
 
 
 def observe_tap(mom: CrossMoments, a: torch.Tensor, b: torch.Tensor, t: Tap, moments=None) -> None:
-    """``mom.observe`` of A's and B's values at tap ``t`` (a :class:`GatheredTap` gathers its pieces)."""
+    """``mom.observe`` of A's and B's values at tap ``t`` (a :class:`GatheredTap` gathers its pieces;
+    ``moments``, the values' own over every channel, serve only an ordinary tap)."""
     if isinstance(t, GatheredTap):
         mom.observe(t.gather(a), t.gather(b), t.dim)
     else:
@@ -98,7 +100,8 @@ def select_taps(group: PermutationGroup, policy: str = "all", crossed: bool = Fa
     if policy not in TAP_POLICIES:
         raise ValueError(f"unknown tap policy {policy!r}; valid: {', '.join(TAP_POLICIES)}")
     full = [t for t in group.taps if t.offset == 0 and t.length == group.size and t.crossed == crossed]
-    full += _gathered(group, crossed)
+    if not crossed:
+        full += _gathered(group)
     chosen = [t for t in full if t.op in ACT_OPS or t.op in ADD_OPS or t.op in NORM_OPS]
     has_norm = any(t.op in NORM_OPS for t in chosen)
     if policy == "blocks" and any(t.op in ADD_OPS for t in chosen):
@@ -183,7 +186,7 @@ class PairCollector:
                 continue
             moments = None
             if all(kn is not None and kn[0] % a.dim() == t.dim % a.dim() for kn in known) and t.start == 0 \
-                    and t.length in (0, a.shape[t.dim]) and not isinstance(t, GatheredTap):
+                    and t.length in (0, a.shape[t.dim]):
                 moments = (known[0][1], known[1][1])
             observe_tap(mom, a, b, t, moments)
         return None

@@ -17,8 +17,10 @@ def conv_core(call: RuleCall, x, lx, lw: Sequence[DimLayout], lb: DimLayout, gro
     layout: List[DimLayout] = [lx[0]]
     # spatial dims of the input must not carry channels (ECA's conv1d over channels does), unless the
     # kernel leaves that dim's positions one to one
+    passes = {d: d - 2 < len(pointwise) and pointwise[d - 2] and x.shape[d] == out.shape[d]
+              for d in range(2, x.dim())}
     for d in range(2, x.dim()):
-        if not (d - 2 < len(pointwise) and pointwise[d - 2] and x.shape[d] == out.shape[d]):
+        if not passes[d]:
             E.freeze_dim(lx[d], f"{call.where} convolves across a channel axis (e.g. ECA)")
     if transposed:
         lw = [lw[1], lw[0]] + list(lw[2:])
@@ -56,8 +58,7 @@ def conv_core(call: RuleCall, x, lx, lw: Sequence[DimLayout], lb: DimLayout, gro
             E.freeze_dim(cin, f"{call.where}: grouped transposed conv")
             E.freeze_dim(lout, f"{call.where}: grouped transposed conv")
     layout.append(lout)
-    layout.extend(lx[d] if d - 2 < len(pointwise) and pointwise[d - 2] and x.shape[d] == out.shape[d] else None
-                  for d in range(2, out.dim()))
+    layout.extend(lx[d] if passes.get(d) else None for d in range(2, out.dim()))
     return tuple(layout)
 
 
