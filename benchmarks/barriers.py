@@ -122,6 +122,10 @@ def main(argv=None) -> int:
     p.add_argument("--streams-only", action="store_true",
                    help="attention heads left unaligned (spec.without_heads()): the curves are stored as "
                         "{config}_s{a}_s{b}_streams, outside the table, to set against the full spec's")
+    p.add_argument("--rotate", action="store_true",
+                   help="the matched modes also rotate the residual streams where that folds exactly "
+                        "(merge(rotate_stream=True)); the curves are stored as {config}_s{a}_s{b}_rot (with "
+                        "--streams-only: _streams_rot), outside the table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     logging.getLogger("mergekit_vision").setLevel(logging.WARNING)  # one summary per curve, not per merge
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
             continue
         pairs = list(itertools.combinations(seeds, 2)) if args.all_pairs else [tuple(seeds[:2])]
         for (sa, meta_a), (sb, _) in pairs:
-            key = f"{config}_s{sa}_s{sb}" + ("_streams" if args.streams_only else "")
+            key = f"{config}_s{sa}_s{sb}" + ("_streams" if args.streams_only else "") + ("_rot" if args.rotate else "")
             t0 = time.perf_counter()
             a, b = load_checkpoint(ckpt, config, sa), load_checkpoint(ckpt, config, sb)
             spec = None
@@ -156,11 +160,11 @@ def main(argv=None) -> int:
 
                 spec = trace_permutation_spec(a, calib[0][:1]).without_heads()
             curve = interpolation_curve(a, b, test, calib_loader=calib, alphas=args.alphas, method=args.method,
-                                        modes=args.modes, spec=spec,
+                                        modes=args.modes, spec=spec, rotate_stream=args.rotate,
                                         max_samples=args.eval_samples, progress=False)
             curve.meta.update(config=config, seeds=[sa, sb], epochs=meta_a["epochs"],
                               train_samples=meta_a["train_samples"], seconds=time.perf_counter() - t0,
-                              streams_only=args.streams_only)
+                              streams_only=args.streams_only, rotate=args.rotate)
             logger.info("%s (%.0fs)\n%s", key, curve.meta["seconds"], curve.table())
             plot_curve(curve, out / "img" / f"{key}.png",
                        title=f"{config}, seeds {sa}/{sb}, epochs: {meta_a['epochs']}")
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
     by_config = {}
     for d in results.values():
         c = Curve.from_dict(d)
-        if not c.meta.get("streams_only"):  # ablations stay in barriers.json, beside the full spec's curve
+        if not (c.meta.get("streams_only") or c.meta.get("rotate")):  # ablations stay in barriers.json
             by_config.setdefault(c.meta["config"], []).append(c)
     rows = [summarize(config, by_config[config]) for config in CONFIGS if config in by_config]
     header = (f"<!-- written by benchmarks/barriers.py on {platform.machine()}, {os.cpu_count()} CPUs, "

@@ -200,6 +200,7 @@ def interpolation_curve(
     calib_samples: Optional[int] = None,
     progress: bool = True,
     spec: Optional[PermutationSpec] = None,
+    rotate_stream: bool = False,
 ) -> Curve:
     """Accuracy and loss of ``merge(model_a, model_b, alpha=...)`` along the path, per mode.
 
@@ -214,7 +215,9 @@ def interpolation_curve(
     clean protocol). At alpha = 0 and 1, "naive" and "aligned" are the endpoint models themselves;
     "reset" and "repair" are the endpoints with their statistics re-estimated on the calibration data.
     ``spec``: the permutation spec every merge uses (default: traced from ``model_a``), e.g.
-    ``spec.without_heads()`` to measure what aligning attention heads adds.
+    ``spec.without_heads()`` to measure what aligning attention heads adds. ``rotate_stream``: the matched
+    modes also rotate the residual streams where that folds exactly (``merge(rotate_stream=True)``); their
+    model A is then A with its LayerNorm affines and layer scales folded (the same function).
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -251,13 +254,21 @@ def interpolation_curve(
     common = dict(max_samples=calib_samples, progress=False, spec=spec)
 
     curve = Curve(alphas, {}, {}, {"a": score(model_a), "b": score(model_b)})
-    curve.meta.update(method=method, calib_samples=None, eval_samples=None)
-    aligned = None
+    curve.meta.update(method=method, calib_samples=None, eval_samples=None, rotate_stream=rotate_stream)
+    aligned, folded_a = None, model_a
     if any(MODES[m][0] for m in modes):
         t0 = time.perf_counter()
         logger.info("curve: aligning model_b to model_a (%s matching)", method)
         with quiet_merges():
-            aligned = align(model_a, model_b, calib_loader, method=method, **common)
+            if rotate_stream:  # A's norms are folded too: both ends of one matching, at weights (1, 0) and (0, 1)
+                opts = MergeOptions.create(method=method, repair=False, max_samples=calib_samples, progress=False,
+                                           rotate_stream=True)
+                prepared = prepare_merge([model_a, model_b], calib_loader, opts, names=["model_a", "model_b"],
+                                         spec=spec)
+                folded_a, aligned = (finish_merge(prepared, w) for w in ([1.0, 0.0], [0.0, 1.0]))
+                curve.meta["rotations"] = aligned.merge_report.rotations
+            else:
+                aligned = align(model_a, model_b, calib_loader, method=method, **common)
         timings["align"] = time.perf_counter() - t0
         rep = aligned.merge_report
         curve.meta["matched_corr"] = rep.mean_corr
@@ -270,14 +281,14 @@ def interpolation_curve(
     try:
         for mode in todo:
             matched, repair = MODES[mode]
-            b = aligned if matched else model_b
+            a, b = (folded_a, aligned) if matched else (model_a, model_b)
             curve.acc[mode], curve.loss[mode] = [], []
             logger.info("curve: %s at %d alphas", LABELS[mode], len(alphas))
             # the endpoints' statistics do not depend on alpha: measured once per mode, the correction per alpha
             t0 = time.perf_counter()
             with quiet_merges():
                 opts = MergeOptions.create(method="none", repair=repair, max_samples=calib_samples, progress=False)
-                prepared = prepare_merge([model_a, b], calib_loader, opts, names=["model_a", "model_b"], spec=spec)
+                prepared = prepare_merge([a, b], calib_loader, opts, names=["model_a", "model_b"], spec=spec)
             timings["merge"] += time.perf_counter() - t0
             for alpha in alphas:
                 bar.set_postfix_str(f"{LABELS[mode]}, alpha={alpha:.2f}")

@@ -27,6 +27,8 @@ from .match import (WEIGHT_TOL, LINEAGE_THRESHOLD, lineage_cosine, lineage_group
 from .match.activation import aligned_tap_plan
 from .match.activation import match_blind_by_weights
 from .match.evidence import check_matching_evidence, check_site_evidence
+from .match.rotation import (EXACT_TOL, StreamPlan, function_error, procrustes_rotation, rotate_state_dict,
+                             stream_agreement, stream_cross, stream_plans)
 from .match.many import (DEFAULT_SWEEPS, IDENTITY_TOL, activation_sweeps, in_reference_order, near_identity,
                          pair_correlations, weight_sweeps)
 from .options import METHODS, REPAIR_MODES, MergeOptions
@@ -152,6 +154,7 @@ def merge_many(
     lsq_ridge: float = 1e-3,
     lsq_positions: Optional[int] = 64,
     lsq_memory: Union[int, str, None] = "auto",
+    rotate_stream: bool = False,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``models`` into one coordinate system, average them with ``weights`` and REPAIR the result.
 
@@ -185,7 +188,7 @@ def merge_many(
         max_batches=max_batches, max_samples=max_samples, progress=progress, leaf_modules=leaf_modules,
         weight_iters=weight_iters, weight_tol=weight_tol, seed=seed, diagnostic_batches=diagnostic_batches,
         fold_stream=fold_stream, lineage_threshold=lineage_threshold, taps=taps, lsq_ridge=lsq_ridge,
-        lsq_positions=lsq_positions, lsq_memory=lsq_memory)
+        lsq_positions=lsq_positions, lsq_memory=lsq_memory, rotate_stream=rotate_stream)
     w = _normalized_weights(weights, len(models))
     ref = 0 if reference is None else reference
     if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(models):
@@ -221,6 +224,7 @@ def merge(
     lsq_ridge: float = 1e-3,
     lsq_positions: Optional[int] = 64,
     lsq_memory: Union[int, str, None] = "auto",
+    rotate_stream: bool = False,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result: the two-model
     call of :func:`merge_many` (weights ``[1 - alpha, alpha]``, reference ``model_a``).
@@ -264,12 +268,21 @@ def merge(
     and stops early when a sweep adds less than ``weight_tol`` of the objective's improvement so far
     (0: run to a fixed point). ``collect``: where the statistics come from, as for :func:`merge_many`
     (data-parallel workers, federated clients).
+    ``rotate_stream``: after the permutations, align each residual stream by an orthogonal map (Procrustes
+    on the activations' cross-moments at the stream's adds, fixing the all-ones direction), where it folds
+    exactly into the weights: every reader of the stream a LayerNorm over its channels or a linear layer,
+    every writer a linear layer (pre-norm transformers: ViT, DeiT, CaiT, torchvision's ViT). LayerNorm
+    affines and layer scales are folded into the adjacent linear layers first, in every model (the norms
+    keep their tensors, at 1 and 0); other streams keep their permutation, and ``report.rotations`` says
+    why. Each rotated model is checked to compute the same function on a calibration batch in float64.
+    REPAIR's targets are then measured on the rotated models (one more pass over them).
     """
     opts = MergeOptions.create(
         method=method, repair=repair, iterations=0, max_batches=max_batches, max_samples=max_samples,
         progress=progress, leaf_modules=leaf_modules, weight_iters=weight_iters, weight_tol=weight_tol, seed=seed,
         diagnostic_batches=diagnostic_batches, fold_stream=fold_stream, lineage_threshold=lineage_threshold,
-        taps=taps, lsq_ridge=lsq_ridge, lsq_positions=lsq_positions, lsq_memory=lsq_memory)
+        taps=taps, lsq_ridge=lsq_ridge, lsq_positions=lsq_positions, lsq_memory=lsq_memory,
+        rotate_stream=rotate_stream)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
     alpha = float(alpha)
@@ -302,6 +315,15 @@ def _run(models: List[nn.Module], names: List[str], w: List[float], ref: int, ca
 
 
 @dataclass
+class StreamRotations:
+    """rotate_stream's result: the streams that fold a rotation, and each model's ``R`` per stream (the
+    reference's: none, only the folds)."""
+
+    plans: Dict[str, StreamPlan]
+    rotations: List[Dict[str, torch.Tensor]]
+
+
+@dataclass
 class PreparedMerge:
     """What a merge measured and matched, before averaging: ``finish_merge`` averages it with any
     weights and corrects the result (only its own passes run again: the correction and the diagnostic).
@@ -320,6 +342,7 @@ class PreparedMerge:
     report: MergeReport                 # the fields known before averaging
     out_device: torch.device
     first_batch: Optional[torch.Tensor] = None  # for the messages about the inputs' scale
+    rotation: Optional[StreamRotations] = None  # rotate_stream: the streams rotated, each model's R
 
 
 def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOptions, *,
@@ -441,9 +464,16 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
                                                            max_iter=opts.weight_iters, tol=opts.weight_tol,
                                                            seed=opts.seed))
     report.rows = _group_rows(spec, perms, corrs, notes)
+    rotation = None
+    if opts.rotate_stream and method == "activation":
+        with timed(timings, "rotate"):
+            rotation = _rotate_streams(ms, names, ref, plan, stats, perms, first if first is not None else example,
+                                       report)
+    elif opts.rotate_stream:
+        logger.info("merge: rotate_stream: nothing rotated, matching was skipped (%s)", report.matching_skipped)
 
     report.timings = timings
-    return PreparedMerge(ms, names, ref, w, opts, plan, stats, perms, gather, report, out_device, first)
+    return PreparedMerge(ms, names, ref, w, opts, plan, stats, perms, gather, report, out_device, first, rotation)
 
 
 def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Optional[float] = None,
@@ -452,7 +482,7 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
     correct the result (REPAIR targets ``sum_k w_k stat_k``) and report. ``prepared`` is not changed:
     call it again for other weights."""
     p, opts, w = prepared, prepared.opts, list(weights)
-    ms, plan, stats, perms, gather, ref, mode = p.models, p.plan, p.stats, p.perms, p.gather, p.reference, opts.repair
+    ms, plan, perms, gather, ref, mode = p.models, p.plan, p.perms, p.gather, p.reference, opts.repair
     spec, two = plan.spec, len(ms) == 2
     report = copy.deepcopy(p.report)
     report.weights = w
@@ -463,6 +493,8 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
     # ---- average --------------------------------------------------------------------------------
     with timed(timings, "interpolate" if two else "average"), torch.no_grad():
         aligned = [permute_state_dict(sd, spec, p) if p else sd for sd, p in zip(sds, perms)]
+        if p.rotation is not None:  # norms and layer scales folded in every model, the streams rotated
+            aligned = [rotate_state_dict(sd, p.rotation.plans, r) for sd, r in zip(aligned, p.rotation.rotations)]
         merged = copy.deepcopy(ms[ref])
         merged.load_state_dict(weighted_average(aligned, w))
         clear_tensor_caches(merged)  # LeViT's cached attention biases are the reference's otherwise
@@ -470,16 +502,15 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
 
     # ---- repair: targets sum_k w_k stat_k, correction pass, fuse ----------------------------------
     if mode == "lsq":
-        targets = repair_targets(plan.sites, stats, [effective_perms(spec, p) for p in perms], w) if plan.sites else {}
         raw = copy.deepcopy(merged) if opts.diagnostic_batches and plan.sites else None
+        targets = _targets(p, aligned, w, timings, opts.diagnostic_batches) if raw is not None else {}
         with timed(timings, "pass_lsq"):
             _lsq_repair(p, merged, aligned, w, report)
         if raw is not None:
             _variance_diagnostic(gather, plan, raw, merged, targets, {}, opts, report, timings)
             del raw
     elif plan.sites:
-        targets = (repair_targets(plan.sites, stats, [effective_perms(spec, p) for p in perms], w)
-                   if opts.mode.needs_targets else {})
+        targets = _targets(p, aligned, w, timings) if opts.mode.needs_targets else {}
         with timed(timings, "pass_repair"):
             measured = gather([merged], plan, StatisticsRequest(correction=True, targets=targets or None))
         report.calibration_samples = max(report.calibration_samples, measured.samples)  # RESET: its only pass
@@ -505,6 +536,74 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
 
 
 # ---- stages ---------------------------------------------------------------------------------
+def _rotate_streams(ms, names, ref, plan, stats, perms, x, report) -> Optional[StreamRotations]:
+    """rotate_stream: the residual streams that fold a rotation exactly, each model's Procrustes ``R``
+    against the reference at the streams' adds, and a float64 check of every transformed model on ``x``;
+    ``report.rotations`` says what was rotated and why the rest was not."""
+    spec = plan.spec
+    sds = [m.state_dict() for m in ms]
+    plans, refused = stream_plans(spec, ms[ref], plan.gm, x[:1], sds)
+    report.rotations.update({g: f"not rotated: {why}" for g, why in refused.items()})
+    rots: List[Dict[str, torch.Tensor]] = [{} for _ in ms]
+    for name, pl in list(plans.items()):
+        agree = []
+        for k in range(len(ms)):
+            if k == ref:
+                continue
+            cross = stream_cross(stats, pl, ref, k, perms[k].get(name))
+            if cross is None:
+                report.rotations[name] = "not rotated: the matching pass measured none of its adds (taps=)"
+                del plans[name]
+                break
+            rots[k][name] = procrustes_rotation(cross)
+            agree.append(f"{stream_agreement(cross):.3f} -> {stream_agreement(cross, rots[k][name]):.3f}")
+        else:
+            report.rotations[name] = f"rotated ({len(pl.norms)} norms, {len(pl.scales)} layer scales folded); " \
+                                     f"stream cosine at its adds, permuted -> rotated: {', '.join(agree)}"
+    if not plans:
+        return None
+    for k, m in enumerate(ms):  # the same function in float64, or nothing is rotated
+        sd = permute_state_dict(sds[k], spec, perms[k]) if perms[k] else sds[k]
+        err = function_error(m, rotate_state_dict(sd, plans, {g: r for g, r in rots[k].items() if g in plans},
+                                                  torch.float64), x[:8])
+        if not err <= EXACT_TOL:
+            why = (f"not rotated: the rotated {names[k]} differs from it by {err:.1e} (relative, float64) on a "
+                   "calibration batch; an op on the stream does not commute with the rotation")
+            report.rotations.update({g: why for g in plans})
+            logger.warning("merge: rotate_stream: %s", why)
+            return None
+    return StreamRotations(plans, [{g: r for g, r in rk.items() if g in plans} for rk in rots])
+
+
+def _aligned_models(p: PreparedMerge, aligned: List[Dict[str, torch.Tensor]], w: List[float]) -> List[nn.Module]:
+    """The aligned models of nonzero weight, as modules (the reference itself where its tensors are its own)."""
+    ends = []
+    for k, (sd, wk) in enumerate(zip(aligned, w)):
+        if wk == 0:
+            continue
+        if k == p.reference and p.rotation is None:
+            ends.append(p.models[k])  # its aligned state dict is its own
+        else:
+            m = copy.deepcopy(p.models[p.reference])
+            m.load_state_dict(sd)
+            ends.append(clear_tensor_caches(m).eval())  # caches of the reference's tensors are stale now
+    return ends
+
+
+def _targets(p: PreparedMerge, aligned, w: List[float], timings, max_batches: Optional[int] = None):
+    """REPAIR's targets ``sum_k w_k stat_k``: from the matching pass's statistics, permuted; with rotated
+    streams from a pass over the rotated models (a rotation mixes channels, so per-channel statistics do not
+    follow it), on ``max_batches`` batches where only the diagnostic needs them."""
+    plan, spec = p.plan, p.plan.spec
+    if not plan.sites:
+        return {}
+    if p.rotation is None:
+        return repair_targets(plan.sites, p.stats, [effective_perms(spec, q) for q in p.perms], w)
+    with timed(timings, "pass_rotated"):
+        st = p.gather(_aligned_models(p, aligned, w), plan, StatisticsRequest(sites=True, max_batches=max_batches))
+    return repair_targets(plan.sites, st, [{} for wk in w if wk], [wk for wk in w if wk])
+
+
 def _variance_diagnostic(gather, plan, raw, merged, targets, explicit, opts, report, timings) -> None:
     """The uncorrected average next to the fused one, on a few batches: the variance-collapse diagnostic."""
     with timed(timings, "diagnostics"):
@@ -524,18 +623,8 @@ def _lsq_repair(p: PreparedMerge, merged: nn.Module, aligned: List[Dict[str, tor
                 report: MergeReport) -> None:
     """Least-squares repair of ``merged`` in place (repair/lsq.py): one walk over the calibration batches
     with the aligned endpoints of nonzero weight and the merged net; the fits go into the report."""
-    opts, gather, ref = p.opts, p.gather, p.reference
-    ends, ws = [], []
-    for k, (sd, wk) in enumerate(zip(aligned, w)):
-        if wk == 0:
-            continue
-        if k == ref:
-            ends.append(p.models[ref])  # its aligned state dict is its own
-        else:
-            m = copy.deepcopy(p.models[ref])
-            m.load_state_dict(sd)
-            ends.append(clear_tensor_caches(m).eval())  # caches of the reference's tensors are stale now
-        ws.append(wk)
+    opts, gather = p.opts, p.gather
+    ends, ws = _aligned_models(p, aligned, w), [wk for wk in w if wk]
     sites, skipped = find_lsq_sites(p.plan.gm)
     res = gather.lsq(merged, ends, ws, p.plan.gm, sites, ridge=opts.lsq_ridge, positions=opts.lsq_positions,
                      seed=opts.seed, memory=opts.lsq_memory)

@@ -101,6 +101,7 @@ class MergeOptions:
     lsq_ridge: float = 1e-3
     lsq_positions: Optional[int] = 64
     lsq_memory: Union[int, str, None] = "auto"
+    rotate_stream: bool = False
 
     @classmethod
     def create(cls, *, repair: Union[bool, str, None] = True, **kwargs) -> MergeOptions:
@@ -121,6 +122,11 @@ class MergeOptions:
             raise ConfigError(f"lsq_positions must be an int >= 1 (output positions per image used by each "
                               f"least-squares fit) or None (every position), got {lp!r}")
         check_lsq_memory(opts.lsq_memory)
+        if not isinstance(opts.rotate_stream, bool):
+            raise ConfigError(f"rotate_stream must be True or False, got {opts.rotate_stream!r}")
+        if opts.rotate_stream and opts.method != "activation":
+            raise ConfigError(f"rotate_stream=True rotates residual streams by the activations' cross-moments, "
+                              f"which method={opts.method!r} does not measure: use method='activation'")
         it = opts.iterations
         if isinstance(it, bool) or not isinstance(it, int) or it < 0:
             raise ConfigError(f"iterations must be an int >= 0 (0: star alignment), got {it!r}")

@@ -78,6 +78,7 @@ class MergeReport:
     lineage_keys: List[str] = field(default_factory=list)  # the tensors the lineage test compared (free groups')
     matching_skipped: Optional[str] = None  # why no matching ran although method asked for it
     lsq_round_bytes: List[int] = field(default_factory=list)  # repair="lsq": float64 statistics per shard, per round
+    rotations: Dict[str, str] = field(default_factory=dict)  # rotate_stream: residual stream -> rotated, or why not
 
     @property
     def num_models(self) -> int:
@@ -158,6 +159,8 @@ class MergeReport:
         if left:
             lines.append(f"  {len(left)} groups left unpermuted (no usable tap): {', '.join(left[:5])}"
                          + (" ..." if len(left) > 5 else ""))
+        for name, note in self.rotations.items():
+            lines.append(f"  residual stream {name}: {note}")
         if self.lsq_round_bytes:
             b = self.lsq_round_bytes
             lines.append(f"  least-squares walk: {len(b)} statistics rounds; on sharded data each shard sends "

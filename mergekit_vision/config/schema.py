@@ -254,6 +254,7 @@ class MergeConfig(_Strict):
     lsq_ridge: float = Field(1e-3, ge=0.0, allow_inf_nan=False)
     lsq_positions: Optional[int] = Field(64, ge=1)
     lsq_memory: Union[int, str, None] = "auto"
+    rotate_stream: bool = False
     taps: str = "all"
     weight_tol: float = Field(WEIGHT_TOL, ge=0.0)
     lineage_threshold: Optional[float] = Field(LINEAGE_THRESHOLD, ge=-1.0, le=1.0)
