@@ -212,3 +212,22 @@ def test_rotate_stream_options():
         merge(a, b, [X], method="weight", rotate_stream=True, progress=False)
     with pytest.raises(ConfigError, match="True or False"):
         merge(a, b, [X], rotate_stream="yes", progress=False)
+
+
+def test_curve_rotates_the_matched_modes():
+    """interpolation_curve(rotate_stream=True): the matched modes start from A with its norms folded and
+    end at B rotated, so their endpoints score exactly as A and B do."""
+    from torch.utils.data import TensorDataset
+
+    from mergekit_vision.evaluate import interpolation_curve
+
+    a, b = randomize_model(_vit(), seed=1), randomize_model(_vit(), seed=2)
+    test = TensorDataset(torch.randn(64, 3, 32, 32, generator=GEN), torch.randint(0, 10, (64,), generator=GEN))
+    calib = [torch.randn(32, 3, 32, 32, generator=GEN) for _ in range(2)]
+    curve = interpolation_curve(a, b, test, calib_loader=calib, alphas=(0.0, 0.5, 1.0), modes=("naive", "aligned"),
+                                progress=False, rotate_stream=True)
+    assert curve.meta["rotate_stream"] and curve.meta["rotations"]["patch_embed.proj"].startswith("rotated")
+    for mode in ("naive", "aligned"):
+        assert curve.loss[mode][0] == pytest.approx(curve.endpoints["a"]["loss"], rel=1e-5), mode
+        assert curve.loss[mode][2] == pytest.approx(curve.endpoints["b"]["loss"], rel=1e-5), mode
+    assert curve.loss["aligned"][1] != curve.loss["naive"][1]
