@@ -492,7 +492,7 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
 
     # ---- average --------------------------------------------------------------------------------
     with timed(timings, "interpolate" if two else "average"), torch.no_grad():
-        aligned = [permute_state_dict(sd, spec, p) if p else sd for sd, p in zip(sds, perms)]
+        aligned = [permute_state_dict(sd, spec, q) if q else sd for sd, q in zip(sds, perms)]
         if p.rotation is not None:  # norms and layer scales folded in every model, the streams rotated
             aligned = [rotate_state_dict(sd, p.rotation.plans, r) for sd, r in zip(aligned, p.rotation.rotations)]
         merged = copy.deepcopy(ms[ref])
