@@ -167,7 +167,8 @@ def main(argv=None) -> int:
                               streams_only=args.streams_only, rotate=args.rotate)
             logger.info("%s (%.0fs)\n%s", key, curve.meta["seconds"], curve.table())
             plot_curve(curve, out / "img" / f"{key}.png",
-                       title=f"{config}, seeds {sa}/{sb}, epochs: {meta_a['epochs']}")
+                       title=f"{config}, seeds {sa}/{sb}, epochs: {meta_a['epochs']}"
+                       + (", streams only" if args.streams_only else "") + (", stream rotated" if args.rotate else ""))
             results[key] = curve.to_dict()
             write_json_atomic(json_path, results)
     # the table covers every curve in barriers.json: runs of other configurations accumulate

@@ -327,7 +327,8 @@ def _count(data: Any) -> Optional[int]:
     return None
 
 
-_COLORS = {"naive": "#7f7f7f", "aligned": "#1f77b4", "reset": "#ff7f0e", "repair": "#2ca02c", "stream": "#d62728"}
+_COLORS = {"naive": "#7f7f7f", "aligned": "#1f77b4", "reset": "#ff7f0e", "repair": "#2ca02c", "stream": "#d62728",
+           "lsq": "#9467bd"}
 
 
 def plot_curve(curve: Curve, path: Union[str, Path], *, metric: str = "acc", title: Optional[str] = None) -> Path:
