@@ -340,6 +340,20 @@ def test_cli_refuses_a_result_that_does_not_fit_the_architecture(tiny, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_rotate_stream_reaches_the_merge_and_its_report(tiny, tmp_path):
+    """`rotate_stream: true` in the config: a BatchNorm ResNet's streams are not rotated, and the report
+    in the output folder says why; the weights are the permutation-only merge's."""
+    path = write_yaml(tiny.dir / "rot.yml", {**tiny.config, "rotate_stream": True})
+    out = tmp_path / "out"
+    assert main(["-q", "merge", str(path), str(out)]) == 0
+    rotations = json.loads((out / "merge_report.json").read_text())["rotations"]
+    assert rotations and all(v.startswith("not rotated:") and "BatchNorm" in v for v in rotations.values())
+    plain = tmp_path / "plain"
+    assert main(["-q", "merge", str(write_yaml(tiny.dir / "ok.yml", tiny.config)), str(plain)]) == 0
+    got, want = (safetensors.torch.load_file(d / "model.safetensors") for d in (out, plain))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_two_runs_of_one_config_write_the_same_weights_file(tiny, tmp_path):
     path = write_yaml(tiny.dir / "ok.yml", tiny.config)
     for out in ("out1", "out2"):
