@@ -165,22 +165,34 @@ def _feeds_stream(node: fx.Node) -> bool:
     return True
 
 
-def _plan_group(g: PermutationGroup, model: nn.Module, gm: fx.GraphModule, state_dicts) -> Union[StreamPlan, str]:
-    modules = dict(gm.named_modules())
-    attrs: Dict[str, List[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            attrs.setdefault(n.target, []).append(n)
+@dataclass
+class _Graph:
+    """What the plans look up in the trace: modules, the reads of each tensor, each LayerNorm's call."""
+
+    modules: Dict[str, nn.Module]
+    attrs: Dict[str, List[fx.Node]]  # tensor key -> its get_attr nodes
+    norms: Dict[str, fx.Node]        # LayerNorm module path -> the node that applies it
+    nodes: Dict[str, fx.Node]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> _Graph:
+        modules, attrs, norms = dict(gm.named_modules()), {}, {}
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                attrs.setdefault(n.target, []).append(n)
+            elif n.op == "call_module" and isinstance(modules[n.target], nn.LayerNorm):
+                norms[n.target] = n
+            elif n.op == "call_function" and n.target in LAYERNORM_FUNCTIONS:
+                w = n.kwargs.get("weight", n.args[2] if len(n.args) > 2 else None)
+                if isinstance(w, fx.Node) and w.op == "get_attr":
+                    norms[_split(w.target)[0]] = n
+        return cls(modules, attrs, norms, {n.name: n for n in gm.graph.nodes})
+
+
+def _plan_group(g: PermutationGroup, model: nn.Module, graph: _Graph, state_dicts) -> Union[StreamPlan, str]:
+    modules, attrs = graph.modules, graph.attrs
     rows = {m.key for m in g.members if m.axis == 0}
     plan = StreamPlan(g.name, g.size, [(m.key, m.axis) for m in g.members])
-    norm_nodes = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and isinstance(modules[n.target], nn.LayerNorm):
-            norm_nodes[n.target] = n
-        elif n.op == "call_function" and n.target in LAYERNORM_FUNCTIONS:
-            w = n.kwargs.get("weight", n.args[2] if len(n.args) > 2 else None)
-            if isinstance(w, fx.Node) and w.op == "get_attr":
-                norm_nodes[_split(w.target)[0]] = n
     folded = set()
     for m in g.members:
         if (m.start, m.offset, m.length, m.inner, m.groups, m.stride) != (0, 0, g.size, 1, 1, 0):
@@ -198,7 +210,7 @@ def _plan_group(g: PermutationGroup, model: nn.Module, gm: fx.GraphModule, state
                 return f"LayerNorm {path} normalizes over {tuple(mod.normalized_shape)}, not the {g.size} channels"
             if path in folded:
                 continue
-            node = norm_nodes.get(path)
+            node = graph.norms.get(path)
             if node is None:
                 return f"LayerNorm {path} is not called where the trace can see it"
             readers = _norm_readers(node, modules)
@@ -208,11 +220,9 @@ def _plan_group(g: PermutationGroup, model: nn.Module, gm: fx.GraphModule, state
                             mod.bias is not None and f"{path}.bias" or None)
             for wkey, rnode in readers:
                 rmod = modules[rnode.target]
-                bkey = wkey.replace("weight", "bias")
-                if getattr(rmod, "bias", None) is None and not isinstance(rmod, nn.MultiheadAttention):
-                    bkey = None
-                if isinstance(rmod, nn.MultiheadAttention) and rmod.in_proj_bias is None:
-                    bkey = None
+                mha = isinstance(rmod, nn.MultiheadAttention)
+                has_bias = (rmod.in_proj_bias if mha else rmod.bias) is not None
+                bkey = f"{rnode.target}.{'in_proj_bias' if mha else 'bias'}" if has_bias else None
                 if bkey is None and fold.bias and any(sd[fold.bias].abs().max() > 0 for sd in state_dicts):
                     return f"LayerNorm {path}'s shift has no bias to fold into ({rnode.target} has none)"
                 fold.readers.append((wkey, bkey))
@@ -230,11 +240,10 @@ def _plan_group(g: PermutationGroup, model: nn.Module, gm: fx.GraphModule, state
         if all(_feeds_stream(n) for n in nodes):
             continue
         return f"{m.key} ({type(mod).__name__}) acts on each channel apart, which a rotation does not commute with"
-    nodes_by_name = {n.name: n for n in gm.graph.nodes}
     for t in g.taps:
         if t.op not in STREAM_OPS:
             return f"the stream passes through {t.op} ({t.node}), which a rotation does not commute with"
-        if t.op in NORM_OPS and _normalized_shape(nodes_by_name[t.node], modules) != (g.size,):
+        if t.op in NORM_OPS and _normalized_shape(graph.nodes[t.node], modules) != (g.size,):
             return f"the norm at {t.node} does not normalize over exactly the {g.size} channels"
         if t.op in ("mul", "mul_") and not plan.scales:
             return f"the stream is multiplied at {t.node}, not by a layer scale that folds"
@@ -255,10 +264,11 @@ def stream_plans(spec: PermutationSpec, model: nn.Module, gm: fx.GraphModule, ex
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
     plans, refused = {}, {}
+    graph = _Graph.of(gm)
     for g in spec.free_groups:
         if g.is_heads or g.blocks != 1 or g.size < 3 or not g.members:
             continue
-        got = _plan_group(g, model, gm, state_dicts)
+        got = _plan_group(g, model, graph, state_dicts)
         if isinstance(got, StreamPlan):
             plans[g.name] = got
         elif any(t.op in ("add", "iadd", "add_", "__add__") for t in g.taps):  # a residual stream that stays
