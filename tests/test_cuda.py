@@ -75,3 +75,25 @@ def test_models_on_the_gpu_come_back_on_the_gpu_in_their_dtype(dtype):
         out = merged(calib[0].to("cuda", dtype))
     assert torch.isfinite(out.float()).all()
     assert next(a.parameters()).device.type == "cuda"  # the inputs are left as they were
+
+
+def test_rotate_stream_on_the_device_undoes_a_rotated_copy():
+    """rotate_stream with device="cuda": Procrustes and the folds run beside statistics on the device; a
+    ViT whose stream was rotated comes back to A's function, as a CPU model."""
+    timm = pytest.importorskip("timm")
+    from mergekit_vision.match.rotation import procrustes_rotation, rotate_state_dict, stream_plans
+
+    a = randomize_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                          embed_dim=48, depth=2, num_heads=3, num_classes=10).eval(), seed=1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    plan = plan_calibration(a, x[:1])
+    plans, _ = stream_plans(plan.spec, a, plan.gm, x[:1], [a.state_dict()])
+    r = procrustes_rotation(torch.randn(48, 48, generator=g, dtype=torch.float64))
+    b = randomize_model(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                          embed_dim=48, depth=2, num_heads=3, num_classes=10).eval())
+    b.load_state_dict(rotate_state_dict(a.state_dict(), plans, {"patch_embed.proj": r}))
+    calib = [torch.randn(32, 3, 32, 32, generator=g) for _ in range(4)]
+    merged = merge(a, b, calib, repair=False, rotate_stream=True, device="cuda", progress=False)
+    assert next(merged.parameters()).device.type == "cpu"
+    assert _rel(merged(x), a(x)) < 1e-4

@@ -277,12 +277,12 @@ def stream_plans(spec: PermutationSpec, model: nn.Module, gm: fx.GraphModule, ex
 
 
 # ---- the rotation ---------------------------------------------------------------------------------
-def _complement(d: int, dtype=torch.float64) -> torch.Tensor:
+def _complement(d: int, device=None) -> torch.Tensor:
     """An orthonormal basis (d, d - 1) of the vectors orthogonal to 1 (a Householder reflection's columns)."""
-    v = torch.full((d,), d ** -0.5, dtype=dtype)
+    v = torch.full((d,), d ** -0.5, dtype=torch.float64, device=device)
     w = -v
     w[0] += 1.0
-    h = torch.eye(d, dtype=dtype) - 2.0 * torch.outer(w, w) / w.dot(w)
+    h = torch.eye(d, dtype=torch.float64, device=device) - 2.0 * torch.outer(w, w) / w.dot(w)
     return h[:, 1:]
 
 
@@ -291,9 +291,9 @@ def procrustes_rotation(m: torch.Tensor) -> torch.Tensor:
     reference's values ``a`` and the other model's ``b``, so ``R b`` is as close to ``a`` as a rotation
     that keeps each token's mean can bring it."""
     d = m.shape[0]
-    q = _complement(d)
+    q = _complement(d, m.device)
     u, _, vh = torch.linalg.svd(q.T @ m.to(torch.float64) @ q)
-    v = torch.full((d, 1), d ** -0.5, dtype=torch.float64)
+    v = torch.full((d, 1), d ** -0.5, dtype=torch.float64, device=m.device)
     return q @ (u @ vh) @ q.T + v @ v.T
 
 
@@ -368,7 +368,8 @@ def rotate_state_dict(sd: Mapping[str, torch.Tensor], plans: Mapping[str, Stream
         unit = {k for f in plan.norms for k in (f.weight, f.bias)} | {s[0] for s in plan.scales}
         for key, axis in plan.members:
             if key not in unit:  # folded norms and scales hold ones and zeros, which R keeps (R 1 = 1)
-                work[key] = _along(get(key), axis, r.to(torch.float64))
+                t = get(key)
+                work[key] = _along(t, axis, r.to(t.device, torch.float64))
     for k, v in work.items():
         out[k] = v.to(dtype or sd[k].dtype)
     return out
