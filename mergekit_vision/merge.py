@@ -467,8 +467,8 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
     rotation = None
     if opts.rotate_stream and method == "activation":
         with timed(timings, "rotate"):
-            rotation = _rotate_streams(ms, names, ref, plan, stats, perms, first if first is not None else example,
-                                       report)
+            rotation = _rotate_streams(ms, sds, names, ref, plan, stats, perms,
+                                       first if first is not None else example, report)
     elif opts.rotate_stream:
         logger.info("merge: rotate_stream: nothing rotated, matching was skipped (%s)", report.matching_skipped)
 
@@ -536,12 +536,11 @@ def finish_merge(prepared: PreparedMerge, weights: Sequence[float], *, alpha: Op
 
 
 # ---- stages ---------------------------------------------------------------------------------
-def _rotate_streams(ms, names, ref, plan, stats, perms, x, report) -> Optional[StreamRotations]:
+def _rotate_streams(ms, sds, names, ref, plan, stats, perms, x, report) -> Optional[StreamRotations]:
     """rotate_stream: the residual streams that fold a rotation exactly, each model's Procrustes ``R``
     against the reference at the streams' adds, and a float64 check of every transformed model on ``x``;
     ``report.rotations`` says what was rotated and why the rest was not."""
     spec = plan.spec
-    sds = [m.state_dict() for m in ms]
     plans, refused = stream_plans(spec, ms[ref], plan.gm, x[:1], sds)
     report.rotations.update({g: f"not rotated: {why}" for g, why in refused.items()})
     rots: List[Dict[str, torch.Tensor]] = [{} for _ in ms]

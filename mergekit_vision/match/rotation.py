@@ -30,15 +30,17 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from ..ops import ADD_FUNCTIONS, ADD_METHODS, LAYERNORM_FUNCTIONS, op_name
+from ..ops import ADD, LAYERNORM_FUNCTIONS, TAP_NAMES, is_add, op_name
 from ..spec import PermutationGroup, PermutationSpec
 
 LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # linear in their channels, either axis
 PASS_MODULES = ("Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropPath")  # identity in eval
 # ops that may carry the stream: linear in its channels, or a LayerNorm over exactly them (R 1 = 1)
-STREAM_OPS = frozenset({"add", "iadd", "add_", "__add__", "cat", "concat", "Linear", "Conv1d", "Conv2d", "Conv3d",
-                        "flatten", "transpose", "permute", "reshape", "view", "contiguous", "getitem", "expand",
-                        "mean", "layer_norm", "LayerNorm", "mul", "mul_", "MultiheadAttention", *PASS_MODULES})
+CATS = ("cat", "concat")
+STREAM_VALUES = TAP_NAMES[ADD] | frozenset(CATS)  # the stream itself: residual adds, token concatenations
+STREAM_OPS = STREAM_VALUES | frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "flatten", "transpose", "permute",
+                                        "reshape", "view", "contiguous", "getitem", "expand", "mean", "layer_norm",
+                                        "LayerNorm", "mul", "mul_", "MultiheadAttention", *PASS_MODULES})
 NORM_OPS = ("layer_norm", "LayerNorm")
 EXACT_TOL = 1e-8  # relative float64 error of a rotated endpoint's outputs above which nothing is rotated
 
@@ -159,8 +161,7 @@ def _feeds_stream(node: fx.Node) -> bool:
             continue
         if name in ("expand", "repeat", "to", "type_as"):
             stack.extend(u.users)
-        elif not ((u.op == "call_function" and (u.target in ADD_FUNCTIONS or name in ("cat", "concat")))
-                  or (u.op == "call_method" and u.target in ADD_METHODS)):
+        elif not (is_add(u) or (u.op == "call_function" and name in CATS)):
             return False
     return True
 
@@ -247,7 +248,7 @@ def _plan_group(g: PermutationGroup, model: nn.Module, graph: _Graph, state_dict
             return f"the norm at {t.node} does not normalize over exactly the {g.size} channels"
         if t.op in ("mul", "mul_") and not plan.scales:
             return f"the stream is multiplied at {t.node}, not by a layer scale that folds"
-    plan.taps = sorted({t.node for t in g.taps if t.op in ("add", "iadd", "add_", "__add__", "cat", "concat")})
+    plan.taps = sorted({t.node for t in g.taps if t.op in STREAM_VALUES})
     if not plan.taps:
         return "no tap observes the stream itself (its adds)"
     return plan
@@ -271,7 +272,7 @@ def stream_plans(spec: PermutationSpec, model: nn.Module, gm: fx.GraphModule, ex
         got = _plan_group(g, model, graph, state_dicts)
         if isinstance(got, StreamPlan):
             plans[g.name] = got
-        elif any(t.op in ("add", "iadd", "add_", "__add__") for t in g.taps):  # a residual stream that stays
+        elif any(t.op in TAP_NAMES[ADD] for t in g.taps):  # a residual stream that stays
             refused[g.name] = got
     return plans, refused
 
