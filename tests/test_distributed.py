@@ -61,6 +61,13 @@ def _worker(rank, port, out_dir):
         torch.save(pooled.samples, os.path.join(out_dir, f"samples{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's finalization. torch's gloo backend can abort the process there
+    # (SIGABRT, "terminate called without an active exception"), after every result above is written:
+    # a core dump shows ProcessGroupGloo::runLoop's thread destroying the last AsyncAllgatherWork, whose
+    # tensors' decref asks for the GIL while Py_FinalizeEx runs, and CPython ends that thread inside a
+    # noexcept destructor. It is a race in torch (pytorch/pytorch PR 179291 describes it), hit about one run
+    # in six here under load, not a property of the merge this test checks; the saved files are.
+    os._exit(0)
 
 
 @pytest.mark.slow
