@@ -126,6 +126,9 @@ def main(argv=None) -> int:
                    help="the matched modes also rotate the residual streams where that folds exactly "
                         "(merge(rotate_stream=True)); the curves are stored as {config}_s{a}_s{b}_rot (with "
                         "--streams-only: _streams_rot), outside the table")
+    p.add_argument("--lsq-logits", default="mean", choices=["mean", "probs"],
+                   help="the lsq mode's target for the logits (merge(lsq_logits=...)); 'probs' stores the curves "
+                        "as {config}_s{a}_s{b}_probs, outside the table")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     logging.getLogger("mergekit_vision").setLevel(logging.WARNING)  # one summary per curve, not per merge
@@ -152,6 +155,7 @@ def main(argv=None) -> int:
         pairs = list(itertools.combinations(seeds, 2)) if args.all_pairs else [tuple(seeds[:2])]
         for (sa, meta_a), (sb, _) in pairs:
             key = f"{config}_s{sa}_s{sb}" + ("_streams" if args.streams_only else "") + ("_rot" if args.rotate else "")
+            key += "_probs" if args.lsq_logits == "probs" else ""
             t0 = time.perf_counter()
             a, b = load_checkpoint(ckpt, config, sa), load_checkpoint(ckpt, config, sb)
             spec = None
@@ -161,10 +165,10 @@ def main(argv=None) -> int:
                 spec = trace_permutation_spec(a, calib[0][:1]).without_heads()
             curve = interpolation_curve(a, b, test, calib_loader=calib, alphas=args.alphas, method=args.method,
                                         modes=args.modes, spec=spec, rotate_stream=args.rotate,
-                                        max_samples=args.eval_samples, progress=False)
+                                        lsq_logits=args.lsq_logits, max_samples=args.eval_samples, progress=False)
             curve.meta.update(config=config, seeds=[sa, sb], epochs=meta_a["epochs"],
                               train_samples=meta_a["train_samples"], seconds=time.perf_counter() - t0,
-                              streams_only=args.streams_only, rotate=args.rotate)
+                              streams_only=args.streams_only, rotate=args.rotate, lsq_logits=args.lsq_logits)
             logger.info("%s (%.0fs)\n%s", key, curve.meta["seconds"], curve.table())
             plot_curve(curve, out / "img" / f"{key}.png",
                        title=f"{config}, seeds {sa}/{sb}, epochs: {meta_a['epochs']}"
@@ -175,7 +179,8 @@ def main(argv=None) -> int:
     by_config = {}
     for d in results.values():
         c = Curve.from_dict(d)
-        if not (c.meta.get("streams_only") or c.meta.get("rotate")):  # ablations stay in barriers.json
+        ablation = c.meta.get("streams_only") or c.meta.get("rotate") or c.meta.get("lsq_logits", "mean") != "mean"
+        if not ablation:  # ablations stay in barriers.json
             by_config.setdefault(c.meta["config"], []).append(c)
     rows = [summarize(config, by_config[config]) for config in CONFIGS if config in by_config]
     header = (f"<!-- written by benchmarks/barriers.py on {platform.machine()}, {os.cpu_count()} CPUs, "

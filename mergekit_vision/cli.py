@@ -116,7 +116,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                   return_report=True, seed=config.seed, taps=config.taps, weight_tol=config.weight_tol,
                   lineage_threshold=config.lineage_threshold, lsq_ridge=config.lsq_ridge,
                   lsq_positions=config.lsq_positions,
-                  lsq_memory=config.lsq_memory, rotate_stream=config.rotate_stream)
+                  lsq_memory=config.lsq_memory, lsq_logits=config.lsq_logits, rotate_stream=config.rotate_stream)
     with _stage(timings, "merge"):
         if len(models) == 2:
             merged, report = merge(a, models[1], calib, alpha=config.alpha, **common)
@@ -179,7 +179,7 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     with _stage(timings, "curve"):
         curve = interpolation_curve(a, b, evaluation, calib_loader=calib, alphas=tuple(args.alphas),
                                     modes=tuple(args.modes), method=config.method, progress=not args.quiet,
-                                    rotate_stream=config.rotate_stream)
+                                    rotate_stream=config.rotate_stream, lsq_logits=config.lsq_logits)
     print(curve.table())
     mids = [(m, curve.barrier(m)["mid"]) for m in curve.modes]
     if all(v is not None for _, v in mids):

@@ -201,6 +201,7 @@ def interpolation_curve(
     progress: bool = True,
     spec: Optional[PermutationSpec] = None,
     rotate_stream: bool = False,
+    lsq_logits: str = "mean",
 ) -> Curve:
     """Accuracy and loss of ``merge(model_a, model_b, alpha=...)`` along the path, per mode.
 
@@ -218,6 +219,7 @@ def interpolation_curve(
     ``spec.without_heads()`` to measure what aligning attention heads adds. ``rotate_stream``: the matched
     modes also rotate the residual streams where that folds exactly (``merge(rotate_stream=True)``); their
     model A is then A with its LayerNorm affines and layer scales folded (the same function).
+    ``lsq_logits``: the "lsq" mode's target for the classifier's logits (``merge(lsq_logits=...)``).
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -254,7 +256,8 @@ def interpolation_curve(
     common = dict(max_samples=calib_samples, progress=False, spec=spec)
 
     curve = Curve(alphas, {}, {}, {"a": score(model_a), "b": score(model_b)})
-    curve.meta.update(method=method, calib_samples=None, eval_samples=None, rotate_stream=rotate_stream)
+    curve.meta.update(method=method, calib_samples=None, eval_samples=None, rotate_stream=rotate_stream,
+                      lsq_logits=lsq_logits)
     aligned, folded_a = None, model_a
     if any(MODES[m][0] for m in modes):
         t0 = time.perf_counter()
@@ -287,7 +290,8 @@ def interpolation_curve(
             # the endpoints' statistics do not depend on alpha: measured once per mode, the correction per alpha
             t0 = time.perf_counter()
             with quiet_merges():
-                opts = MergeOptions.create(method="none", repair=repair, max_samples=calib_samples, progress=False)
+                opts = MergeOptions.create(method="none", repair=repair, max_samples=calib_samples, progress=False,
+                                           lsq_logits=lsq_logits)
                 prepared = prepare_merge([a, b], calib_loader, opts, names=["model_a", "model_b"], spec=spec)
             timings["merge"] += time.perf_counter() - t0
             for alpha in alphas:

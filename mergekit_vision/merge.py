@@ -34,7 +34,7 @@ from .match.many import (DEFAULT_SWEEPS, IDENTITY_TOL, activation_sweeps, in_ref
 from .options import METHODS, REPAIR_MODES, MergeOptions
 from .permute import clear_tensor_caches, effective_perms, permute_state_dict
 from .repair import fuse_corrections, repair_targets, with_affines
-from .repair.lsq import find_lsq_sites, warn_underdetermined
+from .repair.lsq import find_lsq_sites, logit_sites, warn_underdetermined
 from .report import GroupReport, MergeReport, SiteReport
 from .spec import PermutationSpec
 
@@ -154,6 +154,7 @@ def merge_many(
     lsq_ridge: float = 1e-3,
     lsq_positions: Optional[int] = 64,
     lsq_memory: Union[int, str, None] = "auto",
+    lsq_logits: str = "mean",
     rotate_stream: bool = False,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``models`` into one coordinate system, average them with ``weights`` and REPAIR the result.
@@ -188,7 +189,7 @@ def merge_many(
         max_batches=max_batches, max_samples=max_samples, progress=progress, leaf_modules=leaf_modules,
         weight_iters=weight_iters, weight_tol=weight_tol, seed=seed, diagnostic_batches=diagnostic_batches,
         fold_stream=fold_stream, lineage_threshold=lineage_threshold, taps=taps, lsq_ridge=lsq_ridge,
-        lsq_positions=lsq_positions, lsq_memory=lsq_memory, rotate_stream=rotate_stream)
+        lsq_positions=lsq_positions, lsq_memory=lsq_memory, lsq_logits=lsq_logits, rotate_stream=rotate_stream)
     w = _normalized_weights(weights, len(models))
     ref = 0 if reference is None else reference
     if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(models):
@@ -224,6 +225,7 @@ def merge(
     lsq_ridge: float = 1e-3,
     lsq_positions: Optional[int] = 64,
     lsq_memory: Union[int, str, None] = "auto",
+    lsq_logits: str = "mean",
     rotate_stream: bool = False,
 ) -> Union[nn.Module, Tuple[nn.Module, MergeReport]]:
     """Align ``model_b`` to ``model_a``, interpolate at ``alpha`` and REPAIR the result: the two-model
@@ -246,7 +248,10 @@ def merge(
     merged net's own inputs, to the interpolated endpoints' values (docs/merge.md); ``lsq_ridge`` is the
     ridge strength relative to each layer's mean input energy, ``lsq_positions`` the output positions per
     image each fit samples (None: all), ``lsq_memory`` the bytes of activations it holds before spilling
-    them to ``TMPDIR`` ("auto": half the available memory; None: no limit; the result is the same). It
+    them to ``TMPDIR`` ("auto": half the available memory; None: no limit; the result is the same),
+    ``lsq_logits`` the target of a classifier's logits (a linear layer whose value the model returns):
+    "mean", the interpolated logits like every other layer, or "probs", the log of the interpolated class
+    probabilities (what the endpoints' ensemble predicts; docs/merge.md). It
     keeps ``model_a``'s architecture; with ``collect=`` the collector must run the walk (``LocalCollector``,
     also all-reduced as by ``merge_many_distributed``, or Flower's ``FlowerCollector``: one statistics
     round per round of fits). Models wrapped in ``nn.DataParallel``,
@@ -282,7 +287,7 @@ def merge(
         progress=progress, leaf_modules=leaf_modules, weight_iters=weight_iters, weight_tol=weight_tol, seed=seed,
         diagnostic_batches=diagnostic_batches, fold_stream=fold_stream, lineage_threshold=lineage_threshold,
         taps=taps, lsq_ridge=lsq_ridge, lsq_positions=lsq_positions, lsq_memory=lsq_memory,
-        rotate_stream=rotate_stream)
+        lsq_logits=lsq_logits, rotate_stream=rotate_stream)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
     alpha = float(alpha)
@@ -625,6 +630,10 @@ def _lsq_repair(p: PreparedMerge, merged: nn.Module, aligned: List[Dict[str, tor
     opts, gather = p.opts, p.gather
     ends, ws = _aligned_models(p, aligned, w), [wk for wk in w if wk]
     sites, skipped = find_lsq_sites(p.plan.gm)
+    sites = logit_sites(sites, p.plan.gm, opts.lsq_logits)
+    if opts.lsq_logits != "mean" and not any(s.target == opts.lsq_logits for s in sites):
+        logger.warning("lsq_logits=%r: no linear layer's value is the model's output, so every layer is fitted to "
+                       "the interpolated values", opts.lsq_logits)
     res = gather.lsq(merged, ends, ws, p.plan.gm, sites, ridge=opts.lsq_ridge, positions=opts.lsq_positions,
                      seed=opts.seed, memory=opts.lsq_memory)
     if res.spilled_bytes:

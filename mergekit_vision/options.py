@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from .errors import ConfigError
 from .match import LINEAGE_THRESHOLD, TAP_POLICIES, WEIGHT_TOL
+from .repair.lsq import LSQ_LOGITS
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class MergeOptions:
     lsq_ridge: float = 1e-3
     lsq_positions: Optional[int] = 64
     lsq_memory: Union[int, str, None] = "auto"
+    lsq_logits: str = "mean"
     rotate_stream: bool = False
 
     @classmethod
@@ -122,6 +124,7 @@ class MergeOptions:
             raise ConfigError(f"lsq_positions must be an int >= 1 (output positions per image used by each "
                               f"least-squares fit) or None (every position), got {lp!r}")
         check_lsq_memory(opts.lsq_memory)
+        lookup({t: t for t in LSQ_LOGITS}, opts.lsq_logits, "lsq_logits")
         if not isinstance(opts.rotate_stream, bool):
             raise ConfigError(f"rotate_stream must be True or False, got {opts.rotate_stream!r}")
         if opts.rotate_stream and opts.method != "activation":

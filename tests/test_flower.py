@@ -97,20 +97,24 @@ def test_oneshot_merge_from_client_statistics_equals_merge_on_pooled_data():
 
 
 @pytest.mark.slow
-def test_oneshot_lsq_merge_from_client_sums_equals_the_local_lsq_merge_on_pooled_data():
+@pytest.mark.parametrize("logits", ["mean", "probs"])
+def test_oneshot_lsq_merge_from_client_sums_equals_the_local_lsq_merge_on_pooled_data(logits):
     """repair="lsq" through Flower: one QUERY round per round of fits plus one of BatchNorm moments, the
-    clients answering with G/H sums; the result is the local lsq merge on all clients' batches."""
+    clients answering with G/H sums; the result is the local lsq merge on all clients' batches. With
+    lsq_logits="probs" the clients form the head's target from the averaged probabilities, as the server
+    asked (a client that kept "mean" would send other sums, and the merges would differ)."""
     got = {}
 
     def keep(merged, report, models):
         got.update(merged=merged, report=report, models=models)
 
     app = oneshot_server_app(_model, example=torch.zeros(1, 1, 16, 16), min_nodes=CLIENTS, repair="lsq",
-                             train_config={"epochs": 1}, on_merged=keep)
+                             train_config={"epochs": 1}, on_merged=keep, merge_kwargs={"lsq_logits": logits})
     run_inprocess(app, client_app(_model, _data, _train), CLIENTS)
     models, rep = got["models"], got["report"]
     pooled = [b for i in range(CLIENTS) for b in _partition(i)[0].split(100)]
-    ref, ref_rep = merge_many(models, pooled, weights=rep.weights, repair="lsq", progress=False, return_report=True)
+    ref, ref_rep = merge_many(models, pooled, weights=rep.weights, repair="lsq", progress=False, return_report=True,
+                              lsq_logits=logits)
     assert rep.calibration_samples == ref_rep.calibration_samples == 1347
     assert rep.lsq_round_bytes == ref_rep.lsq_round_bytes and len(rep.lsq_round_bytes) == 7  # 6 fit rounds + moments
     fits = [s for s in rep.sites.values() if s.residual_after is not None]

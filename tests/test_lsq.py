@@ -14,9 +14,9 @@ from mergekit_vision.engine import shared_graph
 from mergekit_vision.errors import CalibrationWarning, ConfigError, DataError
 from mergekit_vision.models import create_model
 from mergekit_vision.permute import permute, random_perms
-from mergekit_vision.repair.lsq import (LsqRound, LsqStats, dual_solve, find_lsq_sites, layer_map, lsq_pass,
-                                        lsq_rounds, memory_budget, patch_rows, patches, relative_residual, ridge_solve,
-                                        rows_residual)
+from mergekit_vision.repair.lsq import (LsqRound, LsqStats, dual_solve, find_lsq_sites, layer_map, logit_sites,
+                                        lsq_pass, lsq_rounds, memory_budget, patch_rows, patches, prob_target,
+                                        relative_residual, ridge_solve, rows_residual)
 from mergekit_vision.testing import measure_norm_statistics, randomize_model
 from mergekit_vision.trace import trace_permutation_spec
 
@@ -349,12 +349,12 @@ def test_config_and_curve_accept_lsq(tmp_path):
     data.write_bytes(b"")
     base = {"models": [{"model": "resnet20", "pretrained": True}] * 2, "calibration": {"path": str(data)}}
     cfg = MergeConfig.model_validate({**base, "repair": "lsq", "lsq_ridge": 1e-2, "lsq_positions": None,
-                                      "lsq_memory": "2GB"})
+                                      "lsq_memory": "2GB", "lsq_logits": "probs"})
     assert (cfg.repair, cfg.lsq_ridge, cfg.lsq_positions) == ("lsq", 1e-2, None) and MODES["lsq"] == (True, "lsq")
-    assert cfg.lsq_memory == "2GB" and memory_budget(cfg.lsq_memory) == 2 * 10**9
+    assert cfg.lsq_memory == "2GB" and memory_budget(cfg.lsq_memory) == 2 * 10**9 and cfg.lsq_logits == "probs"
     assert MergeConfig.model_validate(base).lsq_positions == 64
     assert MergeConfig.model_validate(base).lsq_memory == "auto"
-    for bad in ({"lsq_ridge": -1}, {"lsq_positions": 0}, {"lsq_memory": "lots"}):
+    for bad in ({"lsq_ridge": -1}, {"lsq_positions": 0}, {"lsq_memory": "lots"}, {"lsq_logits": "softmax"}):
         with pytest.raises(ValidationError, match="lsq_"):
             MergeConfig.model_validate({**base, **bad})
 
@@ -687,3 +687,94 @@ def test_merge_threads_lsq_memory_through_and_gives_the_same_model(caplog):
     assert any("spilled to disk" in r.getMessage() for r in caplog.records)
     for k, v in got.items():
         assert torch.equal(v, want[k]), k
+
+
+# ---- lsq_logits="probs": the classifier fitted to the endpoints' averaged probabilities ---------------
+def test_prob_target_is_the_log_of_the_averaged_probabilities_shifted_to_the_mean_logit():
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(7, 5, generator=g, dtype=f64) * s for s in (1.0, 4.0, 30.0)]
+    w = [0.2, 0.3, 0.5]
+    t = prob_target(z, [2.0, 3.0, 5.0])  # weights normalized
+    avg = sum(wk * zk.softmax(-1) for wk, zk in zip(w, z))
+    assert torch.allclose(t.softmax(-1), avg, rtol=1e-12, atol=1e-15)  # its softmax: the averaged probabilities
+    assert torch.allclose(t.mean(-1), sum(wk * zk for wk, zk in zip(w, z)).mean(-1), rtol=1e-12, atol=1e-12)
+    big = [z[0] * 1e3, z[1]]  # probabilities that underflow in float64 stay finite in the log-sum-exp
+    assert torch.isfinite(prob_target(big, [0.5, 0.5])).all()
+    assert torch.allclose(prob_target([z[1]], [1.0]), z[1], rtol=1e-13, atol=1e-12)  # one endpoint: its logits
+    with pytest.raises(ValueError, match="positive weights"):
+        prob_target(z[:2], [1.0, -0.5])
+
+
+def test_logit_sites_are_the_linear_fits_the_model_returns_through_identity_heads():
+    import timm
+
+    cases = [(create_model("tiny_resnet", width=4, norm="bn", in_chans=3), {"fc"}),
+             (Mixed(), {"fc"}),
+             (timm.create_model("resnet18", pretrained=False, num_classes=10), {"fc"}),  # fc -> output
+             (timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                                num_classes=10), {"head"}),
+             (timm.create_model("convnext_atto", pretrained=False, num_classes=10), {"head.fc"})]  # -> Identity
+    for model, want in cases:
+        gm = shared_graph(model.eval())
+        sites, _ = find_lsq_sites(gm)
+        got = {s.module for s in logit_sites(sites, gm, "probs") if s.target == "probs"}
+        assert got == want, (type(model).__name__, got)
+        assert all(s.target == "mean" for s in logit_sites(sites, gm, "mean"))
+    with pytest.raises(ValueError, match="valid: mean, probs"):
+        logit_sites(sites, gm, "prob")
+
+
+def test_lsq_probs_gives_a_model_and_its_permutation_back_and_fits_the_ensemble_better():
+    """At the endpoints the target is the endpoint's own logits, so a merge with itself or with a permuted
+    copy gives the model back; between two different nets the head reproduces the averaged probabilities
+    on the calibration data more closely than the head fitted to the averaged logits (the quantity the
+    probs target is fitted to, in logit space: the KL divergence from the ensemble)."""
+    calib = _batches(2, 32, (3, 16, 16))
+    a = _tiny("bn", 1, calib)
+    spec = trace_permutation_spec(a, calib[0][:1])
+    perm = permute(a, spec, random_perms(spec, torch.Generator().manual_seed(3)))
+    x = _batches(1, 8, (3, 16, 16), seed=9)[0]
+    with torch.no_grad():
+        for other in (a, perm):
+            got = merge(a, other, calib, repair="lsq", lsq_logits="probs", progress=False, lsq_positions=None)
+            assert _rel(got(x), a(x)) < 1e-9
+        b = _tiny("bn", 2, calib)
+        xs = torch.cat(calib)
+        ens = 0.5 * a(xs).softmax(-1) + 0.5 * b(xs).softmax(-1)
+        kl = {}
+        for mode in ("mean", "probs"):
+            m = merge(a, b, calib, repair="lsq", lsq_logits=mode, progress=False, lsq_positions=None)
+            kl[mode] = float((ens * (ens.log() - m(xs).log_softmax(-1))).sum(-1).mean())
+    assert kl["probs"] < kl["mean"], kl
+
+
+def test_lsq_probs_on_two_shards_equals_the_whole_and_is_checked():
+    calib = _batches(4, size=12, shape=(3, 16, 16))
+    a, b = _tiny("bn", 1, calib), _tiny("bn", 2, calib)
+    start = _tiny("bn", 3, calib)
+    gm = shared_graph(start)
+    sites = logit_sites(find_lsq_sites(gm)[0], gm, "probs")
+    whole = copy.deepcopy(start)
+    lsq_pass(whole, [a, b], [0.4, 0.6], gm, calib, positions=20, sites=sites)
+    mean = copy.deepcopy(start)
+    lsq_pass(mean, [a, b], [0.4, 0.6], gm, calib, positions=20)
+    assert not torch.allclose(mean.fc.weight, whole.fc.weight)  # the head's target changed ...
+    assert torch.equal(mean.layer2[0].conv2.weight, whole.layer2[0].conv2.weight)  # ... and nothing before it
+    import threading
+
+    shards, outs = _TwoShards(), [copy.deepcopy(start), copy.deepcopy(start)]
+
+    def work(rank):
+        lsq_pass(outs[rank], [copy.deepcopy(a), copy.deepcopy(b)], [0.4, 0.6], gm, calib[rank::2], positions=20,
+                 sites=sites, reduce=shards.reduce(rank))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for out in outs:
+        for k, v in out.state_dict().items():
+            assert torch.allclose(v, whole.state_dict()[k], rtol=1e-9, atol=1e-10), k
+    with pytest.raises(ConfigError, match="lsq_logits"):
+        merge(a, b, calib, repair="lsq", lsq_logits="softmax", progress=False)

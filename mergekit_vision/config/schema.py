@@ -8,7 +8,7 @@ import difflib
 import os
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -254,6 +254,7 @@ class MergeConfig(_Strict):
     lsq_ridge: float = Field(1e-3, ge=0.0, allow_inf_nan=False)
     lsq_positions: Optional[int] = Field(64, ge=1)
     lsq_memory: Union[int, str, None] = "auto"
+    lsq_logits: Literal["mean", "probs"] = "mean"
     rotate_stream: bool = False
     taps: str = "all"
     weight_tol: float = Field(WEIGHT_TOL, ge=0.0)

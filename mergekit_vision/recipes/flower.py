@@ -40,7 +40,8 @@ from ..engine import shared_graph
 from ..errors import ConfigError, DataError, MergeVisionError
 from ..merge import merge_many
 from ..repair import Target
-from ..repair.lsq import LsqResult, LsqRound, LsqSite, find_lsq_sites, lsq_moments, lsq_pass, lsq_rounds
+from ..repair.lsq import (LsqResult, LsqRound, LsqSite, find_lsq_sites, logit_sites, lsq_moments, lsq_pass,
+                          lsq_rounds)
 from ..report import MergeReport
 
 __all__ = ["STATISTICS_MESSAGE_TYPE", "LSQ_MESSAGE_TYPE", "FlowerCollector", "AlignedFedAvg", "oneshot_server_app",
@@ -158,6 +159,7 @@ def answer_lsq_query(message: Message, context: Context, *, model_fn: ModelFn, d
         endpoints, merged = [m.to(device) for m in endpoints], merged.to(device)
     gm = shared_graph(merged)  # deterministic: the server's graph, sites and rounds
     sites, _ = find_lsq_sites(gm)
+    sites = logit_sites(sites, gm, str(cfg["logits"]) if "logits" in cfg else "mean")  # the server's targets
     rounds = lsq_rounds(gm.graph, sites)
     r, kind = int(cfg["round"]), str(cfg["kind"])
     p0 = next(iter(merged.parameters()))
@@ -217,6 +219,7 @@ class FlowerCollector:
         (``lsq_memory``) is accepted for the collector interface: the server holds no activations."""
         ends = [_record(m) for m in endpoints]
         n_rounds = len(lsq_rounds(gm.graph, sites))
+        logits = next((s.target for s in sites if s.target != "mean"), "mean")  # lsq_logits, for the clients
         dev = next(iter(merged.parameters())).device  # the sums are solved and folded where the merged net is
 
         def reduce(rnd: LsqRound) -> LsqRound:
@@ -225,7 +228,7 @@ class FlowerCollector:
             content["config"] = ConfigRecord({
                 "num-models": len(ends), "weights": [float(w) for w in weights], "round": rnd.index,
                 "kind": "moments" if rnd.index == n_rounds else "fit", "fits": ";".join(sorted(rnd.fits)),
-                "positions": int(positions or 0), "seed": int(seed)})
+                "positions": int(positions or 0), "seed": int(seed), "logits": logits})
             pooled = None
             for r in self._ask(content, LSQ_MESSAGE_TYPE, "answer_lsq_query"):
                 sums = r.content["statistics"].to_torch_state_dict()

@@ -26,6 +26,11 @@ its own batches and ``lsq_pass(reduce=...)`` pools every *round* of fits (:func:
 whose regressors do not depend on each other, e.g. a residual block's first conv and its shortcut
 conv) right before the solve, plus one last round of the composed BatchNorms' output moments; every
 worker then solves and folds the same pooled sums to the same model.
+
+A classifier's logits (a linear fit whose value the network returns) can take another target,
+``lsq_logits="probs"`` (:func:`logit_sites`): the log of the endpoints' averaged class probabilities,
+``log sum_k w_k softmax(y_k)`` — what the ensemble of the endpoints predicts — shifted per sample to the
+mean of ``sum_k w_k y_k`` (softmax ignores that shift; it makes an endpoint's target its own logits).
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -54,11 +59,15 @@ __all__ = ["LsqSite", "LsqStats", "LsqRows", "LsqFit", "find_lsq_sites", "layer_
            "patch_rows", "conv_positions", "conv_cols", "conv_classes", "conv_live_dim", "conv_targets",
            "at_positions", "live_entries",
            "ridge_solve", "dual_solve", "stats_numel", "relative_residual", "rows_residual", "fold_map", "fold_bn_fit",
-           "lsq_pass", "lsq_rounds", "LsqRound", "lsq_moments"]
+           "lsq_pass", "lsq_rounds", "LsqRound", "lsq_moments", "LSQ_LOGITS", "logit_sites", "prob_target"]
 
 _TINY = 1e-12
 SPLIT_PADDING = 0.25  # conv patches are split by the taps reading padding where at least this much is padding
 _FIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+LSQ_LOGITS = ("mean", "probs")  # the target of a fit whose value the network returns (lsq_logits)
+# what lies between a classifier's linear layer and the network's output without changing its value (eval)
+_PASS_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_PASS_METHODS = ("contiguous", "flatten")
 
 
 @dataclass
@@ -72,6 +81,7 @@ class LsqSite:
     kind: str                  # "conv", "linear" or "bn" (a BatchNorm per channel, on its own input)
     bn: Optional[str] = None   # the BatchNorm composed with the conv/linear (its module path)
     bias: bool = True          # the fitted map has a shift (False: a layer without bias and no norm after it)
+    target: str = "mean"       # "probs": the log of the endpoints' averaged softmax (logit_sites, prob_target)
 
 
 def _plain_forward(m: nn.Module) -> bool:
@@ -123,6 +133,49 @@ def find_lsq_sites(gm: fx.GraphModule) -> Tuple[List[LsqSite], Dict[str, str]]:
                 skipped[n.target] = ("BatchNorm without affine or running statistics, or called more than once: "
                                      "left as it is")
     return sites, skipped
+
+
+def _returned(gm: fx.GraphModule) -> set:
+    """Names of the nodes whose value the graph returns, looking through identity-like nodes (timm's
+    ``head.flatten`` Identity, dropout, ``flatten`` of a 2-D value)."""
+    modules = dict(gm.named_modules())
+    out = set()
+    todo = [a for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes]
+    while todo:
+        n = todo.pop()
+        out.add(n.name)
+        passes = ((n.op == "call_module" and isinstance(modules.get(n.target), _PASS_MODULES))
+                  or (n.op == "call_method" and n.target in _PASS_METHODS)
+                  or (n.op == "call_function" and n.target is torch.flatten))
+        if passes and n.args and isinstance(n.args[0], fx.Node):
+            todo.append(n.args[0])
+    return out
+
+
+def logit_sites(sites: Sequence[LsqSite], gm: fx.GraphModule, logits: str = "mean") -> List[LsqSite]:
+    """``sites`` with the target ``logits`` given to every linear fit whose value the network returns (a
+    classifier's logits; ``"mean"``: every fit interpolates its values). The others are unchanged."""
+    if logits not in LSQ_LOGITS:
+        raise ValueError(f"unknown lsq_logits {logits!r}; valid: {', '.join(LSQ_LOGITS)}")
+    returned = _returned(gm)
+    return [replace(s, target=logits) if s.kind == "linear" and s.bn is None and s.value in returned else s
+            for s in sites]
+
+
+def prob_target(ys: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The ``"probs"`` target from the endpoints' logits ``ys`` (classes last): ``log sum_k w_k
+    softmax(y_k)`` (weights normalized to sum 1; a log-sum-exp, no probability is rounded to zero),
+    shifted per row so that its mean over classes is that of ``sum_k w_k y_k``. One endpoint of weight 1
+    gets its own logits back (to rounding)."""
+    f64 = torch.float64
+    w = torch.tensor([float(x) for x in weights], dtype=f64, device=ys[0].device)
+    if not bool((w > 0).all()):
+        raise ValueError(f"lsq_logits='probs' averages probabilities: it needs positive weights, got {weights}")
+    w = (w / w.sum()).view(-1, *([1] * ys[0].dim()))
+    z = torch.stack([y.to(f64) for y in ys])
+    logp = torch.logsumexp(w.log() + z.log_softmax(-1), 0)
+    mean = (w * z).sum(0).mean(-1, keepdim=True)
+    return (logp - logp.mean(-1, keepdim=True) + mean).to(ys[0].dtype)
 
 
 # ---- layouts: a layer's input as patches, its map as a (groups, d + 1, out per group) tensor ----
@@ -1208,13 +1261,19 @@ def _observe(site, i, j, mods, active, value, shape, batches, keys, positions, s
         if site.kind == "conv":  # the targets only at the sampled positions: a fraction of the map
             idx, out_hw = conv_positions(x.shape, module, pos, gen)
             length = out_hw[0] * out_hw[1]
-        tgt = None
+        tgt, logits = None, []
         for k, (_, wk) in enumerate(active):
             yk = value(k, b, a, pin)
             if site.kind == "conv":
                 yk = at_positions(yk, idx, length)
             yk = bn_eval(mods[k][site.module], yk) if site.kind == "bn" else _target(site, k, yk, mods)
-            tgt = wk * yk if tgt is None else tgt + wk * yk
+            if site.target == "probs":
+                logits.append(yk)
+            else:
+                tgt = wk * yk if tgt is None else tgt + wk * yk
+        if logits:
+            tgt = prob_target(logits, [wk for _, wk in active])
+        del logits
         if site.kind == "conv":
             if isinstance(acc, LsqRows):
                 acc.observe(conv_cols(x, module, idx, out_hw), conv_targets(tgt, module))
