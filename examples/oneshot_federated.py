@@ -41,6 +41,10 @@ MERGES = {  # name -> merge_many keyword arguments
     "aligned + REPAIR (weight, MergeMany)": dict(method="weight", iterations=10, repair=True),
     "aligned + least squares (activation, star)": dict(method="activation", iterations=0, repair="lsq"),
     "aligned + least squares (activation, MergeMany)": dict(method="activation", iterations=10, repair="lsq"),
+    "aligned + least squares, head to the averaged probabilities (activation, star)":
+        dict(method="activation", iterations=0, repair="lsq", lsq_logits="probs"),
+    "aligned + least squares, head to the averaged probabilities (activation, MergeMany)":
+        dict(method="activation", iterations=10, repair="lsq", lsq_logits="probs"),
 }
 
 

@@ -645,11 +645,14 @@ def _lsq_repair(p: PreparedMerge, merged: nn.Module, aligned: List[Dict[str, tor
     thin = warn_underdetermined(res.fits, sites, res.samples)
     for s in sites:
         f = res.fits[s.value]
-        note = None
+        notes = []
+        if s.target == "probs":
+            notes.append("target: the log of the averaged class probabilities (lsq_logits='probs')")
         if f.rows < f.dim:
-            note = f"under-determined: {f.rows} patches for {f.dim} unknowns per group (regularized)"
+            notes.append(f"under-determined: {f.rows} patches for {f.dim} unknowns per group (regularized)")
         if f.jitter:
-            note = (note + "; " if note else "") + f"singular system: extra diagonal {f.jitter:g} x mean(diag G)"
+            notes.append(f"singular system: extra diagonal {f.jitter:g} x mean(diag G)")
+        note = "; ".join(notes) or None
         site = report.sites.setdefault(s.value, SiteReport(kind=s.kind if s.bn is None else "bn", module=s.module))
         site.module = s.module
         site.residual_before, site.residual_after, site.note = f.residual_before, f.residual_after, note
