@@ -189,6 +189,16 @@ def library_ops(kind: str, functions: bool = False) -> tuple:
     return tuple(o for lib in loaded_libraries() for o in resolve_library(lib, functions).get(kind, ()))
 
 
+# modules that return their input unchanged in eval mode, by class name (timm's DropPath is not torch's)
+EVAL_IDENTITY_MODULES = frozenset({"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
+                                   "DropPath"})
+
+
+def is_eval_identity(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """``node`` calls a module that returns its input unchanged in eval mode."""
+    return node.op == "call_module" and type(modules[node.target]).__name__ in EVAL_IDENTITY_MODULES
+
+
 def is_pointwise_module(m: nn.Module) -> bool:
     """Channel c of the module's output depends on channel c of its input only."""
     return isinstance(m, POINTWISE_MODULES) or isinstance(m, library_ops("pointwise"))

@@ -30,17 +30,17 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from ..ops import ADD, LAYERNORM_FUNCTIONS, TAP_NAMES, is_add, op_name
+from ..ops import ADD, EVAL_IDENTITY_MODULES, LAYERNORM_FUNCTIONS, TAP_NAMES, is_add, is_eval_identity, op_name
 from ..spec import PermutationGroup, PermutationSpec
 
 LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # linear in their channels, either axis
-PASS_MODULES = ("Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropPath")  # identity in eval
 # ops that may carry the stream: linear in its channels, or a LayerNorm over exactly them (R 1 = 1)
 CATS = ("cat", "concat")
 STREAM_VALUES = TAP_NAMES[ADD] | frozenset(CATS)  # the stream itself: residual adds, token concatenations
 STREAM_OPS = STREAM_VALUES | frozenset({"Linear", "Conv1d", "Conv2d", "Conv3d", "flatten", "transpose", "permute",
                                         "reshape", "view", "contiguous", "getitem", "expand", "mean", "layer_norm",
-                                        "LayerNorm", "mul", "mul_", "MultiheadAttention", *PASS_MODULES})
+                                        "LayerNorm", "mul", "mul_", "MultiheadAttention",
+                                        *EVAL_IDENTITY_MODULES})
 NORM_OPS = ("layer_norm", "LayerNorm")
 EXACT_TOL = 1e-8  # relative float64 error of a rotated endpoint's outputs above which nothing is rotated
 
@@ -80,10 +80,6 @@ def _module(model: nn.Module, path: str) -> Optional[nn.Module]:
         return None
 
 
-def _passes(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    return node.op == "call_module" and type(modules[node.target]).__name__ in PASS_MODULES
-
-
 def _keeps_last_dim(node: fx.Node) -> bool:
     """An indexing or reduction that leaves the last (channel) axis whole: ``x[:, 0]``, ``x.mean(1)``."""
     meta = node.args[0].meta.get("tensor_meta") if node.args and isinstance(node.args[0], fx.Node) else None
@@ -113,7 +109,7 @@ def _norm_readers(node: fx.Node, modules: Dict[str, nn.Module]) -> Union[List[Tu
         seen.add(u)
         if u.op == "call_function" and u.target is builtins.getattr:
             continue  # x.shape
-        if _passes(u, modules) or (u.op in ("call_function", "call_method") and _keeps_last_dim(u)):
+        if is_eval_identity(u, modules) or (u.op in ("call_function", "call_method") and _keeps_last_dim(u)):
             stack.extend(u.users)
             continue
         if u.op == "call_module":
@@ -142,7 +138,7 @@ def _scale_writer(gamma: fx.Node, spec_rows: set, modules) -> Optional[str]:
         if name not in ("mul", "mul_") or len(mul.args) != 2:
             return None
         x = mul.args[0] if mul.args[1] is gamma else mul.args[1]
-        while isinstance(x, fx.Node) and _passes(x, modules):
+        while isinstance(x, fx.Node) and is_eval_identity(x, modules):
             x = x.args[0]
         if not (isinstance(x, fx.Node) and x.op == "call_module" and f"{x.target}.weight" in spec_rows):
             return None

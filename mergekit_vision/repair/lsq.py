@@ -52,7 +52,7 @@ from torch import nn
 
 from ..errors import CalibrationWarning, DataError
 from ..match.stats import ChannelMoments
-from ..ops import is_batchnorm
+from ..ops import is_batchnorm, is_eval_identity
 from .sites import bn_eval, module_calls
 
 __all__ = ["LsqSite", "LsqStats", "LsqRows", "LsqFit", "find_lsq_sites", "layer_map", "patch_layout", "patches",
@@ -65,9 +65,7 @@ _TINY = 1e-12
 SPLIT_PADDING = 0.25  # conv patches are split by the taps reading padding where at least this much is padding
 _FIT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 LSQ_LOGITS = ("mean", "probs")  # the target of a fit whose value the network returns (lsq_logits)
-# what lies between a classifier's linear layer and the network's output without changing its value (eval)
-_PASS_MODULES = (nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_PASS_METHODS = ("contiguous", "flatten")
+_PASS_METHODS = ("contiguous", "flatten")  # with torch.flatten and nn.Flatten: no-ops on a classifier's 2-D logits
 
 
 @dataclass
@@ -136,15 +134,16 @@ def find_lsq_sites(gm: fx.GraphModule) -> Tuple[List[LsqSite], Dict[str, str]]:
 
 
 def _returned(gm: fx.GraphModule) -> set:
-    """Names of the nodes whose value the graph returns, looking through identity-like nodes (timm's
-    ``head.flatten`` Identity, dropout, ``flatten`` of a 2-D value)."""
+    """Names of the nodes whose value the graph returns, looking through the modules that are identities
+    in eval (:func:`~mergekit_vision.ops.is_eval_identity`: timm's ``head.flatten`` Identity, dropout) and
+    ``flatten`` of a 2-D value."""
     modules = dict(gm.named_modules())
     out = set()
     todo = [a for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes]
     while todo:
         n = todo.pop()
         out.add(n.name)
-        passes = ((n.op == "call_module" and isinstance(modules.get(n.target), _PASS_MODULES))
+        passes = (is_eval_identity(n, modules) or (n.op == "call_module" and isinstance(modules[n.target], nn.Flatten))
                   or (n.op == "call_method" and n.target in _PASS_METHODS)
                   or (n.op == "call_function" and n.target is torch.flatten))
         if passes and n.args and isinstance(n.args[0], fx.Node):
