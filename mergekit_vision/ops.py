@@ -143,6 +143,8 @@ LIBRARY_MODULES: Dict[str, Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]]] =
     "torchvision": {
         # stochastic depth drops whole samples (a per-sample scalar): channel-equivariant
         "pointwise": (("torchvision.ops", ("StochasticDepth",)),),
+        # Swin's attention hands its weights to a wrapped function: a leaf with a rule of its own
+        "window_attention": (("torchvision.models.swin_transformer", ("ShiftedWindowAttention",)),),
     },
 }
 LIBRARY_FUNCTIONS: Dict[str, Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]]] = {
@@ -150,11 +152,14 @@ LIBRARY_FUNCTIONS: Dict[str, Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]]]
     # builds the additive mask (None without one)
     "timm": {"broadcast": (("timm.layers.attention", ("maybe_add_mask",)),),
              "attention_mask": (("timm.layers.attention", ("resolve_self_attn_mask",)),),
-             # windows back to a channels-last map: positions move, channels stay last
-             "tokens": tuple((f"timm.models.{m}", ("window_reverse",))
-                             for m in ("swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr"))},
+             # windows (or grid cells) back to a channels-last map: positions move, channels stay last
+             "tokens": tuple((f"timm.models.{m}", ("window_reverse", "grid_reverse"))
+                             for m in ("swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr",
+                                       "davit", "gcvit", "maxxvit"))},
     "torchvision": {"pointwise": (("torchvision.ops", ("stochastic_depth",)),
-                                  ("torchvision.ops.misc", ("stochastic_depth",)))},
+                                  ("torchvision.ops.misc", ("stochastic_depth",))),
+                    # Swin's patch merging: 2×2 pixels side by side on the channel axis
+                    "patch_merging_pad": (("torchvision.models.swin_transformer", ("_patch_merging_pad",)),)},
 }
 
 

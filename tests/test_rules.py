@@ -189,3 +189,26 @@ def test_a_traced_add_is_an_add_to_the_sites_and_to_the_taps():
     assert {ops.tap_kind(ops.op_name(n, modules)) for n in adds} == {ops.ADD}
     conv = next(n for n in gm.graph.nodes if n.op == "call_module")
     assert ops.tap_kind(ops.op_name(conv, modules)) == ops.PRODUCER
+
+
+class _Repeats(nn.Module):
+    """A conv whose output is repeated along ``dim`` (GCViT repeats a global query along the batch)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).repeat_interleave(2, dim=self.dim)
+        return self.fc(y.mean((2, 3))[:, :8])
+
+
+@pytest.mark.parametrize("dim,free", [(2, True), (0, True), (1, False)])
+def test_repeat_interleave_keeps_channels_unless_it_repeats_them(dim, free):
+    res = check_spec(_Repeats(dim), torch.randn(2, 3, 6, 6))
+    assert res.rel_error < 1e-9
+    conv = res.spec["conv"]
+    assert conv.frozen != free, conv.reason
+    if not free:
+        assert "repeats each channel" in conv.reason

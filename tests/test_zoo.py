@@ -116,6 +116,15 @@ def _small_vit_b16():
     return m
 
 
+def _small_tv_swin(v2: bool):
+    """torchvision's SwinTransformer (V1, or V2's blocks and patch merging), two small stages."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    kw = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if v2 else {}
+    return SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           stochastic_depth_prob=0.0, num_classes=10, **kw)
+
+
 # attention: heads, q/k and v/o within heads are permutable (docs/spec.md, "Attention heads"); small
 # configurations of the real classes keep the float64 check fast
 ATTENTION = {
@@ -128,6 +137,10 @@ ATTENTION = {
     "swinv2_tiny": (lambda: timm.create_model("swinv2_tiny_window8_256", img_size=64, window_size=4,
                                               depths=(2, 2), num_heads=(3, 6), embed_dim=48), 64),
     "tv_vit_b_16": (_small_vit_b16, 32),
+    # a leaf ShiftedWindowAttention (V2: cosine attention, logit scales, the position-bias MLP); 36 px makes
+    # 9 × 9 maps that _patch_merging_pad pads
+    "tv_swin_t": (lambda: _small_tv_swin(False), 36),
+    "tv_swin_v2_t": (lambda: _small_tv_swin(True), 32),
     # q, k and v of each head side by side in one head dim (strided heads members); cached attention biases
     "levit_128s": (lambda: timm.create_model("levit_128s"), 224),
     "efficientformer_l1": (lambda: timm.create_model("efficientformer_l1"), 224),
@@ -135,7 +148,7 @@ ATTENTION = {
 
 
 # models whose attention has one form only (no timm ``fused_attn`` switch): checked once, as they are
-ONE_FORM = {"efficientformer_l1", "levit_128s", "swinv2_tiny", "tv_vit_b_16"}
+ONE_FORM = {"efficientformer_l1", "levit_128s", "swinv2_tiny", "tv_vit_b_16", "tv_swin_t", "tv_swin_v2_t"}
 
 
 @pytest.mark.parametrize("name,fused", [(n, f) for n in sorted(ATTENTION)
@@ -153,6 +166,16 @@ def test_attention_zoo(name, fused):
     assert heads and not any(g.frozen for g in heads), [(g.name, g.reason) for g in heads if g.frozen]
     assert all(spec[t].blocks == g.size for g in heads for t in g.heads_of)
     assert spec.permutable_fraction >= 0.95, (name, spec.permutable_fraction)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_torchvision_swin_recovers_a_permuted_copy(v2):
+    # the heads inside the leaf attention show no activation: matched on weights, and still recovered
+    rec = check_recovery(_small_tv_swin(v2), torch.randn(16, 3, 36, 36, generator=torch.Generator().manual_seed(0)))
+    heads = [g for g in rec.spec.free_groups if g.heads_of]
+    assert len(heads) == 4 and rec.wrong_groups == {} and rec.max_weight_error < 1e-6, rec.wrong_groups
+    table = "relative_position_bias_table" if not v2 else "logit_scale"
+    assert all(any(m.key.endswith(table) for m in g.members) for g in heads)
 
 
 # attention ResNets (timm byoanet): relative-position tables (BotNet, HaloNet), HaloNet's unfolded key/value

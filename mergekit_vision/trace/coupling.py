@@ -196,6 +196,7 @@ def _head_blocks(E: Elements, A, display: List, placed: set) -> Dict[int, _Heads
     must move. Every split on a head axis must be tied, or moving heads would be unsound."""
     out: Dict[int, _Heads] = {}
     tied: Dict[Tuple[int, ...], int] = {}
+    owner: Dict[int, int] = {}  # a head-block group's display index -> the head component moving it
     for s in E.splits:
         if s.outer != 1 or not s.root.role or s.sliced:
             continue
@@ -229,6 +230,13 @@ def _head_blocks(E: Elements, A, display: List, placed: set) -> Dict[int, _Heads
             tied[key] = len(display)
             display.append((block[0].elem, comps))
             placed.update(comps)
+        if owner.setdefault(tied[key], hc) != hc:
+            # the same head blocks viewed through two head axes that nothing joined (GCViT: one global
+            # query, a residual stream, split into heads by every block of a stage): two heads groups
+            # would move the same blocks apart
+            why = f"{s.where}: its head blocks are also split into heads elsewhere, on another head axis"
+            for c in (hc, owner[tied[key]]):
+                out[c].bad = out[c].bad or why
         entry = (tied[key], s.role)
         if all(gi != tied[key] for gi, _ in h.blocks):
             h.blocks.append(entry)

@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import TraceError
-from .rules import registered_module_types, timm_rule_types
+from .rules import library_leaf_types, registered_module_types, timm_rule_types
 
 
 def _timm_leaf_modules() -> Tuple[List[Type[nn.Module]], List]:
@@ -137,12 +137,14 @@ def trace_model(
 
     timm's notrace modules are traced through when fx can (more channels become visible) and made
     leaves, as timm does, only when fx fails inside one; timm modules that have a channel rule
-    (BatchNormAct2d, Conv2dSame, ...) are always leaves, and so are the module types given a rule with
-    ``register_module_rule`` (the rule sees the call, not its insides). Forward arguments after the input that
+    (BatchNormAct2d, Conv2dSame, ...) are always leaves, and so are torchvision's Swin attention
+    (``ShiftedWindowAttention``: its rule reads the weights it hands to a wrapped function) and the module
+    types given a rule with ``register_module_rule`` (the rule sees the call, not its insides). Forward arguments after the input that
     have defaults are traced at their defaults (see ``default_args``): the graph takes the input alone.
     """
     timm_leaves, _ = _timm_leaf_modules()
-    leaves = list(leaf_modules) + list(registered_module_types()) + [t for t in timm_leaves if t in timm_rule_types()]
+    leaves = list(leaf_modules) + list(registered_module_types()) + list(library_leaf_types())
+    leaves += [t for t in timm_leaves if t in timm_rule_types()]
     timm_set = set(timm_leaves)
     while True:
         tracer = ModelTracer(leaves, list(autowrap_functions))

@@ -13,12 +13,12 @@ from .core import (Multi, RuleCall, channel_free, cut_dim, cut_slice, fresh_layo
 from .elementwise import elementwise, reduce_dims, spatial_op
 from .registry import (FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Rule, function_rule, method_rule, module_rule,
                        register_function_rule, register_method_rule, register_module_rule,
-                       registered_module_types, timm_rule_types)
+                       library_leaf_types, registered_module_types, timm_rule_types)
 from .shape import reshape_layout
 
 __all__ = [
     "RuleCall", "Rule", "Multi", "register_module_rule", "register_function_rule", "register_method_rule",
-    "module_rule", "function_rule", "method_rule", "timm_rule_types", "registered_module_types",
+    "module_rule", "function_rule", "method_rule", "timm_rule_types", "registered_module_types", "library_leaf_types",
     "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES",
     # helpers for writing rules
     "passthrough", "elementwise", "unknown", "mixes_channels", "spatial_op", "reduce_dims", "reshape_layout",

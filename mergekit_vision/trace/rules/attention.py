@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from ..layout import DimLayout, Elements, HeadSplit, Seg, slice_dim
-from .core import Multi, RuleCall, is_tensor, join_dim, layout_or_none, unknown
+from .core import Multi, RuleCall, channel_free, is_tensor, join_dim, layout_or_none, unknown
 
 
 def split_view(E: Elements, where: str, segs, sizes) -> Optional[List[DimLayout]]:
@@ -275,3 +275,54 @@ def slice_within(E: Elements, where: str, dim: DimLayout, start: int, stop: int)
     sub.where, sub.parent = s.where, s
     s.covered += stop - start
     return (Seg(sub.within, 0, stop - start),)
+
+
+def window_attention_module(call: RuleCall):
+    """torchvision's ``ShiftedWindowAttention`` (Swin) and ``ShiftedWindowAttentionV2``, as a leaf: the
+    module hands its weights to the fx-wrapped ``shifted_window_attention``, which cuts a channels-last
+    map ``(B, H, W, C)`` into (shifted) windows, runs ``qkv`` → ``(3, heads, head_dim)`` → attention with
+    a per-head relative-position bias → ``proj``, and puts the windows back. Windows, the shift and the
+    padding move positions only. The symmetry is ``nn.MultiheadAttention``'s (q, k, v blocks of the
+    fused projection on one head axis, q/k and v/o within heads) plus the per-head tensors: V1's bias
+    table (axis 1), V2's ``logit_scale`` (axis 0) and its position-bias MLP's output rows. V2's cosine
+    attention normalizes q and k over the head dim, which a permutation within the head leaves alone;
+    the MLP's hidden units see only the constant coordinate table, so no activation shows them (fixed)."""
+    m = call.module
+    x = call.args[0] if call.args else call.kwargs.get("x")
+    lx = layout_or_none(call.largs[0] if call.largs else call.lkwargs.get("x"), x)
+    if not (is_tensor(x) and is_tensor(call.out)) or x.dim() != 4 or call.out.shape != x.shape \
+            or any(lay is not None for lay in lx[:-1]) or not hasattr(m, "qkv") or not hasattr(m, "proj"):
+        return unknown(call)
+    E = call.E
+    c, heads = x.shape[-1], m.num_heads
+    w_out, w_in = _param(call, "qkv.weight", 0), _param(call, "qkv.weight", 1)
+    join_dim(E, lx[-1], w_in, call.where)
+    if m.qkv.bias is not None:
+        join_dim(E, w_out, _param(call, "qkv.bias", 0), call.where)
+    o_out, o_in = _param(call, "proj.weight", 0), _param(call, "proj.weight", 1)
+    if m.proj.bias is not None:
+        join_dim(E, o_out, _param(call, "proj.bias", 0), call.where)
+    parts = [E.head_split(slice_dim(w_out, i * c, (i + 1) * c), heads, c // heads, 1, call.where) for i in range(3)]
+    for s in parts[1:]:
+        E.join(parts[0].head, 0, s.head, 0, heads, call.where)
+    sq, sk, sv = parts
+    join_dim(E, sq.chan, sk.chan, call.where)
+    sq.role = sk.role = "qk"
+    sv.role = "vo"
+    join_dim(E, sv.chan, o_in, call.where)
+    head = (Seg(sq.head, 0, heads),)
+    per_head = [("relative_position_bias_table", 1), ("logit_scale", 0), ("cpb_mlp.2.weight", 0)]
+    for pname, axis in per_head:
+        lay = _param(call, pname, axis)
+        if lay is not None:
+            join_dim(E, head, lay, call.where)
+    if _param(call, "cpb_mlp.0.weight", 0) is not None:  # the bias MLP's hidden units
+        hidden = _param(call, "cpb_mlp.0.weight", 0)
+        for pname, axis in (("cpb_mlp.0.bias", 0), ("cpb_mlp.2.weight", 1)):
+            join_dim(E, hidden, _param(call, pname, axis), call.where)
+    why = "relative positions and their coordinates, not channels"
+    for pname, axes in (("relative_position_bias_table", (0,)), ("relative_position_index", (0,)),
+                        ("relative_coords_table", (0, 1, 2, 3)), ("cpb_mlp.0.weight", (1,)),
+                        ("logit_scale", (1, 2))):
+        channel_free(call, pname, axes, why)
+    return (None, None, None, o_out)

@@ -150,7 +150,10 @@ def param_dim(call: RuleCall, pname: str, axis: int) -> DimLayout:
 
 
 def channel_free(call: RuleCall, pname: str, axes: Sequence[int], why: str) -> None:
-    t = getattr(call.module, pname, None)
+    """Axes ``axes`` of the module's tensor ``pname`` (a dotted path) carry no channels (declares them)."""
+    t = call.module
+    for part in pname.split("."):
+        t = getattr(t, part, None)
     if is_tensor(t):
         for a in axes:
             key = call.key(pname)

@@ -17,15 +17,15 @@ from torch import nn
 
 from ... import ops
 from ...errors import MergeVisionError
-from .attention import attention_mask, matmul_rule, multihead_attention_module, sdpa_rule
+from .attention import attention_mask, matmul_rule, multihead_attention_module, sdpa_rule, window_attention_module
 from .core import RuleCall, mixes_channels, passthrough
 from .elementwise import elementwise, norm_method, pad_rule, reduction, spatial_op
 from .layers import conv_functional, conv_module, linear_functional, linear_module, prelu_module
 from .norms import (batchnorm_functional, batchnorm_module, groupnorm_functional, groupnorm_module,
                     layernorm_functional, layernorm_module)
-from .shape import (cat_rule, chunk_rule, expand_rule, getattr_rule, getitem_rule, movedim_rule, permute_rule,
-                    repeat_rule, reshape_rule, roll_rule, split_rule, stack_rule, tokens_last, transpose_rule,
-                    unbind_rule, unfold_rule)
+from .shape import (cat_rule, chunk_rule, expand_rule, getattr_rule, getitem_rule, movedim_rule, patch_merging_pad,
+                    permute_rule, repeat_interleave_rule, repeat_rule, reshape_rule, roll_rule, split_rule, stack_rule,
+                    tokens_last, transpose_rule, unbind_rule, unfold_rule)
 
 Rule = Callable[[RuleCall], Any]
 
@@ -81,6 +81,7 @@ FUNCTION_RULES: Dict[Any, Rule] = _table(
     ((torch.chunk,), chunk_rule),
     ((torch.unbind,), unbind_rule),
     ((torch.roll,), roll_rule),
+    ((torch.repeat_interleave,), repeat_interleave_rule),
     ((torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std, torch.var, torch.logsumexp,
       torch.prod), reduction()),
     ((torch.argmax, torch.argmin), reduction(arg_sensitive=True)),
@@ -100,6 +101,7 @@ METHOD_RULES: Dict[str, Rule] = _table(
     (("movedim",), movedim_rule),
     (("expand", "expand_as", "broadcast_to"), expand_rule),
     (("repeat",), repeat_rule),
+    (("repeat_interleave",), repeat_interleave_rule),
     (("split",), split_rule),
     (("chunk",), chunk_rule),
     (("unbind",), unbind_rule),
@@ -117,7 +119,10 @@ METHOD_RULES: Dict[str, Rule] = _table(
 LIBRARY_KIND_RULES: Dict[str, Rule] = {
     "pointwise": passthrough, "batchnorm": batchnorm_module, "groupnorm": groupnorm_module, "conv": conv_module,
     "spatial": spatial_op, "broadcast": elementwise, "attention_mask": attention_mask, "tokens": tokens_last,
+    "window_attention": window_attention_module, "patch_merging_pad": patch_merging_pad,
 }
+# library modules whose rule needs the call as a whole: always traced as leaves
+LEAF_KINDS = ("window_attention",)
 
 # ---- the extension point ---------------------------------------------------------------------------
 USER_MODULE_RULES: Dict[type, Rule] = {}
@@ -196,6 +201,12 @@ def timm_rule_types() -> Set[type]:
     library = library_rules(ops.loaded_libraries())
     return {t for table in (USER_MODULE_RULES, MODULE_RULES, library) for t in table
             if t.__module__.startswith("timm.")}
+
+
+def library_leaf_types() -> Tuple[type, ...]:
+    """Library module types whose rule reads the call as a whole (``LEAF_KINDS``): traced as leaves."""
+    return tuple(t for lib in ops.loaded_libraries() for kind in LEAF_KINDS
+                 for t in ops.resolve_library(lib).get(kind, ()))
 
 
 def registered_module_types() -> Tuple[type, ...]:

@@ -156,6 +156,22 @@ def repeat_rule(call: RuleCall):
     return tuple(layout)
 
 
+def repeat_interleave_rule(call: RuleCall):
+    """``x.repeat_interleave(repeats, dim)``: each position of ``dim`` repeated (GCViT repeats a global
+    query for every window of its image along the batch). Every other dim keeps its channels; a
+    channel axis repeated so is frozen; without ``dim`` (the flattened tensor) it is not understood."""
+    x, out = call.args[0], call.out
+    dim = call.arg(2, "dim")
+    if not (is_tensor(x) and is_tensor(out)) or dim is None or out.dim() != x.dim():
+        return unknown(call)
+    dim %= x.dim()
+    lx = list(layout_or_none(call.largs[0], x))
+    if lx[dim] is not None:
+        call.E.freeze_dim(lx[dim], f"{call.where} repeats each channel of a channel axis")
+        lx[dim] = call.E.fresh_dim(out.shape[dim], call.where, "repeated channel axis")
+    return tuple(lx)
+
+
 def getitem_rule(call: RuleCall):
     obj, idx = call.args[0], call.args[1]
     lobj = call.largs[0]
@@ -354,6 +370,18 @@ def tokens_last(call: RuleCall):
             lay is not None for lay in lx[:-1]):
         return unknown(call)
     return (None,) * (call.out.dim() - 1) + (lx[-1],)
+
+
+def patch_merging_pad(call: RuleCall):
+    """torchvision Swin's ``_patch_merging_pad``: ``(..., H, W, C)`` padded to even H, W, and the four
+    pixels of each 2×2 patch laid side by side on the channel axis: ``(..., H/2, W/2, 4C)``, each a copy
+    of the C channels. A channel axis anywhere but last is not understood."""
+    x = call.args[0]
+    lx = layout_or_none(call.largs[0], x)
+    if not (is_tensor(x) and is_tensor(call.out)) or call.out.shape[-1] != 4 * x.shape[-1] or any(
+            lay is not None for lay in lx[:-1]):
+        return unknown(call)
+    return (None,) * (call.out.dim() - 1) + ((tuple(lx[-1]) * 4) if lx[-1] is not None else None,)
 
 
 def unfold_rule(call: RuleCall):
