@@ -139,8 +139,9 @@ def trace_model(
     leaves, as timm does, only when fx fails inside one; timm modules that have a channel rule
     (BatchNormAct2d, Conv2dSame, ...) are always leaves, and so are torchvision's Swin attention
     (``ShiftedWindowAttention``: its rule reads the weights it hands to a wrapped function) and the module
-    types given a rule with ``register_module_rule`` (the rule sees the call, not its insides). Forward arguments after the input that
-    have defaults are traced at their defaults (see ``default_args``): the graph takes the input alone.
+    types given a rule with ``register_module_rule`` (the rule sees the call, not its insides). Forward
+    arguments after the input that have defaults are traced at their defaults (see ``default_args``): the
+    graph takes the input alone.
     """
     timm_leaves, _ = _timm_leaf_modules()
     leaves = list(leaf_modules) + list(registered_module_types()) + list(library_leaf_types())
