@@ -217,6 +217,32 @@ def _param(call: RuleCall, pname: str, axis: int) -> DimLayout:
     return call.E.full(call.E.param(key, axis, t.shape[axis]))
 
 
+def _fused_heads(call: RuleCall, inputs, qkv, proj, embed: int, heads: int):
+    """The fused-projection attention of a leaf module: ``qkv = (weight, bias)`` names the in-projection
+    whose rows are q, k and v (each ``heads`` blocks of ``embed // heads``) and reads every layout of
+    ``inputs``; ``proj`` the output projection, which reads v's channels. Returns q's split (its head
+    axis is every part's) and the layout of the output projection's rows."""
+    E = call.E
+    w_out, w_in = _param(call, qkv[0], 0), _param(call, qkv[0], 1)
+    for lay in inputs:
+        join_dim(E, lay, w_in, call.where)
+    o_out, o_in = _param(call, proj[0], 0), _param(call, proj[0], 1)
+    for name, lay in ((qkv[1], w_out), (proj[1], o_out)):
+        bias = _param(call, name, 0)
+        if bias is not None:
+            join_dim(E, lay, bias, call.where)
+    parts = [E.head_split(slice_dim(w_out, i * embed, (i + 1) * embed), heads, embed // heads, 1, call.where)
+             for i in range(3)]
+    for s in parts[1:]:  # one head axis for q, k and v
+        E.join(parts[0].head, 0, s.head, 0, heads, call.where)
+    sq, sk, sv = parts
+    join_dim(E, sq.chan, sk.chan, call.where)
+    sq.role = sk.role = "qk"
+    sv.role = "vo"
+    join_dim(E, sv.chan, o_in, call.where)
+    return sq, o_out
+
+
 def multihead_attention_module(call: RuleCall):
     """``nn.MultiheadAttention`` (torchvision's ViT): the fused in-projection's rows are q, k and v,
     each ``num_heads`` blocks of ``head_dim``; the output projection reads v's channels."""
@@ -228,24 +254,9 @@ def multihead_attention_module(call: RuleCall):
             or m.add_zero_attn or any(is_tensor(x) for x in masks) or not all(is_tensor(t) for t in (q, k, v))
             or any(lay is not None for t in (lq, lk, lv) for lay in t[:-1])):
         return unknown(call)
-    E = call.E
-    w_out, w_in = _param(call, "in_proj_weight", 0), _param(call, "in_proj_weight", 1)
-    for lay in (lq[-1], lk[-1], lv[-1]):
-        join_dim(E, lay, w_in, call.where)
-    if m.in_proj_bias is not None:
-        join_dim(E, w_out, _param(call, "in_proj_bias", 0), call.where)
-    o_out, o_in = _param(call, "out_proj.weight", 0), _param(call, "out_proj.weight", 1)
-    if m.out_proj.bias is not None:
-        join_dim(E, o_out, _param(call, "out_proj.bias", 0), call.where)
-    e, heads = m.embed_dim, m.num_heads
-    parts = [E.head_split(slice_dim(w_out, i * e, (i + 1) * e), heads, e // heads, 1, call.where) for i in range(3)]
-    for s in parts[1:]:  # one head axis for q, k and v
-        E.join(parts[0].head, 0, s.head, 0, heads, call.where)
-    sq, sk, sv = parts
-    join_dim(E, sq.chan, sk.chan, call.where)
-    sq.role = sk.role = "qk"
-    sv.role = "vo"
-    join_dim(E, sv.chan, o_in, call.where)
+    heads = m.num_heads
+    sq, o_out = _fused_heads(call, (lq[-1], lk[-1], lv[-1]), ("in_proj_weight", "in_proj_bias"),
+                             ("out_proj.weight", "out_proj.bias"), m.embed_dim, heads)
     out = (None,) * (q.dim() - 1) + (o_out,)
     if isinstance(call.out, tuple):
         weights = call.out[1]
@@ -294,22 +305,9 @@ def window_attention_module(call: RuleCall):
             or any(lay is not None for lay in lx[:-1]) or not hasattr(m, "qkv") or not hasattr(m, "proj"):
         return unknown(call)
     E = call.E
-    c, heads = x.shape[-1], m.num_heads
-    w_out, w_in = _param(call, "qkv.weight", 0), _param(call, "qkv.weight", 1)
-    join_dim(E, lx[-1], w_in, call.where)
-    if m.qkv.bias is not None:
-        join_dim(E, w_out, _param(call, "qkv.bias", 0), call.where)
-    o_out, o_in = _param(call, "proj.weight", 0), _param(call, "proj.weight", 1)
-    if m.proj.bias is not None:
-        join_dim(E, o_out, _param(call, "proj.bias", 0), call.where)
-    parts = [E.head_split(slice_dim(w_out, i * c, (i + 1) * c), heads, c // heads, 1, call.where) for i in range(3)]
-    for s in parts[1:]:
-        E.join(parts[0].head, 0, s.head, 0, heads, call.where)
-    sq, sk, sv = parts
-    join_dim(E, sq.chan, sk.chan, call.where)
-    sq.role = sk.role = "qk"
-    sv.role = "vo"
-    join_dim(E, sv.chan, o_in, call.where)
+    heads = m.num_heads
+    sq, o_out = _fused_heads(call, (lx[-1],), ("qkv.weight", "qkv.bias"), ("proj.weight", "proj.bias"),
+                             x.shape[-1], heads)
     head = (Seg(sq.head, 0, heads),)
     per_head = [("relative_position_bias_table", 1), ("logit_scale", 0), ("cpb_mlp.2.weight", 0)]
     for pname, axis in per_head:
