@@ -6,6 +6,7 @@ Every timm '*resnet*'/'*resnext*' model is parametrized; the ones outside DEFAUL
 ``heavy`` (``python -m pytest -m heavy``) so the default run stays fast.
 """
 import re
+import warnings
 
 import pytest
 import timm
@@ -176,6 +177,27 @@ def test_torchvision_swin_recovers_a_permuted_copy(v2):
     assert len(heads) == 4 and rec.wrong_groups == {} and rec.max_weight_error < 1e-6, rec.wrong_groups
     table = "relative_position_bias_table" if not v2 else "logit_scale"
     assert all(any(m.key.endswith(table) for m in g.members) for g in heads)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_torchvision_swin_merged_with_a_permuted_copy_of_itself_is_itself(v2):
+    # through the leaf attention: REPAIR (one batch: its statistics are the pooled ones) and least squares
+    # (every linear layer outside the leaf refit) give the model back, float64
+    from mergekit_vision import merge
+    from mergekit_vision.permute import permute, random_perms
+    from mergekit_vision.testing import randomize_model
+
+    a = randomize_model(_small_tv_swin(v2).double(), 0).eval()
+    x = torch.randn(32, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    spec = trace_permutation_spec(a, x[:1])
+    b = permute(a, spec, random_perms(spec, torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        ref = a(x)
+        for repair, tol in ((True, 1e-8), ("lsq", 1e-10)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # 32 images: fewer patches than the head's unknowns
+                out = merge(a, b, [x], repair=repair, progress=False)(x)
+            assert float((out - ref).abs().max() / ref.abs().max()) < tol, repair
 
 
 # attention ResNets (timm byoanet): relative-position tables (BotNet, HaloNet), HaloNet's unfolded key/value
