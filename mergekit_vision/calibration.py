@@ -155,7 +155,7 @@ def plan_calibration(model: nn.Module, example: Optional[torch.Tensor], *, spec:
                                 f"{str(example.dtype).removeprefix('torch.')}; the first sample of the calibration "
                                 f"data, or example=){cut}: {type(exc).__name__}: {exc}") from exc
             spec = trace_permutation_spec(model, example, leaf_modules=leaf_modules)
-        gm = shared_graph(model, leaf_modules=leaf_modules)
+        gm = shared_graph(model, leaf_modules=leaf_modules, input_shape=tuple(spec.input_shape[1:]) or None)
         sites = find_sites(gm, spec, REPAIRS[mode].sites) if mode != "none" else []
     return CalibrationPlan(spec, gm, sites, mode)
 

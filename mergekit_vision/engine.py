@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import MergeVisionError
-from .trace.tracer import trace_model
+from .trace.tracer import check_input_shape, trace_model
 
 NodeHook = Callable[[fx.Node, List[Any]], Optional[List[Any]]]
 
@@ -30,6 +30,7 @@ class Lockstep:
     def __init__(self, models: Sequence[nn.Module], graph: Union[fx.GraphModule, fx.Graph]):
         shared = graph if isinstance(graph, fx.Graph) else graph.graph
         self.graph = shared
+        self.gm = None if isinstance(graph, fx.Graph) else graph  # its input shape, where it has one
         self.nodes = list(shared.nodes)
         gms = [bind(m, graph) for m in models]
         self.interps = [fx.Interpreter(g, garbage_collect_values=False) for g in gms]
@@ -48,6 +49,8 @@ class Lockstep:
             active: Optional[Sequence[int]] = None) -> List[Any]:
         hooks = dict(hooks or {})
         override = dict(override or {})
+        if self.gm is not None:
+            check_input_shape(self.gm, x)
         idx = list(range(len(self.interps))) if active is None else list(active)
         for k in idx:
             self.interps[k].env = {}
@@ -126,6 +129,8 @@ def bind(model: nn.Module, graph: Union[fx.GraphModule, fx.Graph]) -> fx.GraphMo
     return own
 
 
-def shared_graph(model: nn.Module, leaf_modules=(), autowrap_functions=()) -> fx.GraphModule:
-    """The traced graph that all models of this architecture are run through."""
-    return trace_model(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+def shared_graph(model: nn.Module, leaf_modules=(), autowrap_functions=(), input_shape=None) -> fx.GraphModule:
+    """The traced graph that all models of this architecture are run through; ``input_shape`` (one
+    input's, without the batch) lets modules that branch on sizes be traced (``trace_model``)."""
+    return trace_model(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                       input_shape=input_shape)

@@ -289,3 +289,47 @@ def test_library_rules_register_when_the_library_is_imported_after_mergekit_visi
                                   torch.randn(1, 3, 32, 32))
     assert [int(v) for v in out] == [len(here.free_groups), sum(g.size for g in here.free_groups)]
     assert len(here.free_groups) > 10
+
+
+class PadToEven(nn.Module):
+    """Branches on its input's size (as TinyViT's block does): fx cannot trace it symbolically."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 2, stride=2)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, W % 2, 0, H % 2))
+        y = self.conv(x)
+        return y.reshape(B, C, -1).mean(-1)  # the batch stays a variable
+
+
+class SizeBranching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.fc = nn.Conv2d(3, 8, 3, padding=1), PadToEven(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.block(torch.relu(self.stem(x)))))
+
+
+@pytest.mark.parametrize("size", [6, 7])
+def test_a_module_that_branches_on_sizes_is_traced_at_the_examples_size(size):
+    from mergekit_vision import merge
+    from mergekit_vision.trace.tracer import trace_model
+
+    model = SizeBranching()
+    res = check_spec(model, torch.randn(2, 3, size, size))
+    assert res.rel_error < 1e-9 and {g.name for g in res.spec.free_groups} == {"stem", "block.conv"}
+    gm = trace_model(model, input_shape=(3, size, size))
+    assert gm.meta["specialized"] == ("PadToEven",) and gm.meta["input_shape"] == (3, size, size)
+    x = torch.randn(5, 3, size, size)  # another batch size than the trace's examples
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    with pytest.raises(TraceError):  # without a size it is untraceable, as before
+        trace_model(model)
+    # calibration data of another size than the first batch's: refused with the reason
+    with pytest.raises(TraceError, match=rf"runs inputs of shape \(batch, 3, {size}, {size}\) only: PadToEven"):
+        merge(model, model, [torch.randn(4, 3, size, size), torch.randn(4, 3, 8, 8)], progress=False)

@@ -142,6 +142,10 @@ ATTENTION = {
     # 9 × 9 maps that _patch_merging_pad pads
     "tv_swin_t": (lambda: _small_tv_swin(False), 36),
     "tv_swin_v2_t": (lambda: _small_tv_swin(True), 32),
+    # its block branches on its input's size (traced with sizes known); 72 px: windows padded
+    "tiny_vit": (lambda: timm.models.tiny_vit.TinyVit(num_classes=10, embed_dims=(16, 24, 32, 48), depths=(1, 2, 1, 1),
+                                                      num_heads=(1, 2, 2, 3), window_sizes=(2, 4, 2, 2),
+                                                      drop_path_rate=0.0), 72),
     # q, k and v of each head side by side in one head dim (strided heads members); cached attention biases
     "levit_128s": (lambda: timm.create_model("levit_128s"), 224),
     "efficientformer_l1": (lambda: timm.create_model("efficientformer_l1"), 224),
@@ -167,6 +171,12 @@ def test_attention_zoo(name, fused):
     assert heads and not any(g.frozen for g in heads), [(g.name, g.reason) for g in heads if g.frozen]
     assert all(spec[t].blocks == g.size for g in heads for t in g.heads_of)
     assert spec.permutable_fraction >= 0.95, (name, spec.permutable_fraction)
+
+
+def test_tiny_vit_recovers_a_permuted_copy():
+    build, size = ATTENTION["tiny_vit"]
+    rec = check_recovery(build(), torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    assert rec.spec.permutable_fraction == 1.0 and rec.wrong_groups == {} and rec.max_weight_error < 1e-6
 
 
 @pytest.mark.parametrize("v2", [False, True])

@@ -46,6 +46,11 @@ DEFAULT = {
     "tv:googlenet", "tv:regnet_x_400mf",
 }
 
+# models that compute part of their forward in float32 whatever the input's dtype: the float64 check there
+# sees float32 rounding (EfficientViT-MIT's LiteMLA: ``q.float()``; with that cast removed the check holds
+# at 1e-15, checked by hand). Tolerance 1e-6 instead of 1e-9
+FLOAT32_INSIDE = {"timm:efficientvit_b0": "LiteMLA._attn", "timm:efficientvit_b1": "LiteMLA._attn"}
+
 # what the census found that is not (yet) checkable, with the reason; strict: a fix must remove it
 EXPECTED: dict = {}  # coat_tiny / coat_lite_tiny (aliased position-encoding convs) fixed: heavy, pass
 
@@ -105,7 +110,7 @@ def test_census_covers_every_family_and_the_default_slice_is_in_it():
     # families with no variant under 60M parameters (or none that builds) are the only ones left out
     assert len(missing) <= 10, sorted(missing)
     assert DEFAULT <= set(ALL), sorted(DEFAULT - set(ALL))
-    assert set(EXPECTED) <= set(ALL)
+    assert set(EXPECTED) <= set(ALL) and set(FLOAT32_INSIDE) <= set(ALL)
 
 
 @pytest.mark.slow
@@ -116,7 +121,7 @@ def test_zoo_permutation_invariant_and_recovery(key):
     size = _input_size(model)
     # (a) float64, random weights and random norm statistics
     res = check_spec(model, torch.randn(2, 3, size, size))
-    assert res.rel_error < 1e-9, (key, res.rel_error)
+    assert res.rel_error < (1e-6 if key in FLOAT32_INSIDE else 1e-9), (key, res.rel_error)
     assert res.uncovered == [], res.uncovered[:5]
     if not res.spec.free_groups:
         return  # nothing to match (the census table in docs/spec.md lists the permutable fraction)

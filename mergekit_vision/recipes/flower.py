@@ -157,13 +157,14 @@ def answer_lsq_query(message: Message, context: Context, *, model_fn: ModelFn, d
     merged = _load(model_fn, message.content["merged"])
     if device is not None:
         endpoints, merged = [m.to(device) for m in endpoints], merged.to(device)
-    gm = shared_graph(merged)  # deterministic: the server's graph, sites and rounds
+    p0 = next(iter(merged.parameters()))
+    batches = list(iter_inputs(data, max_batches=max_batches, device=p0.device, dtype=p0.dtype))
+    # deterministic: the server's graph, sites and rounds (traced at the data's size, as the server's)
+    gm = shared_graph(merged, input_shape=tuple(batches[0].shape[1:]) if batches else None)
     sites, _ = find_lsq_sites(gm)
     sites = logit_sites(sites, gm, str(cfg["logits"]) if "logits" in cfg else "mean")  # the server's targets
     rounds = lsq_rounds(gm.graph, sites)
     r, kind = int(cfg["round"]), str(cfg["kind"])
-    p0 = next(iter(merged.parameters()))
-    batches = list(iter_inputs(data, max_batches=max_batches, device=p0.device, dtype=p0.dtype))
     if kind == "moments" and r == len(rounds):
         rnd = lsq_moments(merged, gm, sites, batches, r)
     else:

@@ -516,7 +516,8 @@ def trace_permutation_spec(
     if example_input.dim() > 1 and example_input.shape[0] > 1:
         example_input = example_input[:1]
     with eval_mode(model), torch.no_grad():
-        gm = trace_model(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+        gm = trace_model(model, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                         input_shape=tuple(example_input.shape[1:]))
         plain: set = set()
         while True:
             p = CouplingPass(gm, plain)
