@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from train_pairs import CONFIGS, load_checkpoint  # benchmarks/ is this script's folder
+from train_pairs import CONFIGS, calibration_batches, load_checkpoint  # benchmarks/ is this script's folder
 
 logger = logging.getLogger("barriers")
 
@@ -139,8 +139,7 @@ def main(argv=None) -> int:
 
     ckpt, out = Path(args.ckpt), Path(args.out)
     train, test = load_cifar10(args.data, "train"), load_cifar10(args.data, "test")
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.calib]
-    calib = list(train.tensors[0][idx].split(250))
+    calib = calibration_batches(train, args.calib)
     found = cached_seeds(ckpt)
     configs = args.configs or [c for c in CONFIGS if len(found.get(c, [])) >= 2]
     if not configs:

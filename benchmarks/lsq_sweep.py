@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from train_pairs import load_checkpoint  # benchmarks/ is this script's folder
+from train_pairs import calibration_batches, load_checkpoint  # benchmarks/ is this script's folder
 
 
 def main(argv=None) -> int:
@@ -45,8 +45,7 @@ def main(argv=None) -> int:
     from mergekit_vision.training import evaluate
 
     train, test = load_cifar10(args.data, "train"), load_cifar10(args.data, "test")
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.calib]
-    calib = list(train.tensors[0][idx].split(250))
+    calib = calibration_batches(train, args.calib)
     test = (test.tensors[0][: args.eval_samples], test.tensors[1][: args.eval_samples])
     a, b = (load_checkpoint(Path(args.ckpt), args.config, s) for s in args.seeds)
     ends = [evaluate(m, test)["acc"] for m in (a, b)]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from train_pairs import load_checkpoint  # benchmarks/ is this script's folder
+from train_pairs import calibration_batches, load_checkpoint  # benchmarks/ is this script's folder
 
 clock = time.process_time  # CPU seconds of this process: the other jobs on the machine leave them alone
 
@@ -67,8 +67,7 @@ def main(argv=None) -> int:
     from mergekit_vision.training import evaluate
 
     train, test = load_cifar10(args.data, "train"), load_cifar10(args.data, "test")
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.calib]
-    calib = list(train.tensors[0][idx].split(250))
+    calib = calibration_batches(train, args.calib)
     machine = f"{platform.machine()} {os.cpu_count()} CPUs, {args.threads} thread(s)"
     for config in args.configs:
         a, b = (load_checkpoint(Path(args.ckpt), config, s) for s in (0, 1))

@@ -20,13 +20,7 @@ from pathlib import Path
 
 import torch
 
-from train_pairs import load_checkpoint  # benchmarks/ is this script's folder
-
-
-def accuracy(model, x, y, batch=500) -> float:
-    with torch.no_grad():
-        hits = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(batch), y.split(batch)))
-    return hits / len(y)
+from train_pairs import calibration_batches, load_checkpoint  # benchmarks/ is this script's folder
 
 
 def main(argv=None) -> int:
@@ -43,17 +37,17 @@ def main(argv=None) -> int:
     from mergekit_vision import merge, trace_permutation_spec
     from mergekit_vision.data import load_cifar10
     from mergekit_vision.permute import permute, random_perms
+    from mergekit_vision.training import evaluate
 
     train, test = load_cifar10(args.data, "train"), load_cifar10(args.data, "test")
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.calib]
-    calib = list(train.tensors[0][idx].split(250))
+    calib = calibration_batches(train, args.calib)
     xt, yt = test.tensors[0][: args.eval_samples], test.tensors[1][: args.eval_samples]
     a = load_checkpoint(Path(args.ckpt), args.config, args.seed).eval()
     spec = trace_permutation_spec(a, calib[0][:1])
     b = permute(a, spec, random_perms(spec, torch.Generator().manual_seed(1)))
     with torch.no_grad():
         ref = torch.cat([a(x) for x in xt[:1000].split(500)])
-    print(f"{args.config} s{args.seed}: the model {100 * accuracy(a, xt, yt):.2f}% on {len(yt)} test images")
+    print(f"{args.config} s{args.seed}: the model {100 * evaluate(a, (xt, yt))['acc']:.2f}% on {len(yt)} test images")
     print("| repair | accuracy | max logit difference / max logit | seconds |")
     print("|---|---|---|---|")
     for repair in (False, True, "lsq"):
@@ -63,7 +57,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             out = torch.cat([m(x) for x in xt[:1000].split(500)])
         diff = float((out - ref).abs().max() / ref.abs().max())
-        print(f"| {repair!r} | {100 * accuracy(m, xt, yt):.2f}% | {diff:.1e} | {seconds:.0f} |", flush=True)
+        print(f"| {repair!r} | {100 * evaluate(m, (xt, yt))['acc']:.2f}% | {diff:.1e} | {seconds:.0f} |", flush=True)
     return 0
 
 

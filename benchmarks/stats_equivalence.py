@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from train_pairs import load_checkpoint  # benchmarks/ is this script's folder
+from train_pairs import calibration_batches, load_checkpoint  # benchmarks/ is this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,8 +88,7 @@ def main(argv=None) -> int:
 
     Old = old_stats(args.against).CrossMoments
     train = load_cifar10(args.data, "train")
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.calib]
-    calib = list(train.tensors[0][idx].split(250))
+    calib = calibration_batches(train, args.calib)
     for config in args.configs:
         a, b = (load_checkpoint(Path(args.ckpt), config, s) for s in (0, 1))
         row = compare(a, b, calib, args.taps, Old)

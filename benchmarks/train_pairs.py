@@ -176,6 +176,12 @@ def time_epoch(config: str, train, *, batch_size: int, lr: float, steps: int, pr
     return cpu_per_epoch
 
 
+def calibration_batches(train, n: int, batch_size: int = 250) -> list:
+    """The benchmarks' calibration set: ``n`` training images, a fixed random subset, in batches."""
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
+    return list(train.tensors[0][idx].split(batch_size))
+
+
 def load_checkpoint(out: Path, config: str, seed: int) -> nn.Module:
     from mergekit_vision.export import load_into
 
