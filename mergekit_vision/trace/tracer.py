@@ -172,7 +172,8 @@ class ModelTracer(fx.Tracer):
                 self._sized -= 1
 
 
-def module_inputs(model: nn.Module, types: tuple, input_shape: Tuple[int, ...], dtype) -> Dict[str, List[tuple]]:
+def module_inputs(model: nn.Module, types: tuple, input_shape: Tuple[int, ...], dtype,
+                  device=None) -> Dict[str, List[tuple]]:
     """Per module of ``types`` (by name), per call: its positional arguments when ``model`` runs a random
     batch of one and of two inputs of ``input_shape`` (eval mode, no grad, the model's state restored)."""
     seen: Dict[str, List[tuple]] = {}
@@ -184,7 +185,7 @@ def module_inputs(model: nn.Module, types: tuple, input_shape: Tuple[int, ...], 
         with torch.no_grad(), restored_state(model):
             for batch in (1, 2):
                 seen.clear()
-                model(torch.randn(batch, *input_shape, generator=g).to(dtype))
+                model(torch.randn(batch, *input_shape, generator=g).to(device=device, dtype=dtype))
                 runs.append(dict(seen))
     finally:
         for h in hooks:
@@ -299,8 +300,12 @@ def trace_model(
     shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
     p0 = next(iter(model.parameters()), None)
     dtype = p0.dtype if p0 is not None and p0.is_floating_point() else torch.float32
+    device = p0.device if p0 is not None else None
     while True:
-        inputs = module_inputs(model, tuple(specialize), shape, dtype) if specialize else {}
+        try:
+            inputs = module_inputs(model, tuple(specialize), shape, dtype, device) if specialize else {}
+        except Exception:  # the model does not run inputs of that shape: trace as if none had been given
+            shape, specialize, inputs = None, [], {}
         tracer = ModelTracer(leaves, list(autowrap_functions), specialize, inputs)
         try:
             with restored_state(model):
