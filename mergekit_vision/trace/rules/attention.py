@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from ..layout import DimLayout, Elements, HeadSplit, Seg, slice_dim
-from .core import Multi, RuleCall, channel_free, is_tensor, join_dim, layout_or_none, unknown
+from .core import Multi, RuleCall, channel_free, is_tensor, join_dim, layout_or_none, param_dim, unknown
 
 
 def split_view(E: Elements, where: str, segs, sizes) -> Optional[List[DimLayout]]:
@@ -205,30 +205,18 @@ def attention_mask(call: RuleCall):
     return None if call.out is None else unknown(call)
 
 
-def _param(call: RuleCall, pname: str, axis: int) -> DimLayout:
-    """Layout of axis ``axis`` of the module's tensor ``pname`` (a dotted path), declared."""
-    t = call.module
-    for part in pname.split("."):
-        t = getattr(t, part, None)
-    if not is_tensor(t):
-        return None
-    key = call.key(pname)
-    call.declared.add((key, axis))
-    return call.E.full(call.E.param(key, axis, t.shape[axis]))
-
-
 def _fused_heads(call: RuleCall, inputs, qkv, proj, embed: int, heads: int):
     """The fused-projection attention of a leaf module: ``qkv = (weight, bias)`` names the in-projection
     whose rows are q, k and v (each ``heads`` blocks of ``embed // heads``) and reads every layout of
     ``inputs``; ``proj`` the output projection, which reads v's channels. Returns q's split (its head
     axis is every part's) and the layout of the output projection's rows."""
     E = call.E
-    w_out, w_in = _param(call, qkv[0], 0), _param(call, qkv[0], 1)
+    w_out, w_in = param_dim(call, qkv[0], 0), param_dim(call, qkv[0], 1)
     for lay in inputs:
         join_dim(E, lay, w_in, call.where)
-    o_out, o_in = _param(call, proj[0], 0), _param(call, proj[0], 1)
+    o_out, o_in = param_dim(call, proj[0], 0), param_dim(call, proj[0], 1)
     for name, lay in ((qkv[1], w_out), (proj[1], o_out)):
-        bias = _param(call, name, 0)
+        bias = param_dim(call, name, 0)
         if bias is not None:
             join_dim(E, lay, bias, call.where)
     parts = [E.head_split(slice_dim(w_out, i * embed, (i + 1) * embed), heads, embed // heads, 1, call.where)
@@ -311,13 +299,13 @@ def window_attention_module(call: RuleCall):
     head = (Seg(sq.head, 0, heads),)
     per_head = [("relative_position_bias_table", 1), ("logit_scale", 0), ("cpb_mlp.2.weight", 0)]
     for pname, axis in per_head:
-        lay = _param(call, pname, axis)
+        lay = param_dim(call, pname, axis)
         if lay is not None:
             join_dim(E, head, lay, call.where)
-    if _param(call, "cpb_mlp.0.weight", 0) is not None:  # the bias MLP's hidden units
-        hidden = _param(call, "cpb_mlp.0.weight", 0)
+    hidden = param_dim(call, "cpb_mlp.0.weight", 0)  # the bias MLP's hidden units (V2)
+    if hidden is not None:
         for pname, axis in (("cpb_mlp.0.bias", 0), ("cpb_mlp.2.weight", 1)):
-            join_dim(E, hidden, _param(call, pname, axis), call.where)
+            join_dim(E, hidden, param_dim(call, pname, axis), call.where)
     why = "relative positions and their coordinates, not channels"
     for pname, axes in (("relative_position_bias_table", (0,)), ("relative_position_index", (0,)),
                         ("relative_coords_table", (0, 1, 2, 3)), ("cpb_mlp.0.weight", (1,)),

@@ -139,9 +139,17 @@ def cut_slice(E: Elements, dim: DimLayout, start: int, stop: int) -> None:
         pos += s.span
 
 
+def module_tensor(call: RuleCall, pname: str):
+    """The module's parameter/buffer ``pname``, a dotted path (``"out_proj.weight"``); None if absent."""
+    t = call.module
+    for part in pname.split("."):
+        t = getattr(t, part, None)
+    return t
+
+
 def param_dim(call: RuleCall, pname: str, axis: int) -> DimLayout:
-    """The layout of axis ``axis`` of the module's parameter/buffer ``pname`` (declares it)."""
-    t = getattr(call.module, pname, None)
+    """The layout of axis ``axis`` of the module's parameter/buffer ``pname`` (a dotted path; declares it)."""
+    t = module_tensor(call, pname)
     if not is_tensor(t):
         return None
     key = call.key(pname)
@@ -151,9 +159,7 @@ def param_dim(call: RuleCall, pname: str, axis: int) -> DimLayout:
 
 def channel_free(call: RuleCall, pname: str, axes: Sequence[int], why: str) -> None:
     """Axes ``axes`` of the module's tensor ``pname`` (a dotted path) carry no channels (declares them)."""
-    t = call.module
-    for part in pname.split("."):
-        t = getattr(t, part, None)
+    t = module_tensor(call, pname)
     if is_tensor(t):
         for a in axes:
             key = call.key(pname)
