@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", default="checkpoints")
     p.add_argument("--configs", nargs="+", required=True)
     p.add_argument("--taps", nargs="*", default=["all", "lean", "blocks"])
+    p.add_argument("--tap-positions", nargs="+", default=["none"],
+                   help="merge's tap_positions values to run each policy with ('none': every position)")
+    p.add_argument("--calib-seeds", type=int, nargs="+", default=[0],
+                   help="calibration subsets (their spread is the noise a policy is compared against)")
     p.add_argument("--weight", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure weight matching (convergence and the tolerance)")
     p.add_argument("--weight-tols", type=float, nargs="*", default=None,
@@ -67,18 +71,23 @@ def main(argv=None) -> int:
     from mergekit_vision.training import evaluate
 
     train, test = load_cifar10(args.data, "train"), load_cifar10(args.data, "test")
-    calib = calibration_batches(train, args.calib)
+    calibs = {cs: calibration_batches(train, args.calib, seed=cs) for cs in args.calib_seeds}
+    calib = calibs[args.calib_seeds[0]]
     machine = f"{platform.machine()} {os.cpu_count()} CPUs, {args.threads} thread(s)"
     for config in args.configs:
         a, b = (load_checkpoint(Path(args.ckpt), config, s) for s in (0, 1))
         spec = trace_permutation_spec(a, calib[0][:2])
         for policy in args.taps:
-            t0 = clock()
-            merged, report = merge(a, b, calib, taps=policy, progress=False, return_report=True)
-            seconds = clock() - t0
-            _emit(args.out, dict(kind="taps", config=config, taps=policy, acc=evaluate(merged, test)["acc"],
-                                 n_taps=sum(map(len, tap_plan(spec, policy).values())), merge_cpu_s=seconds,
-                                 wall_timings=report.timings, machine=machine))
+            for positions in [None if v == "none" else int(v) for v in args.tap_positions]:
+                for cs, batches in calibs.items():
+                    t0 = clock()
+                    merged, report = merge(a, b, batches, taps=policy, tap_positions=positions, progress=False,
+                                           return_report=True)
+                    seconds = clock() - t0
+                    _emit(args.out, dict(kind="taps", config=config, taps=policy, tap_positions=positions,
+                                         calib_seed=cs, acc=evaluate(merged, test)["acc"],
+                                         n_taps=sum(map(len, tap_plan(spec, policy).values())), merge_cpu_s=seconds,
+                                         wall_timings=report.timings, machine=machine))
         if not args.weight:
             continue
         sd_a, sd_b = a.state_dict(), b.state_dict()

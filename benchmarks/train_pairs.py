@@ -176,9 +176,9 @@ def time_epoch(config: str, train, *, batch_size: int, lr: float, steps: int, pr
     return cpu_per_epoch
 
 
-def calibration_batches(train, n: int, batch_size: int = 250) -> list:
-    """The benchmarks' calibration set: ``n`` training images, a fixed random subset, in batches."""
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
+def calibration_batches(train, n: int, batch_size: int = 250, seed: int = 0) -> list:
+    """The benchmarks' calibration set: ``n`` training images, a fixed random subset (``seed``), in batches."""
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     return list(train.tensors[0][idx].split(batch_size))
 
 

@@ -4,6 +4,7 @@ loader here; all-reduce (``distributed.py``) and Flower (``recipes/flower.py``) 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from .data import iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ConfigError, DataError, NumericalError
 from .match import ChannelMoments, CrossMoments
+from .match.stats import batch_key, sample_positions, tap_generator, values_at
 from .match.activation import align_across, aligned_tap_plan, observe_tap, tap_plan
 from .options import REPAIRS, repair_mode
 from .repair import CorrectionPass, Site, Target, find_sites
@@ -99,26 +101,30 @@ def chain(first, second):
 def site_recorders(sites, site_stats, mods, known_moments=None):
     """Hooks (conv and add sites) and overrides (BN sites: ``z`` is computed from the BN input, before
     any fused activation, and the node's value made from it) that record each model's site value.
-    ``known_moments`` (a :class:`SharedMoments`) shares each value's centred rows with a matching tap."""
+    ``known_moments`` (a :class:`SharedMoments`) shares each value's centred rows with a matching tap; the
+    other sites keep only their moments."""
     hooks, overrides = {}, {}
+    shared = known_moments.nodes if known_moments is not None else set()
     for site in sites:
         stats = site_stats[site.node]
         if site.kind == "bn":
             def override(node, k, args, kwargs, site=site, stats=stats):
                 m = mods[k][site.module]
                 z = bn_eval(m, args[0])
-                centred = stats[k].observe_centred(z, site.dim)
                 out = bn_forward(m, z)
-                if known_moments is not None and out is z:
-                    known_moments.offer(node.name, k, site.dim, centred)
+                if out is z and site.node in shared:
+                    known_moments.offer(node.name, k, site.dim, stats[k].observe_centred(z, site.dim))
+                else:
+                    stats[k].observe(z, site.dim)
                 return out
             overrides[site.node] = override
         else:
             def hook(node, values, site=site, stats=stats):
                 for k, v in enumerate(values):
-                    centred = stats[k].observe_centred(v, site.dim)
-                    if known_moments is not None:
-                        known_moments.offer(node.name, k, site.dim, centred)
+                    if site.node in shared:
+                        known_moments.offer(node.name, k, site.dim, stats[k].observe_centred(v, site.dim))
+                    else:
+                        stats[k].observe(v, site.dim)
             hooks[site.node] = hook
     return hooks, overrides
 
@@ -251,7 +257,10 @@ class StatisticsRequest:
     explicit ChannelAffine modules); ``correction``: REPAIR's correction pass instead (model 0 run
     with every site renormalized to ``targets`` on its batch statistics; RESET: BatchNorms on batch
     statistics), recording model 0's pre-correction moments; ``max_batches`` caps the pass; ``taps``:
-    the matching tap policy (:data:`~mergekit_vision.match.TAP_POLICIES`).
+    the matching tap policy (:data:`~mergekit_vision.match.TAP_POLICIES`); ``tap_positions``: at most this
+    many positions per image enter a matching tap's cross-moments, the same random ones for every image
+    of a batch, drawn from the batch's contents and the tap's node (so a shard, a worker or a client
+    samples a batch as the whole data would); None: every position. REPAIR's statistics see every position.
     """
 
     pairs: Tuple[Tuple[int, int], ...] = ()
@@ -260,6 +269,7 @@ class StatisticsRequest:
     targets: Optional[Dict[str, Target]] = None
     max_batches: Optional[int] = None
     taps: str = "all"
+    tap_positions: Optional[int] = None
     aligned: Optional[Dict[int, Dict[str, torch.Tensor]]] = None
     affines: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None
 
@@ -317,21 +327,30 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
 
     hooks: Dict[str, Any] = {}
     pairs = [tuple(p) for p in req.pairs]
+    batch = {"size": 0, "key": 0}  # the batch being walked: its size and batch_key (positions' seed)
     known = SharedMoments()
     if pairs and req.aligned is None:
         taps = tap_plan(plan.spec, req.taps)
-        known = SharedMoments(taps)
+        known = SharedMoments(taps if req.tap_positions is None else ())  # sampled taps centre their own rows
+
+        used = sorted({k for p in pairs for k in p})
 
         def record_pairs(node, values):
             kn = [known.pop((node.name, k), None) for k in range(len(values))]
             for gname, t in taps[node.name]:
-                whole = t.start == 0 and t.length in (0, values[0].shape[t.dim])
+                idx = _tap_sample(batch, node.name, values[0], t.dim, req.tap_positions)
+                if idx is not None:  # each model's values at the sampled positions, (N, C, positions)
+                    vals = {k: values_at(values[k], t.dim, idx) for k in used}
+                    t = dataclasses.replace(t, dim=1)
+                else:
+                    vals = dict(enumerate(values))
+                whole = idx is None and t.start == 0 and t.length in (0, values[0].shape[t.dim])
                 for i, j in pairs:
-                    a = values[i]
+                    a = vals[i]
                     moments = None
                     if whole and all(m is not None and m[0] % a.dim() == t.dim % a.dim() for m in (kn[i], kn[j])):
                         moments = (kn[i][1], kn[j][1])
-                    observe_tap(st.cross.setdefault((gname, t.node, i, j), CrossMoments()), a, values[j], t, moments)
+                    observe_tap(st.cross.setdefault((gname, t.node, i, j), CrossMoments()), a, vals[j], t, moments)
 
         hooks = {node: record_pairs for node in taps}
     elif pairs:
@@ -356,12 +375,26 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
             hooks[name] = chain(_affine_hook(plan.sites, name, scale, shift), hooks.get(name))
     lock = Lockstep(models, plan.gm)
     for x in calibration_batches(loader, desc=f"statistics of {len(models)} models", progress=progress, **batches):
+        batch.update(size=x.shape[0], key=batch_key(x) if req.tap_positions is not None else 0)
         outs = lock.run(x, hooks, override=overrides)
         check_values(outs, "the models' outputs", x)
         st.samples += x.shape[0]
     if req.sites and plan.sites:
         st.channels = {(node, k): m for node, ms in per_site.items() for k, m in enumerate(ms)}
     return st
+
+
+def _tap_sample(batch: Dict[str, int], node: str, value: Any, dim: int, keep: Optional[int]) -> Optional[torch.Tensor]:
+    """The positions (flattened axes other than the batch and ``dim``) a matching tap at ``node`` keeps
+    of ``value`` in this batch, or None for all: values without positions, or whose first axis is not
+    the batch's (an attention's ``(L, N, C)``), are observed whole."""
+    if keep is None or not isinstance(value, torch.Tensor) or value.dim() < 3:
+        return None
+    d = dim % value.dim()
+    if d == 0 or value.shape[0] != batch["size"] or not value.numel():
+        return None
+    total = value.numel() // (value.shape[0] * value.shape[d])
+    return sample_positions(total, keep, tap_generator(batch["key"], node))
 
 
 def _affine_hook(sites: List[Site], name: str, scale: torch.Tensor, shift: torch.Tensor):

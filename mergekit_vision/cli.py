@@ -115,7 +115,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     common = dict(method=config.method, repair=config.repair, device=config.device, progress=not args.quiet,
                   return_report=True, seed=config.seed, taps=config.taps, weight_tol=config.weight_tol,
                   lineage_threshold=config.lineage_threshold, lsq_ridge=config.lsq_ridge,
-                  lsq_positions=config.lsq_positions,
+                  lsq_positions=config.lsq_positions, tap_positions=config.tap_positions,
                   lsq_memory=config.lsq_memory, lsq_logits=config.lsq_logits, rotate_stream=config.rotate_stream)
     with _stage(timings, "merge"):
         if len(models) == 2:

@@ -150,6 +150,7 @@ def merge_many(
     example: Optional[torch.Tensor] = None,
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
     taps: str = "all",
+    tap_positions: Optional[int] = None,
     fold_stream: bool = True,
     lsq_ridge: float = 1e-3,
     lsq_positions: Optional[int] = 64,
@@ -188,8 +189,9 @@ def merge_many(
         method=method, repair=repair, iterations=DEFAULT_SWEEPS if iterations is None else iterations,
         max_batches=max_batches, max_samples=max_samples, progress=progress, leaf_modules=leaf_modules,
         weight_iters=weight_iters, weight_tol=weight_tol, seed=seed, diagnostic_batches=diagnostic_batches,
-        fold_stream=fold_stream, lineage_threshold=lineage_threshold, taps=taps, lsq_ridge=lsq_ridge,
-        lsq_positions=lsq_positions, lsq_memory=lsq_memory, lsq_logits=lsq_logits, rotate_stream=rotate_stream)
+        fold_stream=fold_stream, lineage_threshold=lineage_threshold, taps=taps, tap_positions=tap_positions,
+        lsq_ridge=lsq_ridge, lsq_positions=lsq_positions, lsq_memory=lsq_memory, lsq_logits=lsq_logits,
+        rotate_stream=rotate_stream)
     w = _normalized_weights(weights, len(models))
     ref = 0 if reference is None else reference
     if isinstance(ref, bool) or not isinstance(ref, int) or not 0 <= ref < len(models):
@@ -221,6 +223,7 @@ def merge(
     fold_stream: bool = True,
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD,
     taps: str = "all",
+    tap_positions: Optional[int] = None,
     collect: Optional[Collect] = None,
     lsq_ridge: float = 1e-3,
     lsq_positions: Optional[int] = 64,
@@ -269,6 +272,11 @@ def merge(
     or "lean" (no post-activation taps where a norm output is tapped: about half the statistics work
     and memory on BatchNorm nets; see :mod:`mergekit_vision.match.activation`), or "blocks" (as lean,
     and a residual stream observed once per block, at its adds: the cheapest on bottleneck ResNets).
+    ``tap_positions``: at most this many positions per image (pixels, tokens) enter each tap's
+    cross-moments, the same random ones for every image of a batch (drawn from the batch's contents,
+    so shards, workers and clients sample a batch alike); a tap costs positions x C^2 per image, so
+    this bounds the matching statistics of large maps. None: every position. REPAIR's statistics and
+    the rest of the merge always see every position.
     ``weight_iters``, ``weight_tol``: method="weight" runs at most this many coordinate-descent sweeps
     and stops early when a sweep adds less than ``weight_tol`` of the objective's improvement so far
     (0: run to a fixed point). ``collect``: where the statistics come from, as for :func:`merge_many`
@@ -286,8 +294,8 @@ def merge(
         method=method, repair=repair, iterations=0, max_batches=max_batches, max_samples=max_samples,
         progress=progress, leaf_modules=leaf_modules, weight_iters=weight_iters, weight_tol=weight_tol, seed=seed,
         diagnostic_batches=diagnostic_batches, fold_stream=fold_stream, lineage_threshold=lineage_threshold,
-        taps=taps, lsq_ridge=lsq_ridge, lsq_positions=lsq_positions, lsq_memory=lsq_memory,
-        lsq_logits=lsq_logits, rotate_stream=rotate_stream)
+        taps=taps, tap_positions=tap_positions, lsq_ridge=lsq_ridge, lsq_positions=lsq_positions,
+        lsq_memory=lsq_memory, lsq_logits=lsq_logits, rotate_stream=rotate_stream)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"alpha must be a number in [0, 1] (the weight of model_b), got {alpha!r}")
     alpha = float(alpha)
@@ -417,7 +425,8 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
         pairs = tuple((i, j) for i in range(k_models) for j in range(i + 1, k_models))
     else:
         pairs = tuple((ref, k) for k in range(k_models) if k != ref) if method == "activation" else ()
-    request = StatisticsRequest(pairs=pairs, sites=opts.mode.needs_targets, taps=opts.taps)
+    request = StatisticsRequest(pairs=pairs, sites=opts.mode.needs_targets, taps=opts.taps,
+                               tap_positions=opts.tap_positions)
     with timed(timings, "pass_ab" if two else "statistics"):
         stats = gather(ms, plan, request) if not request.empty else Statistics()
     report.calibration_samples = stats.samples

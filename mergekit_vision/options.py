@@ -99,6 +99,7 @@ class MergeOptions:
     fold_stream: bool = True
     lineage_threshold: Optional[float] = LINEAGE_THRESHOLD
     taps: str = "all"
+    tap_positions: Optional[int] = None
     lsq_ridge: float = 1e-3
     lsq_positions: Optional[int] = 64
     lsq_memory: Union[int, str, None] = "auto"
@@ -119,6 +120,10 @@ class MergeOptions:
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < float("inf"):
             raise ConfigError(f"lsq_ridge must be a finite number >= 0 (the ridge strength relative to the mean "
                               f"diagonal of each layer's Gram matrix; default 1e-3), got {lr!r}")
+        tp = opts.tap_positions
+        if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
+            raise ConfigError(f"tap_positions must be an int >= 1 (positions per image each matching tap's "
+                              f"cross-moments read) or None (every position), got {tp!r}")
         lp = opts.lsq_positions
         if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or lp < 1):
             raise ConfigError(f"lsq_positions must be an int >= 1 (output positions per image used by each "

@@ -114,6 +114,14 @@ def test_solve_heads_recovers_a_block_permutation():
     assert torch.equal(hp, head_perm) and torch.equal(w, within)
 
 
+def test_vit_recovers_permuted_copy_from_two_tokens_per_image():
+    """tap_positions on tokens ``(N, L, C)``: each tap reads 2 of the 17 tokens per image and matching
+    still finds every group's inverse permutation, heads included."""
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    res = check_recovery(_vit(), x, tap_positions=2)
+    assert res.wrong_groups == {} and res.max_weight_error < 1e-5
+
+
 @pytest.mark.parametrize("method", ["activation", "weight"])
 @pytest.mark.parametrize("name,fused", [("vit_tiny_patch16_224", True), ("deit_tiny_distilled_patch16_224", False)])
 def test_vit_recovers_permuted_copy(name, method, fused):

@@ -86,6 +86,49 @@ def test_tap_policy_reaches_the_statistics_pass():
         merge_many([a, b], calib, method="weight", weight_tol=-1, progress=False)
 
 
+def test_tap_positions_sample_each_batch_alike_wherever_it_is():
+    """tap_positions=P: each tap's cross-moments are those of P positions per image, the same ones for a
+    batch's images, drawn from the batch's contents and the tap: shards pool to the whole, a batch samples
+    the same positions anywhere in the stream, REPAIR's site statistics see every position."""
+    torch.manual_seed(0)
+    x = torch.randn(120, 1, 16, 16)
+    ms = [randomize_model(tiny_resnet(8).eval(), seed=s) for s in (1, 2)]
+    plan = plan_calibration(ms[0], x[:1])
+    batches = list(x.split(20))
+    req = dict(pairs=[(0, 1)], sites=True, tap_positions=5)
+    whole = collect_statistics(ms, batches, plan, **req)
+    pooled = sum(collect_statistics(ms, batches[i::3], plan, **req) for i in range(3))
+    backwards = collect_statistics(ms, batches[::-1], plan, **req)
+    tw, tp, tb = whole.as_tensors(), pooled.as_tensors(), backwards.as_tensors()
+    assert list(tw) == list(tp) == list(tb)
+    assert all(torch.allclose(tp[k], tw[k], rtol=1e-12, atol=1e-9) and torch.allclose(tb[k], tw[k], rtol=1e-12,
+                                                                                        atol=1e-9) for k in tw)
+    full = collect_statistics(ms, batches, plan, pairs=[(0, 1)], sites=True)
+    spatial = [k for k, m in whole.cross.items() if m.n > whole.samples]  # taps with positions
+    assert spatial and all(whole.cross[k].n == 5 * whole.samples for k in spatial)
+    assert all(full.cross[k].n > 5 * full.samples for k in spatial)
+    assert all(torch.equal(whole.channels[k].m2, full.channels[k].m2) for k in full.channels)  # sites: all positions
+    # the moments are exactly those of the drawn positions: one batch, one tap, by hand
+    from mergekit_vision.match.activation import tap_plan
+    from mergekit_vision.match.stats import CrossMoments, batch_key, sample_positions, tap_generator
+    g, t = next((g, t) for node, ts in tap_plan(plan.spec).items() for g, t in ts if (g, node, 0, 1) in spatial)
+    one = collect_statistics(ms, batches[:1], plan, pairs=[(0, 1)], tap_positions=5).cross[(g, t.node, 0, 1)]
+    vals = []
+    for m in ms:
+        interp = torch.fx.Interpreter(torch.fx.GraphModule(m, plan.gm.graph), garbage_collect_values=False)
+        interp.run(batches[0])
+        vals.append(next(v for n, v in interp.env.items() if n.name == t.node))
+    c, h, w = vals[0].shape[1:]
+    idx = sample_positions(h * w, 5, tap_generator(batch_key(batches[0]), t.node))
+    at = [v.flatten(2)[:, :, idx].transpose(1, 2).reshape(-1, c) for v in vals]
+    ref = CrossMoments()
+    ref.update(at[0], at[1])
+    assert one.n == 5 * 20 and torch.allclose(one.ma, ref.ma, atol=1e-6)
+    assert torch.allclose(one.mab, ref.mab, rtol=1e-5, atol=1e-5)  # float32 products, summed in another order
+    with pytest.raises(ConfigError, match="tap_positions"):
+        merge_many(ms, batches, tap_positions=0, progress=False)
+
+
 def test_weights_are_honoured():
     torch.manual_seed(0)
     x = torch.randn(64, 1, 16, 16)

@@ -257,6 +257,7 @@ class MergeConfig(_Strict):
     lsq_logits: Literal["mean", "probs"] = "mean"
     rotate_stream: bool = False
     taps: str = "all"
+    tap_positions: Optional[int] = Field(None, ge=1)
     weight_tol: float = Field(WEIGHT_TOL, ge=0.0)
     lineage_threshold: Optional[float] = Field(LINEAGE_THRESHOLD, ge=-1.0, le=1.0)
     calibration: CalibrationConfig

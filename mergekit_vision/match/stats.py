@@ -12,6 +12,8 @@ Correlations are formed at the end, with channels that carry no variance on the 
 """
 from __future__ import annotations
 
+import hashlib
+import zlib
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple, Union
 
@@ -21,6 +23,38 @@ import torch
 # calibration data: batches are reduced in (at least) float32, whose centring leaves rounding noise
 # of about 1e-7 of a value's magnitude, so a smaller spread is indistinguishable from none.
 REL_STD_TOL = 1e-5
+
+
+def batch_key(x: torch.Tensor) -> int:
+    """A fingerprint of a batch's contents, the seed of the positions it samples: a batch samples the
+    same positions whichever shard holds it and wherever in the stream it comes."""
+    v = x.detach().reshape(-1)
+    v = v[::max(1, v.numel() // 4096)].cpu().contiguous()
+    h = hashlib.blake2b(str((tuple(x.shape), str(x.dtype))).encode(), digest_size=8)
+    h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def sample_positions(total: int, keep: Optional[int], gen: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+    """``keep`` of ``total`` positions drawn without replacement by ``gen``, sorted (None: all of them)."""
+    if keep is None or keep >= total:
+        return None
+    return torch.randperm(total, generator=gen)[:keep].sort().values
+
+
+def tap_generator(key: int, node: str) -> torch.Generator:
+    """The generator of the positions a matching tap at ``node`` samples from the batch ``key``
+    (:func:`batch_key`): stable across processes (no Python ``hash``), different for every tap."""
+    return torch.Generator().manual_seed((key * 1_000_003 + zlib.crc32(node.encode())) & (2 ** 63 - 1))
+
+
+def values_at(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``x`` (batch first, channel axis ``dim``) as ``(N, C, len(idx))``: every sample's values at the
+    positions ``idx`` of its flattened other axes (the same positions for every sample and channel)."""
+    xl = x.detach().movedim(dim, 1)
+    xl = xl.reshape(xl.shape[0], xl.shape[1], -1)
+    idx = idx.to(xl.device).view(1, 1, -1).expand(xl.shape[0], xl.shape[1], -1)
+    return xl.gather(2, idx)  # (3x faster than index_select along the last dim on CPU)
 
 
 class BatchMoments(NamedTuple):
@@ -127,10 +161,31 @@ def centre(x: torch.Tensor, dim: int, mean: Optional[torch.Tensor] = None) -> Ce
     return Centred(BatchMoments(n, mean, _sqsum(rows)), rows)
 
 
+# Values per block of samples that channel_moments centres at a time: a few hundred KB, reused from
+# block to block, where centring the whole batch at once writes (and page-faults) a batch-sized copy.
+MOMENT_BLOCK = 1 << 16
+
+
 def channel_moments(x: torch.Tensor, dim: int) -> BatchMoments:
     """Per-channel ``(count, mean, centred sum of squares)`` of ``x`` along channel axis ``dim``, in the
-    activations' precision (at least float32), pooled over samples in float64."""
-    return centre(x, dim).moments
+    activations' precision (at least float32), pooled over samples in float64: :func:`centre`'s
+    two-pass moments, the same sums in the same order, without keeping the centred values (a batch
+    with channels on axis 1 is centred a block of samples at a time, in one reused buffer)."""
+    x = _work(x.detach())
+    if x.dim() < 2 or dim % x.dim() != 1 or not x.is_contiguous() or not x.numel():
+        return centre(x, dim).moments
+    n, c = x.shape[0], x.shape[1]
+    mean = _channel_sum(x, dim) / (x.numel() // c)
+    xl = x.view(n, c, -1)
+    step = max(1, MOMENT_BLOCK // (c * xl.shape[2]))
+    buf = torch.empty((min(step, n),) + xl.shape[1:], dtype=x.dtype, device=x.device)
+    mv = mean.to(x.dtype).view(1, c, 1)
+    norms = torch.empty((c, n), dtype=x.dtype, device=x.device)  # each sample's norm, laid out as _sqsum's
+    for i in range(0, n, step):
+        block = buf[:min(step, n - i)]
+        torch.sub(xl[i:i + step], mv, out=block)
+        norms[:, i:i + step] = torch.linalg.vector_norm(block, dim=2).T
+    return BatchMoments(x.numel() // c, mean, norms.square().sum(1, dtype=torch.float64))
 
 
 def cross_sum(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -176,7 +231,9 @@ class ChannelMoments:
 
     def observe(self, x: torch.Tensor, dim: int) -> BatchMoments:
         """Add a batch with channel axis ``dim`` (any layout); returns the batch's own moments."""
-        return self.observe_centred(x, dim).moments
+        mom = channel_moments(x, dim)
+        self.add_batch(mom)
+        return mom
 
     def observe_centred(self, x: torch.Tensor, dim: int) -> Centred:
         """As :meth:`observe`, returning the batch's :func:`centre` (its rows serve a cross-moment)."""
@@ -273,9 +330,9 @@ class CrossMoments:
         db = mb.to(torch.float64) - self.mb
         self.maa = self.maa + maa.to(torch.float64) + da * da * w
         self.mbb = self.mbb + mbb.to(torch.float64) + db * db * w
-        # a new matrix (another accumulator may share this one), then the rank-1 term in place: two passes
-        # over the C x C float64 matrix instead of four
-        self.mab = (self.mab + mab).addr_(da, db, alpha=w)  # a float32 batch is promoted in the add
+        # in place (an accumulator owns its tensors: copied when first set, cloned by +): two passes over
+        # the C x C float64 matrix and no new one per batch
+        self.mab.add_(mab).addr_(da, db, alpha=w)  # a float32 batch is promoted in the add
         self.ma = self.ma + da * (n2 / n)
         self.mb = self.mb + db * (n2 / n)
         self.n = n
@@ -311,4 +368,4 @@ class CrossMoments:
 
     @classmethod
     def from_tensors(cls, ts: List[torch.Tensor]) -> CrossMoments:
-        return cls(float(ts[0].item()), *ts[1:])
+        return cls(float(ts[0].item()), *(_f64(t) for t in ts[1:]))  # its own copies: batches add in place

@@ -81,6 +81,7 @@ def _request_content(models: Sequence[nn.Module], plan: CalibrationPlan, request
         "mode": plan.mode,
         "max-batches": int(request.max_batches or 0),
         "taps": request.taps,
+        "tap-positions": int(request.tap_positions or 0),
     })
     if request.targets:
         content["targets"] = ArrayRecord.from_torch_state_dict(
@@ -117,7 +118,8 @@ def _parse_request(content: RecordDict) -> Tuple[int, str, StatisticsRequest]:
                    if k.endswith("/scale")}
     req = StatisticsRequest(pairs=pairs, sites=bool(cfg["sites"]), correction=bool(cfg["correction"]),
                             targets=targets, max_batches=int(cfg["max-batches"]) or None,
-                            taps=str(cfg["taps"]) if "taps" in cfg else "all", aligned=aligned, affines=affines)
+                            taps=str(cfg["taps"]) if "taps" in cfg else "all", aligned=aligned, affines=affines,
+                            tap_positions=int(cfg["tap-positions"]) or None if "tap-positions" in cfg else None)
     return int(cfg["num-models"]), str(cfg["mode"]), req
 
 

@@ -34,7 +34,6 @@ mean of ``sum_k w_k y_k`` (softmax ignores that shift; it makes an endpoint's ta
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationWarning, DataError
-from ..match.stats import ChannelMoments
+from ..match.stats import ChannelMoments, batch_key, sample_positions, values_at
 from ..ops import is_batchnorm, is_eval_identity
 from .sites import bn_eval, module_calls
 
@@ -200,12 +199,6 @@ def _as_2d(module: nn.Conv1d):
     return (1,) + tuple(module.kernel_size), (1,) + tuple(module.dilation), (1,) + tuple(module.stride)
 
 
-def _positions(total: int, keep: Optional[int], gen: Optional[torch.Generator]) -> Optional[torch.Tensor]:
-    if keep is None or keep >= total:
-        return None
-    return torch.randperm(total, generator=gen)[:keep].sort().values
-
-
 def _geometry(module: nn.Module):
     """Kernel, dilation and stride as 2-d tuples (a Conv1d as Conv2d over (1, L))."""
     if isinstance(module, nn.Conv1d):
@@ -228,7 +221,7 @@ def conv_positions(shape: Sequence[int], module: nn.Module, positions: Optional[
                    gen: Optional[torch.Generator]) -> Tuple[Optional[torch.Tensor], Tuple[int, int]]:
     """The output positions a conv fit samples for one batch (None: all) and the output grid."""
     out_hw = _out_hw(shape, module)
-    return _positions(out_hw[0] * out_hw[1], positions, gen), out_hw
+    return sample_positions(out_hw[0] * out_hw[1], positions, gen), out_hw
 
 
 def _channels_last_padded(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -336,10 +329,7 @@ def at_positions(y: torch.Tensor, idx: Optional[torch.Tensor], length: int) -> t
     yl = y.reshape(y.shape[0], y.shape[1], -1)
     if yl.shape[-1] != length:
         raise RuntimeError(f"im2col gives {length} positions where the layer has {yl.shape[-1]}")
-    if idx is None:
-        return yl
-    idx = idx.to(yl.device).view(1, 1, -1).expand(yl.shape[0], yl.shape[1], -1)
-    return yl.gather(2, idx)  # (3x faster than index_select along the last dim on CPU)
+    return yl if idx is None else values_at(yl, 1, idx)
 
 
 def patches(x: torch.Tensor, y: torch.Tensor, module: nn.Module, kind: str, positions: Optional[int] = None,
@@ -898,16 +888,6 @@ def lsq_rounds(graph: fx.Graph, sites: Sequence[LsqSite]) -> List[List[LsqSite]]
     return rounds
 
 
-def _batch_key(x: torch.Tensor) -> int:
-    """A fingerprint of a batch's contents: its positions' sampling seed, so that a batch samples the
-    same positions whichever shard holds it and wherever in the stream it comes."""
-    v = x.detach().reshape(-1)
-    v = v[::max(1, v.numel() // 4096)].cpu().contiguous()
-    h = hashlib.blake2b(str((tuple(x.shape), str(x.dtype))).encode(), digest_size=8)
-    h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return int.from_bytes(h.digest(), "little") >> 1
-
-
 # ---- the walk ------------------------------------------------------------------------------------
 @dataclass
 class LsqResult:
@@ -1107,7 +1087,7 @@ def lsq_pass(merged: nn.Module, endpoints: Sequence[nn.Module], weights: Sequenc
         return next((u for u in uses.get(a, ()) if u >= now), len(nodes))
 
     store = _Store(memory_budget(memory), next_use)
-    keys = [_batch_key(x) for x in batches]
+    keys = [batch_key(x) for x in batches]
     local_samples = sum(int(x.shape[0]) for x in batches)
     result = LsqResult(notes=dict(skipped), samples=local_samples)
     rounds = lsq_rounds(graph, sites)
