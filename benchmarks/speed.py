@@ -12,6 +12,7 @@ own subprocess: its peak resident memory (ru_maxrss) is its own.
     python benchmarks/speed.py                              # the default sweep (long on 2 CPU cores)
     python benchmarks/speed.py --only resnet18:32:5000      # one configuration: model:pixels:images
     python benchmarks/speed.py --only resnet50:32:5000:lean # the same with merge(taps="lean")
+    python benchmarks/speed.py --only resnet50:224:1000:all:16  # and tap_positions=16 ("none": all)
     python benchmarks/speed.py --json speed.json            # also keep the raw numbers
     python benchmarks/speed.py --curve resnet18:32:1000     # interpolation_curve vs one merge() per point
     python benchmarks/speed.py --device cuda --dtype bfloat16 --only resnet50:224:5000  # on a GPU (wall s)
@@ -55,8 +56,35 @@ def _rss_mb() -> float:
         return float("nan")
 
 
+def stats_macs(model, x, taps: str, tap_positions) -> dict:
+    """Per image: the forward's multiply-adds and those of the matching taps' cross-moments (positions x
+    C_a x C_b each, at most ``tap_positions`` positions): what exact statistics must compute at the least."""
+    import torch
+    from torch.fx.passes.shape_prop import ShapeProp
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mergekit_vision.calibration import plan_calibration
+    from mergekit_vision.match.activation import tap_plan
+
+    x = x[:1].float()
+    m = model.float()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        m(x)
+    plan = plan_calibration(m, x)
+    ShapeProp(plan.gm).propagate(x)
+    shapes = {nd.name: nd.meta["tensor_meta"].shape for nd in plan.gm.graph.nodes if "tensor_meta" in nd.meta}
+    macs = 0
+    for node, ts in tap_plan(plan.spec, taps).items():
+        for _, t in ts:
+            sh = shapes[node]
+            c = t.length or sh[t.dim]
+            pos = sh.numel() // (sh[0] * sh[t.dim])
+            macs += (pos if tap_positions is None else min(pos, tap_positions)) * c * c
+    return dict(forward_macs=fc.get_total_flops() / 2, tap_macs=macs)
+
+
 def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps: str = "all",
-            device: str = "cpu", dtype: str = "float32") -> dict:
+            tap_positions: str = "none", device: str = "cpu", dtype: str = "float32") -> dict:
     import timm
     import torch
 
@@ -101,8 +129,9 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     t0, w0 = clock(), time.perf_counter()
+    positions = None if tap_positions == "none" else int(tap_positions)
     merged, report = merge(a, b, batches, method="activation", repair=True, progress=False, return_report=True,
-                           taps=taps)
+                           taps=taps, tap_positions=positions)
     t_merge, wall_merge = clock() - t0, time.perf_counter() - w0
     peak_merge, dev_merge = _maxrss_mb(), device_peak_mb()
     floor["merged"] = forward_all(merged)
@@ -114,7 +143,9 @@ def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps
     parts["export"] = t_export
     floor_total = sum(floor.values())
     total = t_merge + t_export
+    cost = stats_macs(a, batches[0], taps, positions) if not gpu else {}
     return dict(model=model_name, pixels=pixels, images=n, batch=batch, threads=threads, taps=taps,
+                tap_positions=positions, **cost,
                 device=device, dtype=dtype, device_peak_floor_mb=dev_floor, device_peak_merge_mb=dev_merge,
                 params_m=sum(p.numel() for p in a.parameters()) / 1e6,
                 floor=floor, floor_s=floor_total, merge_s=t_merge, merge_wall_s=wall_merge, total_s=total,
@@ -180,12 +211,15 @@ def run_curve(model_name: str, pixels: int, n: int, batch: int, threads: int) ->
 def table(rows) -> str:
     gpu = any(r.get("device", "cpu") != "cpu" for r in rows)
     unit = "wall s" if gpu else "CPU s"  # a GPU's kernels run asynchronously: wall time, drained at each reading
-    head = (f"| model | px | images | taps | dtype | floor {unit} (A+B+merged) | merge+export {unit} | ratio | "
+    head = (f"| model | px | images | taps | tap_positions | tap MACs / forward MACs | dtype | "
+            f"floor {unit} (A+B+merged) | merge+export {unit} | ratio | "
             + " | ".join(PARTS) + " | RSS after setup / peak floor / peak merge (MB) |"
             + (" device peak floor / merge (MB) |" if gpu else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        share = f"{r['tap_macs'] / r['forward_macs']:.2f}" if r.get("forward_macs") else "-"
         lines.append(f"| {r['model']} | {r['pixels']} | {r['images']} | {r.get('taps', 'all')} | "
+                     f"{r.get('tap_positions') or 'all'} | {share} | "
                      f"{r.get('dtype', 'float32')} | {r['floor_s']:.1f} | {r['total_s']:.1f} | "
                      f"**{r['ratio']:.2f}** | " + " | ".join(f"{r['parts'].get(p, 0.0):.2f}" for p in PARTS)
                      + f" | {r['rss_setup_mb']:.0f} / {r['peak_floor_mb']:.0f} / {r['peak_merge_mb']:.0f} |"

@@ -33,17 +33,45 @@ def interpolate_targets(stats_a: ChannelMoments, stats_b: ChannelMoments, alpha:
     return Target((1 - alpha) * stats_a.mean + alpha * stats_b.mean, (1 - alpha) * stats_a.std + alpha * stats_b.std)
 
 
+def renormalizer(moments: BatchMoments, target: Target) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel ``(scale, shift)`` (float64) taking a batch with these moments to the target."""
+    n, mean, m2 = moments
+    var = m2.double() / n
+    scale = target.std.double() / (var + 1e-10).sqrt()
+    return scale, target.mean.double() - mean.double() * scale
+
+
 def renormalize(z: torch.Tensor, dim: int, target: Target, moments: Optional[BatchMoments] = None) -> torch.Tensor:
     """Per-channel renormalization of ``z`` to the target on this batch's own statistics
     (``moments``: this batch's ``channel_moments(z, dim)`` if already computed)."""
-    n, mean, m2 = moments if moments is not None else channel_moments(z, dim)
-    mean = mean.double()
-    var = m2.double() / n
-    scale = target.std.double() / (var + 1e-10).sqrt()
-    shift = target.mean.double() - mean * scale
+    scale, shift = renormalizer(moments if moments is not None else channel_moments(z, dim), target)
     shape = [1] * z.dim()
     shape[dim] = -1
     return torch.addcmul(shift.to(z.dtype).view(shape), z, scale.to(z.dtype).view(shape))
+
+
+def bn_affine(m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BatchNorm as a per-channel ``z = s*x + t`` (float64)."""
+    s = (m.running_var.double() + m.eps).rsqrt()
+    if m.weight is not None:
+        s = s * m.weight.double()
+    t = -m.running_mean.double() * s
+    return s, t if m.bias is None else t + m.bias.double()
+
+
+def renormalized_bn(m: nn.Module, x: torch.Tensor, target: Target) -> Tuple[torch.Tensor, BatchMoments]:
+    """The eval-mode BatchNorm's output ``z`` renormalized to ``target`` on this batch's statistics, and
+    z's batch moments, without forming z: its moments are those of the input x through the BatchNorm's
+    affine (mean s*mean_x + t, sum of squares s^2 * that of x), and the correction rides in the one
+    BatchNorm's affine (weight*scale, bias*scale + shift), so the site costs a read of x and the BatchNorm."""
+    mx = channel_moments(x, 1)
+    s, t = bn_affine(m)
+    mom = BatchMoments(mx.n, s * mx.mean + t, s * s * mx.m2)
+    scale, shift = renormalizer(mom, target)
+    w = scale if m.weight is None else m.weight.double() * scale
+    b = shift if m.bias is None else m.bias.double() * scale + shift
+    out = F.batch_norm(x, m.running_mean, m.running_var, w.to(x.dtype), b.to(x.dtype), False, 0.0, m.eps)
+    return out, mom
 
 
 def affine_correction(measured: ChannelMoments, target: Target) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -93,9 +121,9 @@ class CorrectionPass:
             self.measured[site.node].observe(x, site.dim)
             z = F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
             return bn_post(m, z)
-        z = bn_eval(m, x)
-        mom = self.measured[site.node].observe(z, site.dim)
-        return bn_post(m, renormalize(z, site.dim, self.targets[site.node], mom))
+        out, mom = renormalized_bn(m, x, self.targets[site.node])
+        self.measured[site.node].add_batch(mom)
+        return bn_post(m, out)
 
     def _conv(self, node, k, args, kwargs):
         site = self.sites[node.name]
