@@ -128,3 +128,46 @@ def test_shards_pool_to_the_whole_in_any_order():
         part.observe(a[sl], 1)
         cp = cp + part
     assert torch.allclose(cp.mean, cw.mean, rtol=1e-12) and torch.allclose(cp.var, cw.var, rtol=1e-12)
+
+
+def test_channel_moments_are_centres_sums_without_the_copy():
+    """channel_moments (blocks of samples, one reused buffer) gives centre's moments bit for bit, in any
+    layout and dtype, one position per sample or many."""
+    from mergekit_vision.match.stats import centre, channel_moments
+
+    g = torch.Generator().manual_seed(0)
+    for shape, dim in [((7, 5, 9, 11), 1), ((300, 40, 6, 6), 1), ((64, 33, 1, 1), 1), ((16, 10), 1),
+                       ((4, 17, 12), 2), ((3, 8, 5, 5), 3)]:
+        for dtype in (torch.float32, torch.float64):
+            x = (torch.randn(shape, generator=g) * 3 + 100).to(dtype)
+            want, got = centre(x, dim).moments, channel_moments(x, dim)
+            assert got.n == want.n and torch.equal(got.mean, want.mean) and torch.equal(got.m2, want.m2), (shape, dtype)
+
+
+def test_renormalized_batchnorm_is_the_batchnorm_then_the_renormalization():
+    """REPAIR's BatchNorm site in one BatchNorm: z's moments from x's through the affine, the correction
+    in the BatchNorm's weight and bias; the same output and moments as forming z first (float64 rounding)."""
+    from torch import nn
+
+    from mergekit_vision.match.stats import channel_moments
+    from mergekit_vision.repair.correct import Target, renormalize, renormalized_bn
+    from mergekit_vision.repair.sites import bn_eval
+
+    g = torch.Generator().manual_seed(1)
+    for affine in (True, False):
+        bn = nn.BatchNorm2d(6, affine=affine).double().eval()
+        bn.running_mean.normal_(generator=g)
+        bn.running_var.uniform_(0.5, 2.0, generator=g)
+        if affine:
+            bn.weight.data.normal_(generator=g)
+            bn.weight.data[0] = 0.0  # a dead channel: z constant
+            bn.bias.data.normal_(generator=g)
+        x = torch.randn(8, 6, 5, 5, generator=g, dtype=torch.float64) * 2 + 1
+        target = Target(torch.randn(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64))
+        z = bn_eval(bn, x)
+        want_mom = channel_moments(z, 1)
+        want = renormalize(z, 1, target, want_mom)
+        got, mom = renormalized_bn(bn, x, target)
+        assert torch.allclose(mom.mean, want_mom.mean, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(mom.m2, want_mom.m2, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
