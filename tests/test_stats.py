@@ -163,7 +163,8 @@ def test_renormalized_batchnorm_is_the_batchnorm_then_the_renormalization():
             bn.weight.data[0] = 0.0  # a dead channel: z constant
             bn.bias.data.normal_(generator=g)
         x = torch.randn(8, 6, 5, 5, generator=g, dtype=torch.float64) * 2 + 1
-        target = Target(torch.randn(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64))
+        f64 = dict(generator=g, dtype=torch.float64)
+        target = Target(torch.randn(6, **f64), torch.rand(6, **f64))
         z = bn_eval(bn, x)
         want_mom = channel_moments(z, 1)
         want = renormalize(z, 1, target, want_mom)
