@@ -487,3 +487,20 @@ def test_a_module_under_two_names_is_permuted_under_both_and_not_corrected_twice
     assert not any(s.module == "pos" for s in rep.sites.values())  # one fused correction cannot serve two calls
     assert {s.module for s in rep.sites.values()} >= {"stem", "mid"}
     assert out.pos is out.blocks[0].pos  # the merged model keeps the sharing
+
+
+def test_batchnorm_without_running_statistics_is_left_to_itself():
+    """A BatchNorm built with track_running_stats=False normalizes every batch by itself, in eval mode
+    too: no REPAIR site (nothing to fold its correction into; it used to fail in the A/B pass), the
+    BatchNorm with running statistics after it still is one, and every repair mode runs."""
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 3))
+
+    a, b = randomize_model(net().eval(), seed=0), randomize_model(net().eval(), seed=1)
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for repair in (True, "reset", "stream", "lsq"):
+        merged, rep = merge(a, b, [x], repair=repair, progress=False, return_report=True)
+        assert "_1" not in rep.sites and (repair == "lsq" or "_4" in rep.sites), (repair, sorted(rep.sites))
+        assert torch.isfinite(merged(x)).all()

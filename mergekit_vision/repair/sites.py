@@ -62,8 +62,8 @@ def find_sites(gm: fx.GraphModule, spec: PermutationSpec, mode: str) -> List[Sit
             continue
         m = modules[n.target]
         if is_batchnorm(m):
-            if m.weight is None or not isinstance(n.args[0], fx.Node):
-                continue
+            if m.weight is None or not isinstance(n.args[0], fx.Node) or getattr(m, "running_var", None) is None:
+                continue  # (no running statistics: it normalizes every batch by itself, nothing to correct)
             key = (n.args[0].name, 1)
             kind = "bn"
         elif isinstance(m, PRODUCER_MODULES) and mode in ("repair", "stream"):
