@@ -349,7 +349,7 @@ class PreparedMerge:
     weights: List[float]
     opts: MergeOptions
     plan: CalibrationPlan
-    stats: Statistics
+    stats: Statistics                   # the REPAIR sites' moments (the cross-moments are dropped once matched)
     perms: List[Dict[str, torch.Tensor]]
     gather: Collect
     report: MergeReport                 # the fields known before averaging
@@ -487,6 +487,9 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
         logger.info("merge: rotate_stream: nothing rotated, matching was skipped (%s)", report.matching_skipped)
 
     report.timings = timings
+    # the cross-moments have served (matching, sweeps, rotation): only the sites' moments go on, so the
+    # C x C matrices of every tap are not held through the REPAIR pass
+    stats = Statistics(channels=stats.channels, samples=stats.samples)
     return PreparedMerge(ms, names, ref, w, opts, plan, stats, perms, gather, report, out_device, first, rotation)
 
 
