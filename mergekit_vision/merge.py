@@ -432,7 +432,7 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
     report.calibration_samples = stats.samples
     for i, j in pairs:
         check_matching_evidence(((g, node, m) for (g, node, a, b), m in stats.cross.items() if (a, b) == (i, j)),
-                                stats.samples, (names[i], names[j]))
+                                stats.samples, (names[i], names[j]), opts.tap_positions)
     check_site_evidence(((node, m) for (node, _), m in stats.channels.items()), stats.samples)
 
     # ---- match: star, then MergeMany sweeps, then groups seen only across another group's axis ----

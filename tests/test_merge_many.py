@@ -127,6 +127,10 @@ def test_tap_positions_sample_each_batch_alike_wherever_it_is():
     assert torch.allclose(one.mab, ref.mab, rtol=1e-5, atol=1e-5)  # float32 products, summed in another order
     with pytest.raises(ConfigError, match="tap_positions"):
         merge_many(ms, batches, tap_positions=0, progress=False)
+    # too few sampled positions for a group's channels: the warning names the option as well as the data
+    from mergekit_vision.errors import CalibrationWarning
+    with pytest.warns(CalibrationWarning, match=r"tap_positions=1; None takes every position"):
+        merge_many(ms, [batches[0][:6]], tap_positions=1, repair=False, progress=False)
 
 
 def test_weights_are_honoured():

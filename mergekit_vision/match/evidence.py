@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 
@@ -23,11 +23,12 @@ def _samples_needed(positions: float, samples: int, channels: int) -> int:
 
 
 def check_matching_evidence(taps: Iterable[Tuple[str, str, CrossMoments]], samples: int,
-                            names: Tuple[str, str] = ("model_a", "model_b")) -> None:
+                            names: Tuple[str, str] = ("model_a", "model_b"),
+                            tap_positions: Optional[int] = None) -> None:
     """``taps``: (group, tap node, moments) of one model pair. Raises DataError when a tap saw fewer
     than two positions or when no group has a single varying channel; warns (CalibrationWarning) when
     a group was seen at fewer positions than it has channels, or when some of its channels are
-    constant at every tap."""
+    constant at every tap. ``tap_positions``: the merge's, named in the advice where it sampled."""
     by_group = {}
     for group, node, mom in taps:
         if mom.ma is None:
@@ -73,7 +74,9 @@ def check_matching_evidence(taps: Iterable[Tuple[str, str, CrossMoments]], sampl
             f"{len(few)} group(s) were observed at fewer positions than they have channels, so their "
             f"correlation matrices are rank-deficient and the assignments partly guesswork: "
             f"{_listing([w for _, w in few])}. Pass at least {max(n for n, _ in few)} calibration samples "
-            f"(got {samples}).", CalibrationWarning, stacklevel=3)
+            f"(got {samples})"
+            + (f", or let more positions per image into the taps (tap_positions={tap_positions}; None takes "
+               "every position)" if tap_positions is not None else "") + ".", CalibrationWarning, stacklevel=3)
     if dead:
         warnings.warn(
             f"channels constant on the calibration data at every tap, whose assignment rests on no evidence: "
