@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import DataError
 from ..match.stats import BatchMoments, ChannelMoments, channel_moments
-from .sites import Site, bn_eval, bn_forward, bn_post, is_batchnorm, permute_channel_stats
+from .sites import Site, bn_affine, bn_eval, bn_forward, bn_post, is_batchnorm, permute_channel_stats
 
 _TINY = 1e-12
 
@@ -48,15 +48,6 @@ def renormalize(z: torch.Tensor, dim: int, target: Target, moments: Optional[Bat
     shape = [1] * z.dim()
     shape[dim] = -1
     return torch.addcmul(shift.to(z.dtype).view(shape), z, scale.to(z.dtype).view(shape))
-
-
-def bn_affine(m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The eval-mode BatchNorm as a per-channel ``z = s*x + t`` (float64)."""
-    s = (m.running_var.double() + m.eps).rsqrt()
-    if m.weight is not None:
-        s = s * m.weight.double()
-    t = -m.running_mean.double() * s
-    return s, t if m.bias is None else t + m.bias.double()
 
 
 def renormalized_bn(m: nn.Module, x: torch.Tensor, target: Target) -> Tuple[torch.Tensor, BatchMoments]:

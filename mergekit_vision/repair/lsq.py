@@ -52,7 +52,7 @@ from torch import nn
 from ..errors import CalibrationWarning, DataError
 from ..match.stats import ChannelMoments, batch_key, sample_positions, values_at
 from ..ops import is_batchnorm, is_eval_identity
-from .sites import bn_eval, module_calls
+from .sites import bn_affine, bn_eval, module_calls
 
 __all__ = ["LsqSite", "LsqStats", "LsqRows", "LsqFit", "find_lsq_sites", "layer_map", "patch_layout", "patches",
            "patch_rows", "conv_positions", "conv_cols", "conv_classes", "conv_live_dim", "conv_targets",
@@ -685,19 +685,12 @@ def relative_residual(st: LsqStats, w: torch.Tensor) -> float:
 
 
 # ---- a layer's map and back ----------------------------------------------------------------
-def _bn_scale_shift(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eval BatchNorm as ``s*u + t``."""
-    f64 = torch.float64
-    s = bn.weight.double() / (bn.running_var.to(f64) + bn.eps).sqrt()
-    return s, bn.bias.double() - s * bn.running_mean.to(f64)
-
-
 def layer_map(module: nn.Module, kind: str, bn: Optional[nn.Module] = None) -> torch.Tensor:
     """The layer's current affine map as a (groups, d + 1, out) float64 tensor, bias row last;
     composed with the BatchNorm ``bn`` after it; for ``kind="bn"`` the BatchNorm's own eval map."""
     lay = patch_layout(module, kind)
     if kind == "bn":
-        s, t = _bn_scale_shift(module)
+        s, t = bn_affine(module)
         return torch.stack([s, t], -1).unsqueeze(-1)  # (C, 2, 1)
     w = module.weight.detach().double()
     # (out, C_group, taps) -> (out, taps, C_group): the patch order of ``patches``
@@ -705,7 +698,7 @@ def layer_map(module: nn.Module, kind: str, bn: Optional[nn.Module] = None) -> t
     b = module.bias.detach().double() if module.bias is not None else torch.zeros(
         module.weight.shape[0], dtype=torch.float64, device=module.weight.device)
     if bn is not None:
-        s, t = _bn_scale_shift(bn)
+        s, t = bn_affine(bn)
         wt = wt * s.view(lay.groups, lay.out, 1)
         b = s * b + t
     return torch.cat([wt.transpose(1, 2), b.view(lay.groups, 1, lay.out)], 1)
@@ -1298,7 +1291,7 @@ def _solve(site: LsqSite, mods, st, dim: int, ridge: float) -> LsqFit:
     elif bn is None:
         fold_map(module, w)
     else:  # the conv keeps its scale (the old BatchNorm's s per channel); the BatchNorm takes the rest
-        s, _ = _bn_scale_shift(bn)
+        s, _ = bn_affine(bn)
         s = torch.where(s.abs() > _TINY, s, torch.ones_like(s))
         fold_map(module, w, scale=s)
         fit.scale = s

@@ -102,6 +102,15 @@ def bn_eval(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
 
 
+def bn_affine(m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BatchNorm as a per-channel ``z = s*x + t`` (float64; no affine: gamma 1, beta 0)."""
+    f64 = torch.float64
+    d = (m.running_var.to(f64) + m.eps).sqrt()
+    s = d.reciprocal() if m.weight is None else m.weight.double() / d
+    t = -(s * m.running_mean.to(f64))
+    return s, t if m.bias is None else m.bias.double() + t
+
+
 def bn_post(m: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """What a timm BatchNormAct2d does after the normalization (drop, act); identity for plain BN."""
     for sub in ("drop", "act"):
