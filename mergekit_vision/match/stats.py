@@ -172,7 +172,7 @@ def channel_moments(x: torch.Tensor, dim: int) -> BatchMoments:
     two-pass moments, the same sums in the same order, without keeping the centred values (a batch
     with channels on axis 1 is centred a block of samples at a time, in one reused buffer)."""
     x = _work(x.detach())
-    if x.dim() < 3 or dim % x.dim() != 1 or not x.is_contiguous() or x[0, 0].numel() < 2 or not x.numel():
+    if x.dim() < 3 or dim % x.dim() != 1 or not x.is_contiguous() or x[0, 0].numel() < 2:
         return centre(x, dim).moments  # (one position per sample: the transposed copy is as cheap)
     n, c = x.shape[0], x.shape[1]
     mean = _channel_sum(x, dim) / (x.numel() // c)
