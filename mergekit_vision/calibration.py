@@ -337,13 +337,15 @@ def collect_statistics(models: Sequence[nn.Module], loader: Any, plan: Calibrati
 
         def record_pairs(node, values):
             kn = [known.pop((node.name, k), None) for k in range(len(values))]
+            sampled = {}  # tap dim -> (positions, each model's values there): the node's taps on one axis share them
             for gname, t in taps[node.name]:
-                idx = _tap_sample(batch, node.name, values[0], t.dim, req.tap_positions)
-                if idx is not None:  # each model's values at the sampled positions, (N, C, positions)
-                    vals = {k: values_at(values[k], t.dim, idx) for k in used}
-                    t = dataclasses.replace(t, dim=1)
-                else:
-                    vals = dict(enumerate(values))
+                if t.dim not in sampled:
+                    idx = _tap_sample(batch, node.name, values[0], t.dim, req.tap_positions)
+                    sampled[t.dim] = (idx, dict(enumerate(values)) if idx is None  # else (N, C, positions):
+                                      else {k: values_at(values[k], t.dim, idx) for k in used})
+                idx, vals = sampled[t.dim]
+                if idx is not None:
+                    t = dataclasses.replace(t, dim=1)  # the sampled values' channel axis
                 whole = idx is None and t.start == 0 and t.length in (0, values[0].shape[t.dim])
                 for i, j in pairs:
                     a = vals[i]
