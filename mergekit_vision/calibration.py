@@ -20,7 +20,7 @@ from .data import iter_inputs
 from .engine import Lockstep, shared_graph
 from .errors import ConfigError, DataError, NumericalError
 from .match import ChannelMoments, CrossMoments
-from .match.stats import batch_key, sample_positions, tap_generator, values_at
+from .match.stats import batch_key, mean_correlations, sample_positions, tap_generator, values_at
 from .match.activation import align_across, aligned_tap_plan, observe_tap, tap_plan
 from .options import REPAIRS, repair_mode
 from .repair import CorrectionPass, Site, Target, find_sites
@@ -238,11 +238,8 @@ class Statistics:
     def correlations(self, i: int, j: int) -> Dict[str, torch.Tensor]:
         """group -> correlation matrix between model i's channels (rows) and model j's (columns),
         averaged over the group's taps (as :class:`~mergekit_vision.match.PairCollector` does)."""
-        acc: Dict[str, List[torch.Tensor]] = {}
-        for (g, _, a, b), m in self.cross.items():
-            if (a, b) == (i, j) and m.ma is not None:
-                acc.setdefault(g, []).append(m.correlation())
-        return {g: torch.stack(cs).mean(0) for g, cs in acc.items()}
+        return mean_correlations((g, m) for (g, _, a, b), m in self.cross.items()
+                                 if (a, b) == (i, j) and m.ma is not None)
 
 
 @dataclass

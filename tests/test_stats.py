@@ -60,11 +60,45 @@ def test_batched_chunks_as_on_a_gpu_equal_the_chunk_loop():
         x = torch.randn(shape, generator=g, dtype=torch.float64)
         y = torch.randn(shape, generator=g, dtype=torch.float64) + x
         ra, rb = centre(x, 1).rows, centre(y, 1).rows
+        wa, wb = ra.whole(), rb.whole()
         step = max(1, CHUNK // (shape[2] * shape[3]))
         assert shape[0] >= 2 * step  # the batched path runs (and, but for (5, 3, 64, 64), the loop after it)
         looped, batched = _gram(ra, rb, batched=False), _gram(ra, rb, batched=True)
         assert torch.allclose(looped, batched, rtol=1e-12, atol=1e-9)
-        assert torch.allclose(batched, ra.reshape(shape[1], -1) @ rb.reshape(shape[1], -1).T, rtol=1e-12, atol=1e-9)
+        assert torch.allclose(batched, wa.reshape(shape[1], -1) @ wb.reshape(shape[1], -1).T, rtol=1e-12, atol=1e-9)
+
+
+def test_chunked_products_and_blocked_pooling_are_the_whole_batch_arithmetic():
+    """A cross-moment centres each chunk of samples into a reused buffer just before its GEMM and pools
+    into its float64 matrix in row blocks: the products of the whole centred batch (float64: to
+    rounding), the rows of any layout those of ``x - mean``, a blocked add the plain add bit for bit, and
+    the mean of a group's correlations (summed as they are formed) the mean of the stacked matrices."""
+    from mergekit_vision.match.stats import ADD_BLOCK, _accumulate, centre, mean_correlations
+
+    g = torch.Generator().manual_seed(7)
+    for shape, dim in [((300, 640, 1, 1), 1), ((40, 24, 9, 9), 1), ((8, 17, 12), 2), ((50, 30), 1)]:
+        xs = [torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 5 for _ in range(3)]
+        ys = [x * 0.5 + torch.randn(shape, generator=g, dtype=torch.float64) for x in xs]
+        mom = CrossMoments()
+        for x, y in zip(xs, ys):
+            mom.observe(x, y, dim)
+        flat = [torch.cat([t.movedim(dim, -1).reshape(-1, shape[dim]) for t in ts]) for ts in (xs, ys)]
+        ac, bc = (f - f.mean(0) for f in flat)
+        assert torch.allclose(mom.mab, ac.T @ bc, rtol=1e-12, atol=1e-9), shape
+        rows = centre(xs[0], dim).rows
+        want = xs[0].movedim(dim, 0) - rows.mean.view((-1,) + (1,) * (xs[0].dim() - 1))
+        assert torch.equal(rows.whole().reshape(want.shape), want), shape
+    dst, src = torch.randn(700, 700, generator=g, dtype=torch.float64), torch.randn(700, 700, generator=g)
+    assert dst.numel() > ADD_BLOCK
+    assert torch.equal(_accumulate(dst.clone(), src), dst + src)
+    moms = []
+    for _ in range(20):  # more than torch's sum adds in one run before it sums pairwise
+        m = CrossMoments()
+        x = torch.randn(64, 5, generator=g)
+        m.update(x, x + torch.randn(64, 6, generator=g)[:, :5])
+        moms.append(m)
+    got = mean_correlations(("g", m) for m in moms)["g"]
+    assert torch.allclose(got, torch.stack([m.correlation() for m in moms]).mean(0), rtol=0, atol=1e-15)
 
 
 def test_channels_nchw_layout_matches_positions_view():

@@ -22,7 +22,7 @@ from .. import ops
 from ..permute import effective_perms
 from ..spec import PermutationGroup, PermutationSpec, Tap
 from .assignment import solve_assignment, solve_heads
-from .stats import CrossMoments
+from .stats import CrossMoments, mean_correlations
 from .weight import match_weights
 
 # the op names a tap records, by what the tap policy makes of them (from the one op vocabulary, ops.py)
@@ -193,10 +193,7 @@ class PairCollector:
 
     def correlations(self) -> Dict[str, torch.Tensor]:
         """group -> mean correlation matrix over its taps."""
-        acc: Dict[str, List[torch.Tensor]] = {}
-        for (gname, _), mom in self.moments.items():
-            acc.setdefault(gname, []).append(mom.correlation())
-        return {g: torch.stack(cs).mean(0) for g, cs in acc.items()}
+        return mean_correlations((gname, mom) for (gname, _), mom in self.moments.items())
 
 
 BLIND_NOTE = "matched on weights: no channel varies on the calibration data at any of its taps"

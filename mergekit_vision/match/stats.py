@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -92,78 +92,137 @@ def _channel_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
 CHUNK = 2048
 
 
+# Values per block of samples that channel_moments and _sqsum centre at a time: about 1 MB (a core's L2),
+# reused from block to block, where centring the whole batch at once writes (and page-faults) a batch-sized
+# copy.
+MOMENT_BLOCK = 1 << 18
+
+
+class Rows(NamedTuple):
+    """A batch's values about ``mean`` with the channel axis first, ``(C, samples, positions)``: what a
+    cross-moment multiplies (``rows_a @ rows_b.T`` over chunks of samples). Centred a chunk at a time,
+    into a reused buffer, when the product needs it: never as a batch-sized copy (one that large is
+    written, and page-faulted, once per batch and tap)."""
+
+    values: torch.Tensor  # the batch's values with the channel axis first: (C, samples, ...)
+    mean: torch.Tensor
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        c, n = self.values.shape[0], self.values.shape[1]
+        return c, n, self.values.numel() // (c * n) if c * n else 0
+
+    def centred(self, start: int, count: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Samples ``start:start+count`` about the mean, as a contiguous (C, count * positions) matrix
+        (written into the front of the flat buffer ``out`` if given)."""
+        v = self.values[:, start:start + count]
+        size = v.numel()
+        dst = torch.empty(size, dtype=v.dtype, device=v.device) if out is None else out[:size]
+        torch.sub(v, self.mean.to(v.dtype).view((v.shape[0],) + (1,) * (v.dim() - 1)), out=dst.view(v.shape))
+        return dst.view(v.shape[0], -1)
+
+    def whole(self) -> torch.Tensor:
+        """Every sample about the mean: a (C, samples, positions) tensor."""
+        return self.centred(0, self.shape[1]).view(self.shape)
+
+
 class Centred(NamedTuple):
-    """One batch's moments and its values about their mean as ``(channels, samples, positions)`` rows:
-    what a cross-moment multiplies (GEMMs over chunks of samples, ``rows_a @ rows_b.T``)."""
+    """One batch's moments and its values about their mean (:class:`Rows`), which a cross-moment reuses."""
 
     moments: BatchMoments
-    rows: torch.Tensor
+    rows: Rows
 
 
-def _rows(x: torch.Tensor, dim: int, mean: torch.Tensor) -> torch.Tensor:
-    """``x - mean`` with the channel axis first, as a contiguous (C, samples, positions) tensor: the
-    centring and the transpose are one pass (the copy the centring needs anyway, laid out for the GEMM)."""
-    x = _work(x.detach())
-    c = x.shape[dim]
-    moved = x.movedim(dim, 0)
-    out = torch.empty(moved.shape, dtype=x.dtype, device=x.device)
-    torch.sub(moved, mean.to(x.dtype).view((c,) + (1,) * (moved.dim() - 1)), out=out)
-    lead = moved.shape[1] if moved.dim() > 1 else 1
-    return out.view(c, lead, out.numel() // (c * lead) if c * lead else 0)
+def _rows(x: torch.Tensor, dim: int, mean: torch.Tensor) -> Rows:
+    """``x`` about ``mean`` with the channel axis first (a view: centred when multiplied)."""
+    moved = _work(x.detach()).movedim(dim, 0)
+    return Rows(moved if moved.dim() > 1 else moved.unsqueeze(1), mean)
 
 
-def _chunks(rows: torch.Tensor):
-    """(C, k) views of whole samples of ``rows``, about ``CHUNK`` positions each (no copies)."""
-    c, n, p = rows.shape
-    step = max(1, CHUNK // max(p, 1))
-    for i in range(0, n, step):
-        yield rows[:, i:i + step].reshape(c, -1)
+def _chunk_buffers(ra: Rows, rb: Rows, step: int):
+    """One flat buffer per side, the size of a chunk of ``step`` samples: reused from chunk to chunk."""
+    (c_a, n, p), c_b = ra.shape, rb.shape[0]
+    k = min(step, n)
+    return (torch.empty(c_a * k * p, dtype=ra.values.dtype, device=ra.values.device),
+            torch.empty(c_b * k * p, dtype=rb.values.dtype, device=rb.values.device))
 
 
-def _sqsum(rows: torch.Tensor) -> torch.Tensor:
-    """Per-channel sum of squares of (C, samples, positions) rows: per-sample norms, pooled in float64."""
-    return torch.linalg.vector_norm(rows, dim=2).square().sum(1, dtype=torch.float64)
+# Elements per block in which a float64 accumulator takes a float32 (or float64) matrix: on the CPU one
+# mixed-precision add of a 2048 x 2048 matrix takes ~20 ms where the same add in blocks of this size takes
+# 3 (measured on this machine's torch; the same sums, element by element).
+ADD_BLOCK = 1 << 18
 
 
-def _gram(ra: torch.Tensor, rb: torch.Tensor, batched: Optional[bool] = None) -> torch.Tensor:
+def _accumulate(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst += src`` for 2-D matrices, in row blocks on the CPU (element-wise: the same result)."""
+    if dst.device.type != "cpu" or dst.dim() != 2 or dst.numel() <= ADD_BLOCK:
+        return dst.add_(src)
+    step = max(1, ADD_BLOCK // max(dst.shape[1], 1))
+    for i in range(0, dst.shape[0], step):
+        dst[i:i + step].add_(src[i:i + step])
+    return dst
+
+
+def _gram(ra: Rows, rb: Rows, batched: Optional[bool] = None) -> torch.Tensor:
     """``sum over samples and positions of ra[i] * rb[j]``: float32 GEMMs over chunks, pooled in float64.
     On a GPU (``batched``) the whole chunks go in one batched GEMM: a launch per chunk would cost more
-    than the work."""
+    than the work. On the CPU each chunk is centred into a reused buffer just before its GEMM."""
     c_a, n, p = ra.shape
+    c_b = rb.shape[0]
     step = max(1, CHUNK // max(p, 1))
     out = None
     done = 0
-    if (ra.device.type != "cpu" if batched is None else batched) and n >= 2 * step:
+    if (ra.values.device.type != "cpu" if batched is None else batched) and n >= 2 * step:
         done = n - n % step
-        pa = ra[:, :done].reshape(c_a, done // step, step * p).transpose(0, 1)
-        pb = rb[:, :done].reshape(rb.shape[0], done // step, step * p).transpose(0, 1)
+        pa = ra.centred(0, done).view(c_a, done // step, step * p).transpose(0, 1)
+        pb = rb.centred(0, done).view(c_b, done // step, step * p).transpose(0, 1)
         out = torch.bmm(pa, pb.transpose(1, 2)).sum(0, dtype=torch.float64)
-    rest = list(zip(_chunks(ra[:, done:]), _chunks(rb[:, done:])))
-    if out is None and len(rest) == 1:  # one chunk: its float32 product, promoted when it is pooled
-        return rest[0][0] @ rest[0][1].T
+    if done == n:
+        return out
+    buf_a, buf_b = _chunk_buffers(ra, rb, step)
+    if out is None and n - done <= step:  # one chunk: its float32 product, promoted when it is pooled
+        return ra.centred(done, n - done, buf_a) @ rb.centred(done, n - done, buf_b).T
     if out is None:
-        out = torch.zeros((c_a, rb.shape[0]), dtype=torch.float64, device=ra.device)
-    for pa, pb in rest:
-        out.add_(pa @ pb.T)
+        out = torch.zeros((c_a, c_b), dtype=torch.float64, device=ra.values.device)
+    for i in range(done, n, step):
+        k = min(step, n - i)
+        _accumulate(out, ra.centred(i, k, buf_a) @ rb.centred(i, k, buf_b).T)
     return out
+
+
+def _sqsum(rows: Rows) -> torch.Tensor:
+    """Per-channel sum of squares of rows about their mean: each sample's norm over its positions
+    (centred a block of samples at a time), pooled in float64."""
+    c, n, p = rows.shape
+    norms = torch.empty((c, n), dtype=rows.values.dtype, device=rows.values.device)
+    step = max(1, MOMENT_BLOCK // max(c * p, 1))
+    buf = torch.empty(c * min(step, n) * p, dtype=rows.values.dtype, device=rows.values.device)
+    for i in range(0, n, step):
+        k = min(step, n - i)
+        norms[:, i:i + k] = torch.linalg.vector_norm(rows.centred(i, k, buf).view(c, k, p), dim=2)
+    return norms.square().sum(1, dtype=torch.float64)
 
 
 def centre(x: torch.Tensor, dim: int, mean: Optional[torch.Tensor] = None) -> Centred:
     """The batch's moments by the two-pass algorithm (the mean, accumulated in float64, then the sum of
-    squares about it) and the centred rows themselves (a cross-moment reuses them). ``mean``: this
+    squares about it) and its rows about the mean (a cross-moment reuses them). ``mean``: this
     batch's mean if already known."""
     x = _work(x.detach())
     c = x.shape[dim]
     n = x.numel() // c if c else 0
+    if mean is None and _blockwise(x, dim):
+        mom = channel_moments(x, dim)  # the same sums, centred in the batch's own layout (no transpose)
+        return Centred(mom, _rows(x, dim, mom.mean))
     if mean is None:
         mean = _channel_sum(x, dim) / max(n, 1)  # in float64: the centring is then exact to x's rounding
     rows = _rows(x, dim, mean)
     return Centred(BatchMoments(n, mean, _sqsum(rows)), rows)
 
 
-# Values per block of samples that channel_moments centres at a time: about 1 MB (a core's L2), reused from
-# block to block, where centring the whole batch at once writes (and page-faults) a batch-sized copy.
-MOMENT_BLOCK = 1 << 18
+def _blockwise(x: torch.Tensor, dim: int) -> bool:
+    """Whether :func:`channel_moments` centres ``x`` in blocks of samples in its own layout: channels on
+    axis 1 of a contiguous batch, several positions per sample."""
+    return x.dim() >= 3 and dim % x.dim() == 1 and x.is_contiguous() and x[0, 0].numel() >= 2
 
 
 def channel_moments(x: torch.Tensor, dim: int) -> BatchMoments:
@@ -172,8 +231,8 @@ def channel_moments(x: torch.Tensor, dim: int) -> BatchMoments:
     two-pass moments, the same sums in the same order, without keeping the centred values (a batch
     with channels on axis 1 is centred a block of samples at a time, in one reused buffer)."""
     x = _work(x.detach())
-    if x.dim() < 3 or dim % x.dim() != 1 or not x.is_contiguous() or x[0, 0].numel() < 2:
-        return centre(x, dim).moments  # (one position per sample: the transposed copy is as cheap)
+    if not _blockwise(x, dim):
+        return centre(x, dim).moments  # (blocks of samples with the channel axis first)
     n, c = x.shape[0], x.shape[1]
     mean = _channel_sum(x, dim) / (x.numel() // c)
     xl = x.view(n, c, -1)
@@ -201,6 +260,21 @@ def _centred_as(x: torch.Tensor, dim: int, known: Union[Centred, BatchMoments, N
     if known is None:
         return centre(x, dim)
     return Centred(known, _rows(x, dim, known.mean))
+
+
+def mean_correlations(pairs) -> Dict[str, torch.Tensor]:
+    """group -> the mean of its taps' correlation matrices, for ``(group, CrossMoments)`` pairs: summed as
+    they are formed (one matrix per group held, not one per tap)."""
+    total: Dict[str, torch.Tensor] = {}
+    count: Dict[str, int] = {}
+    for g, mom in pairs:
+        c = mom.correlation()
+        if g in total:
+            total[g].add_(c)
+        else:
+            total[g] = c
+        count[g] = count.get(g, 0) + 1
+    return {g: t.div_(count[g]) for g, t in total.items()}
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -332,7 +406,7 @@ class CrossMoments:
         self.mbb = self.mbb + mbb.to(torch.float64) + db * db * w
         # in place (an accumulator owns its tensors: copied when first set, cloned by +): two passes over
         # the C x C float64 matrix and no new one per batch
-        self.mab.add_(mab).addr_(da, db, alpha=w)  # a float32 batch is promoted in the add
+        _accumulate(self.mab, mab).addr_(da, db, alpha=w)  # a float32 batch is promoted in the add
         self.ma = self.ma + da * (n2 / n)
         self.mb = self.mb + db * (n2 / n)
         self.n = n
@@ -357,9 +431,10 @@ class CrossMoments:
         sa, alive_a = _spread(self.maa, self.n, self.ma)
         sb, alive_b = _spread(self.mbb, self.n, self.mb)
         one = torch.ones_like(sa)
-        den = torch.outer(torch.where(alive_a, sa, one), torch.where(alive_b, sb, torch.ones_like(sb))) * self.n
-        corr = self.mab / den
-        corr = torch.where(torch.outer(alive_a, alive_b), corr, torch.zeros_like(corr))
+        # one C x C temporary, reused in place (a 2,048-channel tap's is 32 MB)
+        corr = torch.outer(torch.where(alive_a, sa, one), torch.where(alive_b, sb, torch.ones_like(sb))).mul_(self.n)
+        torch.div(self.mab, corr, out=corr)
+        corr.masked_fill_(~torch.outer(alive_a, alive_b), 0.0)
         return corr.clamp_(-1.0, 1.0)
 
     def as_tensors(self) -> List[torch.Tensor]:
