@@ -125,6 +125,17 @@ def ordinary_tensors(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
 
 
+def work_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """A merge's working copy of ``model``: on ``device``, in eval mode, never the caller's object. Its
+    modules are copied (their flags and caches are its own); its parameters and buffers are the caller's
+    tensors where they already live on ``device``: the merge only reads them, and a copy of each input's
+    weights would add one model per input to the merge's peak memory."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.device != device for t in tensors):
+        return copy.deepcopy(model).to(device).eval()
+    return copy.deepcopy(model, {id(t): t for t in tensors}).eval()
+
+
 # ---- the pipeline ------------------------------------------------------------------------
 def merge_many(
     models: Sequence[nn.Module],
@@ -343,7 +354,7 @@ class PreparedMerge:
     The endpoints' statistics and the permutations do not depend on the averaging weights, except
     through MergeMany's sweeps (more than two models), which used ``weights``."""
 
-    models: List[nn.Module]             # working copies, on the work device, in eval mode
+    models: List[nn.Module]             # working copies (work_copy): the inputs' weights, read in place
     names: List[str]
     reference: int
     weights: List[float]
@@ -387,7 +398,7 @@ def prepare_merge(models: Sequence[nn.Module], calib_loader: Any, opts: MergeOpt
     two = k_models == 2  # two models keep merge()'s names for the passes
     report = MergeReport(method=method, repair=mode, reference=ref, names=list(names), iterations=opts.iterations,
                          version=__version__, sources=[source_info(m, n) for m, n in zip(models, names)])
-    ms = [copy.deepcopy(m).to(work).eval() for m in models]  # never touch the inputs
+    ms = [work_copy(m, work) for m in models]  # never touch the inputs (their weights are only read)
     gather = collect or LocalCollector(calib_loader, max_batches=opts.max_batches, max_samples=opts.max_samples,
                                        device=work, progress=opts.progress)
     if mode == "lsq":

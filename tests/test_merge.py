@@ -289,6 +289,26 @@ def test_inputs_untouched_and_deterministic():
     assert m1.merge_report.calibration_samples == 64
 
 
+def test_working_copies_read_the_inputs_weights_in_place():
+    """The merge's working models are their own modules (eval mode, the inputs' flags untouched) over the
+    inputs' own parameter and buffer tensors (no copy of every input's weights in the merge's peak memory);
+    the merged model owns its tensors."""
+    from mergekit_vision.merge import prepare_merge
+    from mergekit_vision.options import MergeOptions
+
+    a = randomize_model(create_model("resnet20", norm="bn"), seed=1).train()
+    b = randomize_model(create_model("resnet20", norm="bn"), seed=2).train()
+    x = list(torch.randn(64, 3, 32, 32).split(32))
+    prepared = prepare_merge([a, b], x, MergeOptions())
+    for src, work in zip((a, b), prepared.models):
+        assert work is not src and not work.training and src.training
+        for (k, t), (k2, w) in zip(src.state_dict().items(), work.state_dict().items()):
+            assert k == k2 and w.data_ptr() == t.data_ptr(), k
+    merged = merge(a, b, x, progress=False)
+    ptrs = {t.data_ptr() for m in (a, b) for t in m.state_dict().values()}
+    assert not ptrs & {t.data_ptr() for t in merged.state_dict().values()}
+
+
 def test_errors_are_clear():
     a = create_model("resnet20", norm="bn")
     x = torch.randn(8, 3, 32, 32)
