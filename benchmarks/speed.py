@@ -58,7 +58,8 @@ def _rss_mb() -> float:
 
 def stats_macs(model, x, taps: str, tap_positions) -> dict:
     """Per image: the forward's multiply-adds and those of the matching taps' cross-moments (positions x
-    C_a x C_b each, at most ``tap_positions`` positions): what exact statistics must compute at the least."""
+    C_a x C_b each, at most ``tap_positions`` positions): what exact statistics must compute at the least;
+    and the megabytes of the taps' float64 C_a x C_b matrices, what they must hold."""
     import torch
     from torch.fx.passes.shape_prop import ShapeProp
     from torch.utils.flop_counter import FlopCounterMode
@@ -73,14 +74,15 @@ def stats_macs(model, x, taps: str, tap_positions) -> dict:
     plan = plan_calibration(m, x)
     ShapeProp(plan.gm).propagate(x)
     shapes = {nd.name: nd.meta["tensor_meta"].shape for nd in plan.gm.graph.nodes if "tensor_meta" in nd.meta}
-    macs = 0
+    macs = held = 0
     for node, ts in tap_plan(plan.spec, taps).items():
         for _, t in ts:
             sh = shapes[node]
             c = t.length or sh[t.dim]
             pos = sh.numel() // (sh[0] * sh[t.dim])
             macs += (pos if tap_positions is None else min(pos, tap_positions)) * c * c
-    return dict(forward_macs=fc.get_total_flops() / 2, tap_macs=macs)
+            held += c * c * 8  # the tap's float64 cross-moment, held through the pass
+    return dict(forward_macs=fc.get_total_flops() / 2, tap_macs=macs, tap_moments_mb=held / 1e6)
 
 
 def run_one(model_name: str, pixels: int, n: int, batch: int, threads: int, taps: str = "all",
@@ -213,7 +215,7 @@ def table(rows) -> str:
     unit = "wall s" if gpu else "CPU s"  # a GPU's kernels run asynchronously: wall time, drained at each reading
     head = (f"| model | px | images | taps | tap_positions | tap MACs / forward MACs | dtype | "
             f"floor {unit} (A+B+merged) | merge+export {unit} | ratio | "
-            + " | ".join(PARTS) + " | RSS after setup / peak floor / peak merge (MB) |"
+            + " | ".join(PARTS) + " | RSS after setup / peak floor / peak merge (MB) | taps' float64 MB |"
             + (" device peak floor / merge (MB) |" if gpu else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -223,6 +225,7 @@ def table(rows) -> str:
                      f"{r.get('dtype', 'float32')} | {r['floor_s']:.1f} | {r['total_s']:.1f} | "
                      f"**{r['ratio']:.2f}** | " + " | ".join(f"{r['parts'].get(p, 0.0):.2f}" for p in PARTS)
                      + f" | {r['rss_setup_mb']:.0f} / {r['peak_floor_mb']:.0f} / {r['peak_merge_mb']:.0f} |"
+                     + (f" {r['tap_moments_mb']:.0f} |" if 'tap_moments_mb' in r else " - |")
                      + (f" {r['device_peak_floor_mb']:.0f} / {r['device_peak_merge_mb']:.0f} |" if gpu else ""))
     return "\n".join(lines)
 

@@ -92,10 +92,18 @@ def _channel_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
 CHUNK = 2048
 
 
-# Values per block of samples that channel_moments and _sqsum centre at a time: about 1 MB (a core's L2),
-# reused from block to block, where centring the whole batch at once writes (and page-faults) a batch-sized
-# copy.
+# Values per block of samples that channel_moments and _sqsum centre at a time on the CPU: about 1 MB (a
+# core's L2), reused from block to block, where centring the whole batch at once writes (and page-faults)
+# a batch-sized copy.
 MOMENT_BLOCK = 1 << 18
+
+
+def _block_samples(x: torch.Tensor, n: int, per_sample: int) -> int:
+    """Samples per block of :data:`MOMENT_BLOCK` values; the whole batch on a GPU, where a kernel launch per
+    block would cost more than the copy (its caching allocator reuses the memory, and nothing page-faults)."""
+    if x.device.type != "cpu":
+        return max(n, 1)
+    return max(1, MOMENT_BLOCK // max(per_sample, 1))
 
 
 class Rows(NamedTuple):
@@ -195,7 +203,7 @@ def _sqsum(rows: Rows) -> torch.Tensor:
     (centred a block of samples at a time), pooled in float64."""
     c, n, p = rows.shape
     norms = torch.empty((c, n), dtype=rows.values.dtype, device=rows.values.device)
-    step = max(1, MOMENT_BLOCK // max(c * p, 1))
+    step = _block_samples(rows.values, n, c * p)
     buf = torch.empty(c * min(step, n) * p, dtype=rows.values.dtype, device=rows.values.device)
     for i in range(0, n, step):
         k = min(step, n - i)
@@ -236,7 +244,7 @@ def channel_moments(x: torch.Tensor, dim: int) -> BatchMoments:
     n, c = x.shape[0], x.shape[1]
     mean = _channel_sum(x, dim) / (x.numel() // c)
     xl = x.view(n, c, -1)
-    step = max(1, MOMENT_BLOCK // (c * xl.shape[2]))
+    step = _block_samples(x, n, c * xl.shape[2])
     buf = torch.empty((min(step, n),) + xl.shape[1:], dtype=x.dtype, device=x.device)
     mv = mean.to(x.dtype).view(1, c, 1)
     norms = torch.empty((c, n), dtype=x.dtype, device=x.device)  # each sample's norm, laid out as _sqsum's
