@@ -88,7 +88,10 @@ def test_chunked_products_and_blocked_pooling_are_the_whole_batch_arithmetic():
         rows = centre(xs[0], dim).rows
         want = xs[0].movedim(dim, 0) - rows.mean.view((-1,) + (1,) * (xs[0].dim() - 1))
         assert torch.equal(rows.whole().reshape(want.shape), want), shape
-    from mergekit_vision.match.stats import MOMENT_BLOCK, _block_samples
+    from mergekit_vision.match.stats import MOMENT_BLOCK, _block_samples, cross_sum
+
+    empty = cross_sum(torch.ones(0, 5, 3, 3), torch.ones(0, 4, 3, 3), 1)  # a batch without samples
+    assert torch.equal(empty, torch.zeros(5, 4, dtype=torch.float64))
 
     cpu, elsewhere = torch.empty(1), torch.empty(1, device="meta")  # (a GPU's rule: any device but the CPU's)
     assert _block_samples(cpu, 256, MOMENT_BLOCK // 4) == 4 and _block_samples(elsewhere, 256, MOMENT_BLOCK // 4) == 256

@@ -127,7 +127,7 @@ class Rows(NamedTuple):
         size = v.numel()
         dst = torch.empty(size, dtype=v.dtype, device=v.device) if out is None else out[:size]
         torch.sub(v, self.mean.to(v.dtype).view((v.shape[0],) + (1,) * (v.dim() - 1)), out=dst.view(v.shape))
-        return dst.view(v.shape[0], -1)
+        return dst.view(v.shape[0], size // v.shape[0] if v.shape[0] else 0)
 
     def whole(self) -> torch.Tensor:
         """Every sample about the mean: a (C, samples, positions) tensor."""
@@ -185,7 +185,7 @@ def _gram(ra: Rows, rb: Rows, batched: Optional[bool] = None) -> torch.Tensor:
         pa = ra.centred(0, done).view(c_a, done // step, step * p).transpose(0, 1)
         pb = rb.centred(0, done).view(c_b, done // step, step * p).transpose(0, 1)
         out = torch.bmm(pa, pb.transpose(1, 2)).sum(0, dtype=torch.float64)
-    if done == n:
+    if out is not None and done == n:
         return out
     buf_a, buf_b = _chunk_buffers(ra, rb, step)
     if out is None and n - done <= step:  # one chunk: its float32 product, promoted when it is pooled
