@@ -60,7 +60,7 @@ def test_batched_chunks_as_on_a_gpu_equal_the_chunk_loop():
         x = torch.randn(shape, generator=g, dtype=torch.float64)
         y = torch.randn(shape, generator=g, dtype=torch.float64) + x
         ra, rb = centre(x, 1).rows, centre(y, 1).rows
-        wa, wb = ra.whole(), rb.whole()
+        wa, wb = (r.centred(0, r.shape[1]).view(r.shape) for r in (ra, rb))
         step = max(1, CHUNK // (shape[2] * shape[3]))
         assert shape[0] >= 2 * step  # the batched path runs (and, but for (5, 3, 64, 64), the loop after it)
         looped, batched = _gram(ra, rb, batched=False), _gram(ra, rb, batched=True)
@@ -86,8 +86,8 @@ def test_chunked_products_and_blocked_pooling_are_the_whole_batch_arithmetic():
         ac, bc = (f - f.mean(0) for f in flat)
         assert torch.allclose(mom.mab, ac.T @ bc, rtol=1e-12, atol=1e-9), shape
         rows = centre(xs[0], dim).rows
-        want = xs[0].movedim(dim, 0) - rows.mean.view((-1,) + (1,) * (xs[0].dim() - 1))
-        assert torch.equal(rows.whole().reshape(want.shape), want), shape
+        want = xs[0].movedim(dim, 0) - centre(xs[0], dim).moments.mean.view((-1,) + (1,) * (xs[0].dim() - 1))
+        assert torch.equal(rows.centred(0, rows.shape[1]).reshape(want.shape), want), shape
     from mergekit_vision.match.stats import MOMENT_BLOCK, _block_samples, cross_sum
 
     empty = cross_sum(torch.ones(0, 5, 3, 3), torch.ones(0, 4, 3, 3), 1)  # a batch without samples

@@ -113,7 +113,7 @@ class Rows(NamedTuple):
     written, and page-faulted, once per batch and tap)."""
 
     values: torch.Tensor  # the batch's values with the channel axis first: (C, samples, ...)
-    mean: torch.Tensor
+    mean: torch.Tensor  # in the values' dtype, shaped (C, 1, ...) to broadcast over them
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -126,12 +126,8 @@ class Rows(NamedTuple):
         v = self.values[:, start:start + count]
         size = v.numel()
         dst = torch.empty(size, dtype=v.dtype, device=v.device) if out is None else out[:size]
-        torch.sub(v, self.mean.to(v.dtype).view((v.shape[0],) + (1,) * (v.dim() - 1)), out=dst.view(v.shape))
+        torch.sub(v, self.mean, out=dst.view(v.shape))
         return dst.view(v.shape[0], size // v.shape[0] if v.shape[0] else 0)
-
-    def whole(self) -> torch.Tensor:
-        """Every sample about the mean: a (C, samples, positions) tensor."""
-        return self.centred(0, self.shape[1]).view(self.shape)
 
 
 class Centred(NamedTuple):
@@ -144,7 +140,8 @@ class Centred(NamedTuple):
 def _rows(x: torch.Tensor, dim: int, mean: torch.Tensor) -> Rows:
     """``x`` about ``mean`` with the channel axis first (a view: centred when multiplied)."""
     moved = _work(x.detach()).movedim(dim, 0)
-    return Rows(moved if moved.dim() > 1 else moved.unsqueeze(1), mean)
+    moved = moved if moved.dim() > 1 else moved.unsqueeze(1)
+    return Rows(moved, mean.to(moved.dtype).view((moved.shape[0],) + (1,) * (moved.dim() - 1)))  # cast once
 
 
 def _chunk_buffers(ra: Rows, rb: Rows, step: int):
